@@ -1,0 +1,234 @@
+"""flowdb's command line: thin commands that gather options and call the library.
+
+Heavy imports (numpy, faiss, neo4j, torch) happen inside commands, so
+`flowdb --help` is instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from flowdb.errors import FlowdbError
+
+
+class FlowdbGroup(click.Group):
+    """Turns flowdb's own errors into one line on stderr and exit status 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except FlowdbError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
+
+
+def connection_options(command):
+    """--uri/--user/--password/--database, else NEO4J_* variables, else the managed server."""
+
+    @click.option("--uri", help="Bolt URI (default: $NEO4J_URI, else flowdb's managed local Neo4j).")
+    @click.option("--user", "username", help="User name (default: $NEO4J_USERNAME or neo4j).")
+    @click.option("--password", help="Password (default: $NEO4J_PASSWORD).")
+    @click.option("--database", help="Database name (default: $NEO4J_DATABASE or the server's default).")
+    @functools.wraps(command)
+    def wrapper(*args, uri, username, password, database, **kwargs):
+        from flowdb.settings import Neo4jSettings
+
+        settings = Neo4jSettings.resolve(uri, username, password, database)
+        return command(*args, settings=settings, **kwargs)
+
+    return wrapper
+
+
+def _connect(settings):
+    from flowdb.database import connect
+
+    return connect(settings)
+
+
+@click.group(cls=FlowdbGroup)
+@click.version_option(package_name="flowdb")
+def cli():
+    """Feature-flow graphs of SAE packs in Neo4j (Laptev et al., ICML 2025)."""
+
+
+@cli.group()
+def neo4j():
+    """flowdb's managed local Neo4j 5.26 (fetched through Maven; no Docker needed)."""
+
+
+@neo4j.command("start")
+def neo4j_start():
+    """Fetch Neo4j on first use, start it, and wait until Bolt answers."""
+    from flowdb.neo4j_server import ManagedServer
+
+    server = ManagedServer.default()
+    server.start()
+    click.echo(f"Neo4j answers on {server.uri} (home {server.root})")
+
+
+@neo4j.command("stop")
+def neo4j_stop():
+    """Stop the managed Neo4j."""
+    from flowdb.neo4j_server import ManagedServer
+
+    server = ManagedServer.default()
+    click.echo("stopped" if server.stop() else "not running")
+
+
+@neo4j.command("status")
+def neo4j_status():
+    """Exit 0 only when the managed Neo4j answers on Bolt."""
+    from flowdb.neo4j_server import ManagedServer
+
+    server = ManagedServer.default()
+    if server.answers():
+        click.echo(f"running: {server.uri} (pid {server.pid()}, home {server.root})")
+        return
+    click.echo(f"not answering on {server.uri}")
+    sys.exit(1)
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--layers", default=4, show_default=True, type=click.IntRange(1, 64))
+@click.option("--d-model", default=256, show_default=True, type=click.IntRange(64, 8192))
+@click.option("--width", default=512, show_default=True, type=click.IntRange(8, 1 << 20))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--name", default="planted", show_default=True, help="Pack name in the manifest.")
+def synth(out_dir, layers, d_model, width, seed, name):
+    """Write a planted SAE pack with known lineage (sae-lens format) to OUT_DIR."""
+    from flowdb.synth import SynthSpec, synthesize
+
+    truth = synthesize(out_dir, SynthSpec(name=name, layers=layers, d_model=d_model,
+                                          width=width, seed=seed))
+    counts = truth["category"].value_counts().to_dict()
+    click.echo(f"wrote {out_dir}/manifest.toml and truth.csv: {layers} layers x "
+               f"{width} features, planted {counts}")
+
+
+@cli.command()
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("--k", type=click.IntRange(1, 10), help="Top-k predecessors per module (default: the manifest's, else 1).")
+@click.option("--t-res", type=float, help="Residual threshold (overrides [classify]).")
+@click.option("--t-mlp", type=float, help="MLP threshold (overrides [classify]).")
+@click.option("--t-att", type=float, help="Attention threshold (overrides [classify]).")
+@click.option("--threshold-rule", type=click.Choice(["fixed", "quantile"]), help="Per-layer threshold rule.")
+@click.option("--replace", is_flag=True, help="Swap a stored build that has other parameters for this one.")
+@click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal).")
+@connection_options
+def ingest(manifest, k, t_res, t_mlp, t_att, threshold_rule, replace, progress, settings):
+    """Match, classify and write the pack described by MANIFEST into Neo4j."""
+    from flowdb.ingest import ingest as run_ingest
+    from flowdb.manifest import load_manifest
+
+    parsed = load_manifest(manifest, k=k)
+    overrides = {key: value for key, value in (("t_res", t_res), ("t_mlp", t_mlp), ("t_att", t_att),
+                                               ("rule", threshold_rule)) if value is not None}
+    if overrides:
+        parsed = _with_thresholds(parsed, overrides)
+    with _connect(settings) as db:
+        report = run_ingest(parsed, db, replace=replace, show_progress=progress)
+    if report.status == "unchanged":
+        click.echo(f"{report.pack}: already stored with these parameters (build {report.fingerprint}); nothing to do")
+        return
+    rate = report.relationships / report.write_seconds if report.write_seconds else 0.0
+    click.echo(f"{report.pack}: {report.status} build {report.fingerprint}; "
+               f"layers {_ranges(report.layers_written)}, {report.features} features, "
+               f"{report.relationships} relationships "
+               f"(match {report.match_seconds:.1f}s, write {report.write_seconds:.1f}s, {rate:,.0f} rel/s)")
+    click.echo("categories: " + ", ".join(f"{k}={v}" for k, v in sorted(report.categories.items())))
+
+
+def _with_thresholds(manifest, overrides):
+    import dataclasses
+
+    from flowdb.errors import ManifestError
+
+    try:
+        thresholds = dataclasses.replace(manifest.thresholds, **overrides)
+    except ValueError as exc:
+        raise ManifestError(f"threshold option: {exc}") from None
+    return dataclasses.replace(manifest, thresholds=thresholds)
+
+
+def _ranges(layers: list[int]) -> str:
+    if not layers:
+        return "none"
+    return f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else str(layers)
+
+
+@cli.command()
+@click.argument("pack")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="A .csv or .parquet file.")
+@connection_options
+def export(pack, out, settings):
+    """Write every stored match edge of PACK to a CSV or Parquet file."""
+    from flowdb.export import export_edges
+
+    with _connect(settings) as db:
+        rows = export_edges(db, pack, out)
+    click.echo(f"wrote {rows} edges of {pack} to {out}")
+
+
+@cli.command()
+@connection_options
+def packs(settings):
+    """List the packs stored in the database."""
+    with _connect(settings) as db:
+        rows = db.read("MATCH (p:Pack) RETURN p.name AS name, p.model AS model, p.status AS status, "
+                       "p.k AS k, p.first_layer AS first, p.last_layer AS last, "
+                       "p.fingerprint AS build ORDER BY name")
+    for row in rows:
+        click.echo(f"{row['name']}\t{row['model']}\tlayers {row['first']}-{row['last']}\t"
+                   f"k={row['k']}\t{row['status']}\tbuild {row['build']}")
+
+
+def _parse_params(pairs):
+    params = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise click.BadParameter(f"{pair!r} is not key=value", param_hint="-p")
+        key, value = pair.split("=", 1)
+        params[key.strip()] = value
+    return params
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("-p", "--param", "pairs", multiple=True, help="A template parameter, key=value.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--list", "list_templates", is_flag=True, help="List the templates and what they answer.")
+@click.option("--explain", is_flag=True, help="Show the template, its parameters and columns.")
+@connection_options
+def query(name, pairs, fmt, list_templates, explain, settings):
+    """Run the query template NAME (see --list) with -p key=value parameters."""
+    from flowdb.queries import get_template, run_template, templates
+
+    if list_templates:
+        for template in templates().values():
+            click.echo(f"{template.name:14} {template.answers}")
+        return
+    if not name:
+        raise click.UsageError("give a template NAME, or --list")
+    template = get_template(name)
+    if explain:
+        click.echo(template.cypher.rstrip())
+        return
+    params = _parse_params(pairs)
+    template.bind(params)  # bad parameters fail before any connection is made
+    with _connect(settings) as db:
+        frame = run_template(db, name, params)
+    if fmt == "csv":
+        click.echo(frame.to_csv(index=False), nl=False)
+    elif fmt == "json":
+        click.echo(json.dumps(frame.to_dict(orient="records"), indent=2, default=str))
+    else:
+        click.echo(frame.to_string(index=False) if len(frame) else "(no rows)")
+
+
+if __name__ == "__main__":
+    cli()

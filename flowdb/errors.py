@@ -1,0 +1,25 @@
+"""flowdb's exceptions. The CLI prints their message as one line and exits 1."""
+
+
+class FlowdbError(Exception):
+    """A problem the user can act on; the message says what and where."""
+
+
+class ManifestError(FlowdbError):
+    """The pack manifest is malformed or names something that does not exist."""
+
+
+class PackError(FlowdbError):
+    """SAE weights that cannot be matched: unreadable, mis-shaped or degenerate."""
+
+
+class BuildConflict(FlowdbError):
+    """The pack already exists in the database with other build parameters."""
+
+
+class Neo4jUnavailable(FlowdbError):
+    """No Neo4j answers at the configured address, or the managed one cannot start."""
+
+
+class QueryError(FlowdbError):
+    """An unknown template, a missing or unknown parameter, or a failing query."""

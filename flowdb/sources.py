@@ -1,0 +1,208 @@
+"""SAE sources: decoder matrices from local sae-lens directories, Gemma Scope
+params.npz files, or sae-lens releases.
+
+`inspect` reads only headers (cheap, for checking a whole pack up front);
+`load_decoder` reads W_dec as float32 [d_sae, d_in] and rejects NaN/Inf and
+all-zero rows. Local sae-lens directories are read with safetensors directly, so
+a pack on disk is checked without importing torch; releases go through sae-lens.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from flowdb.errors import PackError
+from flowdb.manifest import SourceRef
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+
+
+@dataclass(frozen=True)
+class SaeInfo:
+    ref: SourceRef
+    d_in: int | None  # None until loaded, for releases
+    d_sae: int | None
+    hook_name: str | None
+    neuronpedia_id: str | None  # "modelId/source" where known
+
+    def where(self) -> str:
+        return where(self.ref)
+
+
+def where(ref: SourceRef) -> str:
+    return f"layer {ref.layer} module {ref.module} ({ref.describe()})"
+
+
+def inspect(ref: SourceRef) -> SaeInfo:
+    """Check that the source exists and read its shape, without reading weights."""
+    if ref.kind == "path":
+        return _inspect_saelens_dir(ref)
+    if ref.kind == "npz":
+        return _inspect_npz(ref)
+    return _inspect_release(ref)
+
+
+def load_decoder(ref: SourceRef) -> tuple[SaeInfo, np.ndarray]:
+    """W_dec as float32 [d_sae, d_in], checked for NaN/Inf and all-zero rows."""
+    if ref.kind == "path":
+        info = _inspect_saelens_dir(ref)
+        w_dec = _read_safetensor(Path(ref.location) / WEIGHTS_FILE, "W_dec", ref)
+    elif ref.kind == "npz":
+        info = _inspect_npz(ref)
+        try:
+            with np.load(ref.location) as data:
+                w_dec = np.asarray(data["W_dec"], dtype=np.float32)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+            raise PackError(f"{where(ref)}: cannot read W_dec ({exc})") from None
+    else:
+        info, w_dec = _load_release(ref)
+    if w_dec.ndim != 2 or (info.d_sae, info.d_in) != w_dec.shape:
+        raise PackError(f"{where(ref)}: W_dec has shape {tuple(w_dec.shape)}, "
+                        f"expected [d_sae, d_in] = [{info.d_sae}, {info.d_in}]")
+    check_decoder(w_dec, ref)
+    return info, w_dec
+
+
+def check_decoder(w_dec: np.ndarray, ref: SourceRef) -> None:
+    finite = np.isfinite(w_dec).all(axis=1)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        raise PackError(f"{where(ref)}: W_dec has NaN/Inf in {int((~finite).sum())} row(s), "
+                        f"first at feature {row}")
+    zero = ~np.any(w_dec != 0, axis=1)
+    if zero.any():
+        row = int(np.flatnonzero(zero)[0])
+        raise PackError(f"{where(ref)}: W_dec has {int(zero.sum())} all-zero row(s), "
+                        f"first at feature {row}; a zero decoder direction has no cosine")
+
+
+def _inspect_saelens_dir(ref: SourceRef) -> SaeInfo:
+    directory = Path(ref.location)
+    cfg_path = directory / CFG_FILE
+    if not directory.is_dir():
+        raise PackError(f"{where(ref)}: no such directory")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except FileNotFoundError:
+        raise PackError(f"{where(ref)}: missing {CFG_FILE}") from None
+    except (OSError, ValueError) as exc:
+        raise PackError(f"{where(ref)}: unreadable {CFG_FILE} ({exc})") from None
+    metadata = cfg.get("metadata") or {}
+    # sae-lens < 6 wrote a flat cfg with "hook_point"; 6.x nests facts under "metadata".
+    hook = metadata.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
+    np_id = metadata.get("neuronpedia_id") or cfg.get("neuronpedia_id")
+    try:
+        d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+    except (KeyError, TypeError, ValueError):
+        raise PackError(f"{where(ref)}: {CFG_FILE} lacks integer d_in and d_sae") from None
+    shape = _safetensor_shape(directory / WEIGHTS_FILE, "W_dec", ref)
+    if shape != (d_sae, d_in):
+        raise PackError(f"{where(ref)}: W_dec has shape {list(shape)} but {CFG_FILE} says "
+                        f"[d_sae, d_in] = [{d_sae}, {d_in}]")
+    return SaeInfo(ref, d_in, d_sae, hook, np_id)
+
+
+def _safetensor_shape(path: Path, key: str, ref: SourceRef) -> tuple[int, ...]:
+    from safetensors import safe_open
+
+    if not path.exists():
+        raise PackError(f"{where(ref)}: missing {path.name}")
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            if key not in handle.keys():
+                raise PackError(f"{where(ref)}: {path.name} has no tensor {key}")
+            return tuple(handle.get_slice(key).get_shape())
+    except PackError:
+        raise
+    except Exception as exc:  # safetensors raises its own untyped errors on bad headers
+        raise PackError(f"{where(ref)}: unreadable {path.name} ({exc})") from None
+
+
+def _read_safetensor(path: Path, key: str, ref: SourceRef) -> np.ndarray:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            return np.asarray(handle.get_tensor(key), dtype=np.float32)
+    except TypeError:
+        pass  # bfloat16 has no numpy dtype: read through torch instead
+    except Exception as exc:
+        raise PackError(f"{where(ref)}: unreadable {path.name} ({exc})") from None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.get_tensor(key).float().numpy()
+    except Exception as exc:
+        raise PackError(f"{where(ref)}: unreadable {path.name} ({exc})") from None
+
+
+def _inspect_npz(ref: SourceRef) -> SaeInfo:
+    path = Path(ref.location)
+    if not path.exists():
+        raise PackError(f"{where(ref)}: missing file")
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("W_dec.npy") as member:
+            version = np.lib.format.read_magic(member)
+            reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                      else np.lib.format.read_array_header_2_0)
+            shape, _, _ = reader(member)
+    except KeyError:
+        raise PackError(f"{where(ref)}: params.npz has no W_dec") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise PackError(f"{where(ref)}: unreadable npz ({exc})") from None
+    if len(shape) != 2:
+        raise PackError(f"{where(ref)}: W_dec has shape {list(shape)}, expected [d_sae, d_in]")
+    return SaeInfo(ref, int(shape[1]), int(shape[0]), None, None)
+
+
+def _release_lookup(ref: SourceRef):
+    try:
+        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+    except ImportError:
+        raise PackError(f"{where(ref)}: release sources need sae-lens (pip install sae-lens)") from None
+    lookup = get_pretrained_saes_directory().get(ref.location)
+    if lookup is None:
+        raise PackError(f"{where(ref)}: sae-lens knows no release {ref.location!r}")
+    if ref.sae_id not in lookup.saes_map:
+        raise PackError(f"{where(ref)}: release {ref.location} has no sae_id {ref.sae_id!r}")
+    return lookup
+
+
+def _inspect_release(ref: SourceRef) -> SaeInfo:
+    lookup = _release_lookup(ref)
+    return SaeInfo(ref, None, None, None, lookup.neuronpedia_id.get(ref.sae_id))
+
+
+def _load_release(ref: SourceRef) -> tuple[SaeInfo, np.ndarray]:
+    _release_lookup(ref)
+    from sae_lens import SAE
+
+    try:
+        sae = SAE.from_pretrained(ref.location, ref.sae_id, device="cpu")
+    except Exception as exc:  # hub and conversion errors come in many types
+        raise PackError(f"{where(ref)}: sae-lens could not load it ({type(exc).__name__}: {exc})") from None
+    metadata = sae.cfg.metadata
+    w_dec = sae.W_dec.detach().float().cpu().numpy()
+    info = SaeInfo(ref, int(sae.cfg.d_in), int(w_dec.shape[0]),
+                   getattr(metadata, "hook_name", None), getattr(metadata, "neuronpedia_id", None))
+    return info, w_dec
+
+
+def check_same_space(info: SaeInfo, residual_d_in: int) -> None:
+    """Cosine matching needs decoder rows in the residual stream's space."""
+    if info.hook_name and info.hook_name.endswith("hook_z"):
+        raise PackError(
+            f"{info.where()}: reads {info.hook_name} (concatenated attention-head outputs, "
+            f"d_in {info.d_in}), not the residual stream (d_in {residual_d_in}); its decoder "
+            "rows cannot be cosine-matched to residual features: use attention-output "
+            "(hook_attn_out) SAEs")
+    if info.d_in is not None and info.d_in != residual_d_in:
+        raise PackError(
+            f"{info.where()}: d_in {info.d_in} differs from the residual SAEs' d_in "
+            f"{residual_d_in}; matching needs every SAE in the residual stream's space "
+            "(attention SAEs on hook_z, for one, are not)")

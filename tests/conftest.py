@@ -1,0 +1,93 @@
+"""Shared fixtures: a real Neo4j for the whole session, and planted packs.
+
+The server comes from testcontainers when a Docker engine answers, else from
+flowdb's managed local Neo4j (fetched through Maven) under a private
+FLOWDB_HOME and port. Neither is optional: without a server the session fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from flowdb.settings import Neo4jSettings
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=3).ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def flowdb_home(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("flowdb-home")
+    os.environ["FLOWDB_HOME"] = str(home)
+    os.environ["FLOWDB_NEO4J_PORT"] = str(_free_port())
+    for name in ("NEO4J_URI", "NEO4J_USERNAME", "NEO4J_PASSWORD", "NEO4J_DATABASE"):
+        os.environ.pop(name, None)
+    return home
+
+
+@pytest.fixture(scope="session")
+def neo4j_settings(flowdb_home):
+    if _docker_answers():
+        from testcontainers.neo4j import Neo4jContainer
+
+        with Neo4jContainer("neo4j:5.26-community") as container:
+            settings = Neo4jSettings(container.get_connection_url(), "neo4j",
+                                     container.password, None)
+            os.environ.update(NEO4J_URI=settings.uri, NEO4J_USERNAME="neo4j",
+                              NEO4J_PASSWORD=settings.password)
+            yield settings
+        return
+    from flowdb.neo4j_server import ManagedServer
+
+    server = ManagedServer.default()
+    server.start()  # raises, failing every Neo4j test, when no server can be had
+    yield Neo4jSettings.resolve()
+    server.stop()
+
+
+@pytest.fixture
+def db(neo4j_settings):
+    """A connection to an emptied database."""
+    from flowdb.database import connect
+
+    with connect(neo4j_settings) as database:
+        database.write_in_batches(
+            "MATCH (n) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS")
+        database.ensure_schema()
+        yield database
+
+
+@pytest.fixture(scope="session")
+def planted_pack(tmp_path_factory, flowdb_home):
+    """A small planted pack (4 layers x 512 features, d_model 256) and its truth."""
+    from flowdb.synth import SynthSpec, synthesize
+
+    out = tmp_path_factory.mktemp("planted")
+    truth = synthesize(out, SynthSpec(name="planted", layers=4, d_model=256, width=512, seed=7))
+    return out, truth
+
+
+@pytest.fixture
+def pack_copy(planted_pack, tmp_path):
+    """A private copy of the planted pack that a test may damage."""
+    out = tmp_path / "pack"
+    shutil.copytree(planted_pack[0], out)
+    return out

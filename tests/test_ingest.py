@@ -1,0 +1,190 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from flowdb.build import fingerprint
+from flowdb.errors import BuildConflict, PackError
+from flowdb.ingest import ingest
+from flowdb.manifest import load_manifest
+from flowdb.queries import run_template
+from flowdb.settings import flowdb_home
+from flowdb.synth import SynthSpec, synthesize
+from helpers import brute_force_edges, sort_edges
+
+
+def counts(db, pack):
+    return db.read(
+        "MATCH (f:Feature {pack: $pack}) WITH count(f) AS nodes "
+        "OPTIONAL MATCH (:Feature {pack: $pack})-[e]->(:Feature {pack: $pack}) "
+        "RETURN nodes, count(e) AS edges", pack=pack)[0]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_stored_edges_equal_brute_force(db, planted_pack, k):
+    pack_dir, _ = planted_pack
+    ingest(load_manifest(pack_dir / "manifest.toml", k=k), db)
+    stored = sort_edges(run_template(db, "edges", {"pack": "planted"}))
+    expected = sort_edges(brute_force_edges(pack_dir, layers=4, k=k))
+    assert len(stored) == len(expected) == 512 * (3 * 4 - 1) * k
+    cols = ["src_layer", "src_module", "dst_layer", "dst_module", "dst_index", "kind", "rank"]
+    assert (stored[cols] == expected[cols]).all().all()
+    np.testing.assert_allclose(stored["cosine"], expected["cosine"], atol=1e-5)
+    differ = stored["src_index"] != expected["src_index"]
+    # Different predecessors only where two cosines tie.
+    assert (np.abs(stored["cosine"][differ] - expected["cosine"][differ]) < 1e-6).all()
+
+
+def test_planted_lineage_is_recovered(db, planted_pack):
+    pack_dir, truth = planted_pack
+    ingest(load_manifest(pack_dir / "manifest.toml"), db)
+    stored = db.read("MATCH (f:Feature:Residual {pack: 'planted'}) "
+                     "RETURN f.layer AS layer, f.index AS index, f.category AS category")
+    found = {(r["layer"], r["index"]): r["category"] for r in stored}
+    for category in ("translated", "processed", "newborn", "from-nowhere"):
+        planted = {(r.layer, r.index) for r in truth.itertuples() if r.category == category}
+        called = {key for key, value in found.items() if value == category}
+        precision = len(planted & called) / len(called)
+        recall = len(planted & called) / len(planted)
+        assert precision >= 0.95 and recall >= 0.95, (category, precision, recall)
+    # Predecessors: planted (feature, module, predecessor) triples against stored
+    # top-1 edges at or above the manifest's threshold (0.5).
+    true_edges = {(r.layer, r.index, place, int(getattr(r, f"{place}_pred")))
+                  for r in truth.itertuples() for place in ("res", "mlp", "att")
+                  if getattr(r, f"{place}_pred") >= 0}
+    edges = run_template(db, "edges", {"pack": "planted"})
+    kept = edges[edges["cosine"] >= 0.5]
+    called_edges = {(r.dst_layer, r.dst_index, r.src_module, r.src_index) for r in kept.itertuples()}
+    hits = len(true_edges & called_edges)
+    assert hits / len(called_edges) >= 0.99 and hits / len(true_edges) >= 0.99
+
+
+def test_reingest_changes_nothing(db, planted_pack):
+    manifest = load_manifest(planted_pack[0] / "manifest.toml")
+    first = ingest(manifest, db)
+    before = (counts(db, "planted"), db.read("MATCH (p:Pack) RETURN p.created_at AS t")[0]["t"])
+    second = ingest(manifest, db)
+    after = (counts(db, "planted"), db.read("MATCH (p:Pack) RETURN p.created_at AS t")[0]["t"])
+    assert (first.status, second.status) == ("built", "unchanged")
+    assert before == after and before[0]["edges"] > 0
+
+
+def test_other_parameters_are_refused_unless_replace(db, planted_pack):
+    path = planted_pack[0] / "manifest.toml"
+    ingest(load_manifest(path), db)
+    with pytest.raises(BuildConflict, match="already stored with other parameters"):
+        ingest(load_manifest(path, k=2), db)
+    assert run_template(db, "edges", {"pack": "planted"})["rank"].max() == 1
+    report = ingest(load_manifest(path, k=2), db, replace=True)
+    assert report.status == "replaced"
+    edges = run_template(db, "edges", {"pack": "planted"})
+    assert edges["rank"].max() == 2
+    assert db.read("MATCH (p:Pack {name: 'planted'}) RETURN count(p) AS n, p.k AS k")[0] == {"n": 1, "k": 2}
+
+
+def test_two_packs_live_side_by_side(db, planted_pack, tmp_path):
+    path = planted_pack[0] / "manifest.toml"
+    other = tmp_path / "other.toml"
+    other.write_text(path.read_text().replace('name = "planted"', 'name = "planted-b"')
+                     .replace('"saes/', f'"{planted_pack[0]}/saes/'))
+    ingest(load_manifest(path), db)
+    ingest(load_manifest(other), db)
+    assert counts(db, "planted") == counts(db, "planted-b")
+    assert db.read("MATCH (f:Feature) RETURN count(f) AS n")[0]["n"] == 2 * counts(db, "planted")["nodes"]
+
+
+def _corrupt(pack_dir, module, layer, how):
+    path = pack_dir / "saes" / module / f"layer_{layer}" / "sae_weights.safetensors"
+    tensors = load_file(str(path))
+    if how == "nan":
+        tensors["W_dec"][9, 1] = np.nan
+        save_file(tensors, str(path))
+    elif how == "truncate":
+        path.write_bytes(path.read_bytes()[:1000])
+    elif how == "missing":
+        path.unlink()
+
+
+@pytest.mark.parametrize("how, message", [
+    ("nan", "layer 3 module mlp"),
+    ("truncate", "layer 3 module mlp"),
+    ("missing", "missing sae_weights.safetensors"),
+])
+def test_bad_pack_writes_nothing(db, pack_copy, how, message):
+    _corrupt(pack_copy, "mlp", 3, how)  # the last layer: a streaming writer would be mid-pack
+    with pytest.raises(PackError, match=message):
+        ingest(load_manifest(pack_copy / "manifest.toml"), db)
+    assert db.read("MATCH (n) WHERE n.pack = 'planted' OR n.name = 'planted' RETURN count(n) AS n")[0]["n"] == 0
+
+
+def test_bad_replacement_keeps_the_old_build(db, planted_pack, pack_copy):
+    ingest(load_manifest(planted_pack[0] / "manifest.toml"), db)
+    before = counts(db, "planted")
+    _corrupt(pack_copy, "res", 2, "nan")
+    with pytest.raises(PackError):
+        ingest(load_manifest(pack_copy / "manifest.toml", k=2), db, replace=True)
+    assert counts(db, "planted") == before
+
+
+@pytest.fixture(scope="module")
+def resumable_pack(tmp_path_factory, flowdb_home):
+    out = tmp_path_factory.mktemp("resumable")
+    synthesize(out, SynthSpec(name="resumable", layers=8, d_model=128, width=4096, seed=3))
+    return out / "manifest.toml"
+
+
+def _ingest_process(manifest):
+    return subprocess.Popen([sys.executable, "-m", "flowdb.cli", "ingest", str(manifest), "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _kill_when(db, proc, ready, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ready():
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed: " + proc.stdout.read().decode()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _layers_done(db):
+    rows = db.read("MATCH (p:Pack {name: 'resumable'}) RETURN p.layers_done AS done")
+    return rows[0]["done"] if rows else []
+
+
+@pytest.mark.parametrize("kill_at", ["matching", "first-layer-written", "half-written"])
+def test_killed_ingest_resumes_to_the_same_graph(db, resumable_pack, kill_at):
+    manifest = load_manifest(resumable_pack)
+    cache = flowdb_home() / "cache" / "matches" / f"resumable-{fingerprint(manifest)}"
+    # The uninterrupted reference.
+    ingest(manifest, db)
+    reference = sort_edges(run_template(db, "edges", {"pack": "resumable"}))
+    reference_counts = counts(db, "resumable")
+    db.write_in_batches("MATCH (n) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS")
+    if kill_at == "matching":
+        for cached in cache.glob("*.npz"):
+            cached.unlink()
+        ready = lambda: any(cache.glob("layer_1.npz"))  # noqa: E731
+    elif kill_at == "first-layer-written":
+        ready = lambda: len(_layers_done(db)) >= 1  # noqa: E731
+    else:
+        ready = lambda: len(_layers_done(db)) >= 4  # noqa: E731
+    proc = _ingest_process(resumable_pack)
+    _kill_when(db, proc, ready)
+    # Readers never see half a layer: each layer is all there or absent.
+    per_layer = db.read("MATCH (f:Feature {pack: 'resumable'}) RETURN f.layer AS layer, count(f) AS n")
+    assert all(row["n"] == 3 * 4096 for row in per_layer)
+    assert len(_layers_done(db)) < 8
+    rerun = _ingest_process(resumable_pack)
+    assert rerun.wait(timeout=300) == 0, rerun.stdout.read().decode()
+    assert counts(db, "resumable") == reference_counts
+    resumed = sort_edges(run_template(db, "edges", {"pack": "resumable"}))
+    assert resumed.equals(reference)
+    assert db.read("MATCH (p:Pack {name: 'resumable'}) RETURN p.status AS s")[0]["s"] == "complete"

@@ -1,0 +1,95 @@
+from pathlib import Path
+
+import pytest
+
+from flowdb.errors import ManifestError
+from flowdb.manifest import load_manifest, render
+
+INGEST = Path(__file__).resolve().parent.parent / "ingest"
+
+GOOD = """
+name = "p1"
+model = "m"
+layers = [0, 2]
+[match]
+k = 3
+[modules.res]
+path = "saes/res/layer_{layer}"
+neuronpedia = "{layer+1}-res-x"
+[modules.res.at.2]
+path = "saes/res/final"
+[modules.mlp]
+npz = "scope/mlp/layer_{layer}/params.npz"
+[modules.att]
+release = "rel"
+sae_id = "blocks.{layer}.hook_attn_out"
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "m.toml"
+    path.write_text(text)
+    return path
+
+
+def test_good_manifest_resolves_templates_and_overrides(tmp_path):
+    manifest = load_manifest(write(tmp_path, GOOD))
+    assert manifest.k == 3 and list(manifest.layers) == [0, 1, 2]
+    res1 = manifest.source("res", 1)
+    assert res1.location == str((tmp_path / "saes/res/layer_1").resolve())
+    assert res1.neuronpedia == "2-res-x"
+    assert manifest.source("res", 2).location.endswith("saes/res/final")
+    att = manifest.source("att", 0)
+    assert (att.kind, att.location, att.sae_id) == ("release", "rel", "blocks.0.hook_attn_out")
+    assert manifest.source("mlp", 2).location.endswith("scope/mlp/layer_2/params.npz")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("extra = 1\n" + GOOD, "unknown key(s) 'extra' in the manifest; valid keys:"),
+    (GOOD.replace('npz = "scope', 'path = "x"\nnpz = "scope'), "needs exactly one source"),
+    (GOOD.replace("k = 3", "k = 11"), "k must be an integer from 1 to 10"),
+    (GOOD.replace("k = 3", "k = 0"), "k must be an integer from 1 to 10"),
+    (GOOD.replace('sae_id = "blocks', 'sae_idx = "blocks'), "unknown key(s) 'sae_idx'"),
+    (GOOD.replace('name = "p1"', 'name = "a/b"'), "name 'a/b'"),
+    (GOOD.replace("layers = [0, 2]", "layers = [3, 2]"), "layers must be [first, last]"),
+    (GOOD.replace("[modules.res]", "[modules.resid]"), "unknown key(s) 'resid' in [modules]"),
+    (GOOD.replace("{layer+1}", "{depth}"), "unknown template field {depth}"),
+    (GOOD.replace("[match]", "[classify]\nt_res = 2.0\n[match]"), "t_res must be a cosine"),
+    (GOOD.replace("[match]", "[classify]\nt_rez = 0.2\n[match]"), "unknown key(s) 't_rez'"),
+    ("name = [", "invalid TOML"),
+])
+def test_bad_manifest_is_one_clear_error(tmp_path, text, message):
+    with pytest.raises(ManifestError) as info:
+        load_manifest(write(tmp_path, text))
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_manifest_names_the_file(tmp_path):
+    with pytest.raises(ManifestError, match="no such manifest"):
+        load_manifest(tmp_path / "absent.toml")
+
+
+def test_render_offsets():
+    assert render("blocks.{layer+1}.hook_resid_pre/{layer-1}/{layer}", 5, "x") == "blocks.6.hook_resid_pre/4/5"
+
+
+@pytest.mark.parametrize("path", sorted(INGEST.glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_manifests_name_real_releases(path):
+    """Every release and sae_id a shipped manifest names exists in sae-lens's registry."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    registry = get_pretrained_saes_directory()
+    manifest = load_manifest(path)
+    for ref in manifest.sources():
+        assert ref.kind == "release"
+        assert ref.location in registry, ref.location
+        lookup = registry[ref.location]
+        assert ref.sae_id in lookup.saes_map, (ref.location, ref.sae_id)
+        if ref.neuronpedia:  # our Neuronpedia source agrees with sae-lens's
+            assert lookup.neuronpedia_id[ref.sae_id] == f"{manifest.model}/{ref.neuronpedia}"
+
+
+def test_three_manifests_are_shipped():
+    names = {p.stem for p in INGEST.glob("*.toml")}
+    assert {"gemma-2-2b-gemmascope-16k", "llama-3.1-8b-llamascope", "gpt2-small-jb-oai"} <= names
