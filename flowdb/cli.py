@@ -135,11 +135,10 @@ def ingest(manifest, k, t_res, t_mlp, t_att, threshold_rule, replace, progress, 
     if report.status == "unchanged":
         click.echo(f"{report.pack}: already stored with these parameters (build {report.fingerprint}); nothing to do")
         return
-    rate = report.relationships / report.write_seconds if report.write_seconds else 0.0
     click.echo(f"{report.pack}: {report.status} build {report.fingerprint}; "
                f"layers {_ranges(report.layers_written)}, {report.features} features, "
-               f"{report.relationships} relationships "
-               f"(match {report.match_seconds:.1f}s, write {report.write_seconds:.1f}s, {rate:,.0f} rel/s)")
+               f"{report.match_edges} match edges + {report.nowhere_marks} from-nowhere marks "
+               f"(match {report.match_seconds:.1f}s, write {report.write_seconds:.1f}s, {report.write_rate:,.0f} rel/s)")
     click.echo("categories: " + ", ".join(f"{k}={v}" for k, v in sorted(report.categories.items())))
 
 

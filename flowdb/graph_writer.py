@@ -70,13 +70,13 @@ def finish_pack(db: Database, name: str) -> None:
              "p.completed_at = datetime()", name=name)
 
 
-def write_layer(db: Database, pack: str, layer: LayerBuild) -> int:
-    """Write one layer in one transaction; returns the relationships created."""
+def write_layer(db: Database, pack: str, layer: LayerBuild) -> tuple[int, int]:
+    """Write one layer in one transaction; returns (match edges, FROM_NOWHERE marks)."""
     with db.session() as session:
         return session.execute_write(_write_layer, pack, layer)
 
 
-def _write_layer(tx, pack: str, layer: LayerBuild) -> int:
+def _write_layer(tx, pack: str, layer: LayerBuild) -> tuple[int, int]:
     number = layer.layer
     s = {place: _nullable(layer.top1(place)) for place in ("res", "mlp", "att")}
     tx.run(
@@ -95,10 +95,8 @@ def _write_layer(tx, pack: str, layer: LayerBuild) -> int:
                 n=layer.widths[module], prefix=f"{pack}/{number}/{module}/", pack=pack,
                 layer=number, module=module,
             ).consume()
-    created = 0
-    for place in layer.indices:
-        created += _write_edges(tx, pack, layer, place)
-    created += tx.run(
+    edges = sum(_write_edges(tx, pack, layer, place) for place in layer.indices)
+    nowhere = tx.run(
         "MATCH (n:Nowhere {pack: $pack}) "
         "MATCH (f:Feature {pack: $pack, layer: $layer, module: 'res'}) "
         "WHERE f.category = 'from-nowhere' CREATE (n)-[:FROM_NOWHERE]->(f)",
@@ -114,7 +112,7 @@ def _write_layer(tx, pack: str, layer: LayerBuild) -> int:
         "WITH DISTINCT p SET p.layers_done = p.layers_done + $layer",
         pack=pack, saes=saes, layer=number,
         t_res=_finite(t.t_res), t_mlp=_finite(t.t_mlp), t_att=_finite(t.t_att)).consume()
-    return created
+    return edges, nowhere
 
 
 def _write_edges(tx, pack: str, layer: LayerBuild, place: str) -> int:

@@ -28,11 +28,21 @@ class IngestReport:
     fingerprint: str
     status: str  # "built", "resumed", "replaced" or "unchanged"
     layers_written: list[int] = field(default_factory=list)
-    relationships: int = 0
+    match_edges: int = 0
+    nowhere_marks: int = 0
     features: int = 0
     match_seconds: float = 0.0
     write_seconds: float = 0.0
     categories: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def relationships(self) -> int:
+        return self.match_edges + self.nowhere_marks
+
+    @property
+    def write_rate(self) -> float:
+        """Relationships per second of write time, node creation included."""
+        return self.relationships / self.write_seconds if self.write_seconds else 0.0
 
 
 def ingest(manifest: Manifest, db: Database, replace: bool = False,
@@ -77,7 +87,9 @@ def ingest(manifest: Manifest, db: Database, replace: bool = False,
         if layer.layer in done:
             bar.update(layer.n_edges())
             continue
-        report.relationships += write_layer(db, manifest.name, layer)
+        edges, nowhere = write_layer(db, manifest.name, layer)
+        report.match_edges += edges
+        report.nowhere_marks += nowhere
         report.features += sum(layer.widths.values())
         report.layers_written.append(layer.layer)
         bar.update(layer.n_edges())

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test command: set up a fresh machine, then run every test against a real
+# Neo4j (testcontainers when Docker answers, else flowdb's managed server).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python -m pytest "$@"
