@@ -9,4 +9,22 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 from flowdb.errors import FlowdbError
 
-__all__ = ["FlowdbError", "__version__"]
+
+
+def query(name: str, db=None, **params):
+    """Run a query template (see `flowdb query --list`); returns a pandas DataFrame.
+
+    >>> flowdb.query("lineage", feature="gemma-2-2b-gemmascope-16k/24/res/14548")
+
+    Without db, connects as the CLI does (NEO4J_* variables, else the managed server).
+    """
+    from flowdb.database import connect
+    from flowdb.queries import run_template
+
+    if db is not None:
+        return run_template(db, name, params)
+    with connect() as database:
+        return run_template(database, name, params)
+
+
+__all__ = ["FlowdbError", "__version__", "query"]

@@ -103,11 +103,11 @@ def build_layers(manifest: Manifest, build_id: str, progress=None) -> Iterator[L
             ref = manifest.source(module, layer)
             bases[module] = _load(ref, residual_d_in) if ref else None
         current = LayerBuild(layer, {"res": res_w.shape[0]})
-        current.saes["res"] = _provenance(res_info)
+        current.saes["res"] = _provenance(res_info, manifest.model)
         for module in ("mlp", "att"):
             if bases[module] is not None:
                 current.widths[module] = bases[module][1].shape[0]
-                current.saes[module] = _provenance(bases[module][0])
+                current.saes[module] = _provenance(bases[module][0], manifest.model)
         for place, base in bases.items():
             if base is None:
                 continue
@@ -134,10 +134,16 @@ def _search(queries: np.ndarray, base: tuple[SaeInfo, np.ndarray], k: int):
     return scores, indices.astype(np.int32)
 
 
-def _provenance(info: SaeInfo) -> dict:
+NEURONPEDIA = "https://www.neuronpedia.org"
+
+
+def _provenance(info: SaeInfo, model: str) -> dict:
     ref = info.ref
+    source = ref.neuronpedia or _np_source(info)
     return {"source": ref.describe(), "kind": ref.kind, "d_in": info.d_in, "d_sae": info.d_sae,
-            "hook_name": info.hook_name, "neuronpedia": ref.neuronpedia or _np_source(info)}
+            "hook_name": info.hook_name, "neuronpedia": source,
+            # A feature's page is this prefix plus its index.
+            "np_url": f"{NEURONPEDIA}/{model}/{source}/" if source else None}
 
 
 def _np_source(info: SaeInfo) -> str | None:

@@ -221,12 +221,116 @@ def query(name, pairs, fmt, list_templates, explain, settings):
     template.bind(params)  # bad parameters fail before any connection is made
     with _connect(settings) as db:
         frame = run_template(db, name, params)
+    _echo_frame(frame, fmt)
+
+
+def _echo_frame(frame, fmt: str) -> None:
     if fmt == "csv":
         click.echo(frame.to_csv(index=False), nl=False)
     elif fmt == "json":
         click.echo(json.dumps(frame.to_dict(orient="records"), indent=2, default=str))
     else:
         click.echo(frame.to_string(index=False) if len(frame) else "(no rows)")
+
+
+@cli.command()
+@click.argument("statement")
+@click.option("-p", "--param", "pairs", multiple=True, help="A parameter, key=value (passed as a string).")
+@click.option("--write", is_flag=True, help="Run in a write transaction (default: read-only).")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@connection_options
+def cypher(statement, pairs, write, fmt, settings):
+    """Run raw Cypher; read-only unless --write."""
+    import pandas as pd
+    from neo4j.exceptions import Neo4jError
+
+    from flowdb.errors import QueryError
+
+    with _connect(settings) as db:
+        try:
+            rows = (db.write if write else db.read)(statement, **_parse_params(pairs))
+        except Neo4jError as exc:
+            message = (exc.message or str(exc)).strip().splitlines()[0]
+            hint = " (use --write to change the graph)" if not write and "write" in message.lower() else ""
+            raise QueryError(f"Neo4j refused the statement: {message}{hint}") from None
+    _echo_frame(pd.DataFrame(rows), fmt)
+
+
+@cli.group()
+def labels():
+    """Neuronpedia labels: import public exports, or fetch from the API."""
+
+
+@labels.command("import")
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--pack", help="Only join to this pack (default: every pack whose model and source match).")
+@connection_options
+def labels_import(path, pack, settings):
+    """Join a Neuronpedia explanations export (directory or .jsonl/.jsonl.gz/.json) onto features."""
+    from flowdb.labels import import_labels
+
+    with _connect(settings) as db:
+        db.ensure_schema()
+        report = import_labels(db, path, pack)
+    click.echo(report.summary())
+
+
+@labels.command("fetch")
+@click.argument("pack")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1), help="At most this many features.")
+@click.option("--module", type=click.Choice(["res", "mlp", "att"]), help="Only this module.")
+@click.option("--rate", default=2.0, show_default=True, type=click.FloatRange(0.01, 50), help="Requests per second.")
+@click.option("--api-url", help="API base (default: $NEURONPEDIA_API_URL or Neuronpedia's).")
+@click.option("--progress/--no-progress", default=None)
+@connection_options
+def labels_fetch(pack, limit, module, rate, api_url, progress, settings):
+    """Fill missing labels of PACK from the Neuronpedia API (key: $NEURONPEDIA_API_KEY); resumable."""
+    from flowdb.labels import fetch_labels
+
+    with _connect(settings) as db:
+        db.ensure_schema()
+        report = fetch_labels(db, pack, limit=limit, module=module, api_url=api_url,
+                              requests_per_second=rate, progress=progress)
+    click.echo(report.summary())
+
+
+@cli.group()
+def plot():
+    """Pictures: a feature's flow graph, a pack's origins per layer (.png, .svg, .html)."""
+
+
+@plot.command("flow")
+@click.argument("feature")
+@click.option("--out", required=True, type=click.Path(dir_okay=False))
+@click.option("--t-res", default=0.5, show_default=True, type=float, help="Residual chain cut-off.")
+@click.option("--t-mod", default=0.15, show_default=True, type=float, help="MLP/attention cut-off.")
+@click.option("--max-rank", default=1, show_default=True, type=click.IntRange(1, 10))
+@connection_options
+def plot_flow_command(feature, out, t_res, t_mod, max_rank, settings):
+    """Draw the flow graph of FEATURE (PACK/LAYER/MODULE/INDEX)."""
+    from flowdb.plots import plot_flow
+    from flowdb.queries import run_template
+
+    with _connect(settings) as db:
+        graph = run_template(db, "flow-graph", {"feature": feature, "t_res": t_res, "t_mod": t_mod,
+                                                "max_rank": max_rank})
+    plot_flow(graph, out, f"flow graph of {feature} (t_res {t_res}, t_mod {t_mod})")
+    click.echo(f"wrote {out}")
+
+
+@plot.command("origins")
+@click.argument("pack")
+@click.option("--out", required=True, type=click.Path(dir_okay=False))
+@connection_options
+def plot_origins_command(pack, out, settings):
+    """Draw the per-layer shares of translated/processed/newborn/from-nowhere features."""
+    from flowdb.plots import plot_origins
+    from flowdb.queries import run_template
+
+    with _connect(settings) as db:
+        origins = run_template(db, "origins", {"pack": pack})
+    plot_origins(origins, out, pack)
+    click.echo(f"wrote {out}")
 
 
 if __name__ == "__main__":

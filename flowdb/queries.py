@@ -137,7 +137,21 @@ def run_template(db, name: str, params: dict[str, Any] | None = None):
     """Run a template in a read transaction; returns a pandas DataFrame."""
     import pandas as pd
 
+    from neo4j.exceptions import Neo4jError
+
     template = get_template(name)
     bound = template.bind(params or {})
-    rows = db.read(template.cypher, **bound)
-    return pd.DataFrame(rows, columns=list(template.columns))
+    try:
+        rows = db.read(template.cypher, **bound)
+    except Neo4jError as exc:
+        first_line = (exc.message or str(exc)).strip().splitlines()[0]
+        raise QueryError(f"template {name} failed in Neo4j: {first_line}") from None
+    if rows and list(rows[0]) != list(template.columns):
+        raise QueryError(f"template {name} returned columns {list(rows[0])}, "
+                         f"but its header declares {list(template.columns)}")
+    frame = pd.DataFrame(rows, columns=list(template.columns))
+    for column in frame.columns:  # keep integer columns integer where rows mix in nulls
+        values = frame[column].dropna()
+        if len(values) and frame[column].dtype == float and all(isinstance(r[column], int) for r in rows if r[column] is not None):
+            frame[column] = frame[column].astype("Int64")
+    return frame

@@ -40,3 +40,68 @@ def brute_force_edges(pack_dir: Path, layers: int, k: int) -> pd.DataFrame:
 def sort_edges(frame: pd.DataFrame) -> pd.DataFrame:
     keys = ["dst_layer", "dst_index", "kind", "rank"]
     return frame.sort_values(keys).reset_index(drop=True)
+
+
+class ReferenceGraph:
+    """The flow graph rebuilt in plain Python from brute-force matches, to check
+    query templates against. Nodes are keys "PACK/LAYER/MODULE/INDEX"."""
+
+    def __init__(self, pack: str, edges: pd.DataFrame, t_res: float, t_mod: float):
+        self.pack = pack
+        self.edges = [
+            (f"{pack}/{r.src_layer}/{r.src_module}/{r.src_index}", f"{pack}/{r.dst_layer}/res/{r.dst_index}",
+             r.kind, float(r.cosine), int(r.rank)) for r in edges.itertuples()]
+        self.into: dict[str, list] = {}
+        self.out_of: dict[str, list] = {}
+        for edge in self.edges:
+            self.into.setdefault(edge[1], []).append(edge)
+            self.out_of.setdefault(edge[0], []).append(edge)
+        top1: dict[tuple[str, str], float] = {}
+        for src, dst, kind, cos, rank in self.edges:
+            if rank == 1:
+                top1[(dst, kind)] = cos
+        self.category = {}
+        for dst in {e[1] for e in self.edges} | self._first_layer_keys(edges):
+            high_res = top1.get((dst, "residual"), -2) >= t_res
+            high_mod = top1.get((dst, "mlp"), -2) >= t_mod or top1.get((dst, "attention"), -2) >= t_mod
+            self.category[dst] = ("processed" if high_mod else "translated") if high_res else (
+                "newborn" if high_mod else "from-nowhere")
+
+    def _first_layer_keys(self, edges):
+        return {f"{self.pack}/{r.dst_layer}/res/{r.dst_index}" for r in edges.itertuples()}
+
+    @staticmethod
+    def _keep(edge, t_res, t_mod, max_rank):
+        _, _, kind, cos, rank = edge
+        return rank <= max_rank and cos >= (t_res if kind == "residual" else t_mod)
+
+    def ancestors(self, key, t_res, max_rank):
+        """Residual chain backwards, key included."""
+        found, todo = {key}, [key]
+        while todo:
+            for edge in self.into.get(todo.pop(), []):
+                if edge[2] == "residual" and self._keep(edge, t_res, 2, max_rank) and edge[0] not in found:
+                    found.add(edge[0])
+                    todo.append(edge[0])
+        return found
+
+    def descendants(self, key, t_res, t_mod, max_rank):
+        found, todo = set(), [key]
+        while todo:
+            for edge in self.out_of.get(todo.pop(), []):
+                if self._keep(edge, t_res, t_mod, max_rank) and edge[1] not in found:
+                    found.add(edge[1])
+                    todo.append(edge[1])
+        return found
+
+    def lineage_edges(self, key, t_res, t_mod, max_rank):
+        return {(src, dst, kind) for step in self.ancestors(key, t_res, max_rank)
+                for src, dst, kind, cos, rank in self.into.get(step, [])
+                if self._keep((src, dst, kind, cos, rank), t_res, t_mod, max_rank)}
+
+    def flow_graph(self, key, t_res, t_mod, max_rank):
+        chain = self.ancestors(key, t_res, max_rank) | self.descendants(key, t_res, t_mod, max_rank)
+        links = {(src, dst, kind) for dst in chain for src, _, kind, cos, rank in self.into.get(dst, [])
+                 if self._keep((src, dst, kind, cos, rank), t_res, t_mod, max_rank)
+                 and (kind != "residual" or src in chain)}
+        return chain | {src for src, _, _ in links}, links

@@ -1,0 +1,201 @@
+import gzip
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import flowdb
+from flowdb.errors import QueryError
+from flowdb.ingest import ingest
+from flowdb.labels import import_labels
+from flowdb.manifest import load_manifest
+from flowdb.queries import get_template, run_template, templates
+from helpers import ReferenceGraph, brute_force_edges
+
+REQUIRED = {"lineage", "descendants", "flow-graph", "origins", "newborn", "circuit",
+            "steering-set", "label-search", "chains", "edges"}
+
+
+def test_every_template_declares_exactly_the_parameters_it_uses():
+    assert REQUIRED <= set(templates())
+    for template in templates().values():
+        declared = {p.name for p in template.params}
+        assert declared == template.used_params(), template.name
+        assert template.columns and template.answers
+
+
+@pytest.fixture
+def graph(db, planted_pack):
+    pack_dir, truth = planted_pack
+    ingest(load_manifest(pack_dir / "manifest.toml", k=2), db)
+    reference = ReferenceGraph("planted", brute_force_edges(pack_dir, layers=4, k=2), t_res=0.5, t_mod=0.5)
+    return db, reference, truth
+
+
+def _seeds(reference, category, layer=3, n=3):
+    return sorted(k for k, c in reference.category.items() if c == category and k.split("/")[1] == str(layer))[:n]
+
+
+@pytest.mark.parametrize("max_rank, t_res, t_mod", [(1, -1.0, -1.0), (1, 0.5, 0.5), (2, 0.3, 0.3)])
+def test_lineage(graph, max_rank, t_res, t_mod):
+    db, reference, _ = graph
+    for key in _seeds(reference, "translated") + _seeds(reference, "processed"):
+        frame = flowdb.query("lineage", db=db, feature=key, t_res=t_res, t_mod=t_mod, max_rank=max_rank)
+        got = set(zip(frame["pred_key"], frame["step_key"], frame["kind"]))
+        assert got == reference.lineage_edges(key, t_res, t_mod, max_rank)
+        assert (frame["depth"] == int(key.split("/")[1]) - frame["step_layer"]).all()
+        for step, category in zip(frame["step_key"], frame["step_category"]):
+            assert reference.category[step] == category
+
+
+@pytest.mark.parametrize("max_rank, t_res, t_mod", [(1, 0.5, 0.5), (2, 0.5, 0.5)])
+def test_descendants(graph, max_rank, t_res, t_mod):
+    db, reference, _ = graph
+    for key in _seeds(reference, "newborn", layer=0) + ["planted/1/mlp/3"]:
+        frame = run_template(db, "descendants", {"feature": key, "t_res": t_res, "t_mod": t_mod,
+                                                 "max_rank": max_rank})
+        assert set(frame["child_key"]) == reference.descendants(key, t_res, t_mod, max_rank)
+
+
+def test_flow_graph(graph):
+    db, reference, _ = graph
+    for key in _seeds(reference, "processed", layer=2) + _seeds(reference, "translated", layer=1):
+        frame = run_template(db, "flow-graph", {"feature": key, "t_res": 0.5, "t_mod": 0.5})
+        nodes = frame[frame["element"] == "node"]
+        edges = frame[frame["element"] == "edge"]
+        expected_nodes, expected_links = reference.flow_graph(key, 0.5, 0.5, 1)
+        assert set(nodes["key"]) == expected_nodes
+        assert set(zip(edges["source"], edges["target"], edges["kind"])) == expected_links
+        assert nodes.loc[nodes["key"] == key, "role"].tolist() == ["seed"]
+
+
+def test_steering_set_is_the_flow_graph_per_layer(graph):
+    db, reference, _ = graph
+    key = _seeds(reference, "processed", layer=2)[0]
+    frame = run_template(db, "steering-set", {"feature": key, "t_res": 0.5, "t_mod": 0.5})
+    expected_nodes, links = reference.flow_graph(key, 0.5, 0.5, 1)
+    assert set(frame["key"]) == expected_nodes
+    assert (frame["offset"] == frame["layer"] - 2).all()
+    seed = frame[frame["role"] == "seed"]
+    assert seed["key"].tolist() == [key] and seed["score"].tolist() == [1.0]
+    cosines = {(s, t): c for s, t, _, c, _ in reference.edges}
+    for row in frame[frame["role"] == "input"].itertuples():
+        best = max(c for (s, t), c in cosines.items() if s == row.key and (s, t, "mlp") in links | {
+            (a, b, k) for a, b, k in links if k == "attention"})
+        assert row.score == pytest.approx(best, abs=1e-6)
+
+
+def test_origins(graph):
+    db, reference, _ = graph
+    frame = run_template(db, "origins", {"pack": "planted"})
+    for row in frame.itertuples():
+        layer_keys = [k for k in reference.category if k.split("/")[1] == str(row.layer)]
+        counts = pd.Series([reference.category[k] for k in layer_keys]).value_counts()
+        assert row.translated == counts.get("translated", 0)
+        assert row.processed == counts.get("processed", 0)
+        assert row.newborn == counts.get("newborn", 0)
+        assert row.from_nowhere == counts.get("from-nowhere", 0)
+        assert row.total == 512
+
+
+def test_newborn(graph):
+    db, reference, _ = graph
+    frame = run_template(db, "newborn", {"pack": "planted", "layer": 2, "limit": 1000})
+    expected = {k for k, c in reference.category.items() if c == "newborn" and k.split("/")[1] == "2"}
+    assert set(frame["key"]) == expected
+    assert frame["cosine"].is_monotonic_decreasing
+    for row in frame.itertuples():
+        best = max((c, s) for s, t, kind, c, rank in reference.into[row.key] if kind != "residual" and rank == 1)
+        assert (row.born_in, row.cosine) == pytest.approx((best[1], best[0]))
+    only_mlp = run_template(db, "newborn", {"pack": "planted", "layer": 2, "module": "mlp", "limit": 1000})
+    assert only_mlp["born_in"].str.contains("/mlp/").all() and len(only_mlp) < len(frame)
+
+
+def test_circuit(graph):
+    db, reference, _ = graph
+    top = _seeds(reference, "translated", layer=3)[0]
+    ancestors = sorted(reference.ancestors(top, 0.5, 1))
+    bottom = ancestors[0]  # the lowest-layer ancestor (keys sort by layer within 0-9)
+    frame = run_template(db, "circuit", {"source": top, "target": bottom, "t_res": 0.5, "t_mod": 0.5})
+    on_path = frame[frame["on_path"]]
+    expected = {(s, d) for s, d, kind in reference.lineage_edges(top, 0.5, 0.5, 1)
+                if kind == "residual" and s in ancestors and d in ancestors}
+    assert set(zip(on_path["source_key"], on_path["target_key"])) == expected
+    inputs = frame[~frame["on_path"]]
+    assert set(inputs["kind"]) <= {"mlp", "attention"}
+    assert set(inputs["target_key"]) <= {d for _, d in expected}
+    unrelated = run_template(db, "circuit", {"source": top, "target": "planted/0/mlp/0,planted/0/att/0",
+                                             "t_res": 0.5, "t_mod": 0.99})
+    assert unrelated.empty
+
+
+def test_chains(graph):
+    db, reference, _ = graph
+    frame = run_template(db, "chains", {"pack": "planted", "limit": 5})
+    assert len(frame) == 5 and frame["length"].is_monotonic_decreasing
+    top1_res = {dst: src for src, dst, kind, cos, rank in reference.edges if kind == "residual" and rank == 1}
+    for row in frame.itertuples():
+        keys = list(row.keys)
+        assert len(keys) == row.length + 1
+        for parent, child in zip(keys, keys[1:]):
+            assert top1_res[child] == parent and reference.category[child] == "translated"
+        assert reference.category.get(keys[0]) != "translated" or keys[0] not in top1_res
+    longest = 0  # independently: the longest translated run in the reference graph
+    for key in reference.category:
+        length, node = 0, key
+        while reference.category.get(node) == "translated" and node in top1_res:
+            length, node = length + 1, top1_res[node]
+        longest = max(longest, length)
+    assert frame["length"].iloc[0] == longest
+
+
+def _export_file(path, rows):
+    with gzip.open(path, "wt") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+
+
+def test_label_search_and_labels_in_results(graph, tmp_path):
+    db, reference, _ = graph
+    # The planted pack has no Neuronpedia source: give layer 3's residual SAE one.
+    db.write("MATCH (s:SAE {key: 'planted/3/res'}) SET s.neuronpedia = '3-planted-res', "
+             "s.np_url = 'https://www.neuronpedia.org/planted-model/3-planted-res/'")
+    target = _seeds(reference, "translated")[0]
+    index = target.split("/")[-1]
+    export = tmp_path / "planted-model" / "3-planted-res" / "explanations"
+    export.mkdir(parents=True)
+    _export_file(export / "batch-0.jsonl.gz", [
+        {"id": "e1", "modelId": "planted-model", "layer": "3-planted-res", "index": index,
+         "description": "Quantum Gravity terms", "authorId": "a", "typeName": "oai_token-act-pair",
+         "explanationModelName": "gpt-4o-mini", "embedding": None, "umap_x": 0.1, "umap_y": 0.2,
+         "umap_cluster": 1, "umap_log_feature_sparsity": -3.0},
+        {"id": "e0", "modelId": "planted-model", "layer": "3-planted-res", "index": index,
+         "description": "physics words", "authorId": "a", "typeName": "oai_token-act-pair",
+         "explanationModelName": "gpt-4o-mini"},
+    ])
+    report = import_labels(db, tmp_path / "planted-model")
+    assert (report.rows, report.explanations, report.features) == (2, 2, 1)
+    frame = run_template(db, "label-search", {"text": "quantum GRAVITY", "t_res": 0.5})
+    assert frame["key"].tolist() == [target]
+    assert frame["label"].tolist() == ["physics words"]  # no scores: the first by explanation id
+    assert frame["url"].tolist() == [f"https://www.neuronpedia.org/planted-model/3-planted-res/{index}"]
+    assert frame["lineage"].iloc[0] == sorted(reference.ancestors(target, 0.5, 1) - {target}, reverse=True)
+    lineage = run_template(db, "lineage", {"feature": target})
+    assert set(lineage.loc[lineage["step_key"] == target, "step_label"]) == {"physics words"}
+
+
+def test_unknown_template_and_parameter(graph):
+    db, _, _ = graph
+    with pytest.raises(QueryError, match="no query template named 'lineages'"):
+        run_template(db, "lineages", {})
+    with pytest.raises(QueryError, match="has no parameter"):
+        run_template(db, "origins", {"pack": "planted", "layer": 3})
+
+
+def test_parameters_are_never_spliced(graph):
+    db, _, _ = graph
+    hostile = "planted' }) DETACH DELETE f //"
+    assert run_template(db, "origins", {"pack": hostile}).empty
+    assert db.read("MATCH (f:Feature) RETURN count(f) AS n")[0]["n"] == 4 * 3 * 512
+    assert "$pack" in get_template("origins").cypher
