@@ -13,3 +13,5 @@ work="${FLOWDB_DEMO_DIR:-${FLOWDB_HOME:-$HOME/.flowdb}/demo}"
 "$flowdb" export planted --out "$work/edges.csv"
 echo "Lineage of planted/5/res/0 (a residual feature in the last layer):"
 "$flowdb" query lineage -p feature=planted/5/res/0
+"$flowdb" plot flow planted/5/res/0 --out "$work/flow.html"
+"$flowdb" plot origins planted --out "$work/origins.png"
