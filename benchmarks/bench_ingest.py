@@ -8,7 +8,7 @@
    GFLOP/s = 2 * queries * base * d / seconds, and its ratio to (1). Target >= 70%.
 3. Ingest: a synthetic pack written into Neo4j (the configured one, else flowdb's
    managed server), relationships per second of write time with node creation
-   included, at k=1 and k=5. Target >= 50,000 relationships/s.
+   included, at k=1 and k=5, after an untimed warm-up ingest. Target >= 50,000/s.
 """
 
 from __future__ import annotations
@@ -86,6 +86,9 @@ def main() -> None:
     rate, seconds = matching_gflops(args.width, args.d_model)
     print(f"matching ({backend()}, top-1 of {args.width} x {args.width}, d={args.d_model}): "
           f"{rate:,.1f} GFLOP/s in {seconds:.2f}s = {rate / gemm:.0%} of GEMM (target >= 70%)")
+    # A fresh JVM writes slowly until its JIT has compiled the write path: warm up
+    # with a small, untimed ingest so k=1 and k=5 are measured alike.
+    ingest_rate(2, 4096, 1)
     for k in (1, 5):
         r = ingest_rate(args.ingest_layers, args.ingest_width, k)
         print(f"ingest k={k} ({args.ingest_layers} layers x {args.ingest_width} features x 3 modules): "

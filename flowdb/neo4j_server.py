@@ -22,6 +22,10 @@ from flowdb.settings import flowdb_home, managed_port
 
 NEO4J_VERSION = "5.26.30"
 START_TIMEOUT_S = 180
+# Bulk ingest is throughput work: the parallel collector and a 4 GB heap wrote
+# about 35% more relationships/s than G1 with 2 GB (benchmarks/bench_ingest.py).
+DEFAULT_HEAP = "4g"
+DEFAULT_JAVA_OPTS = "-XX:+UseParallelGC"
 STOP_TIMEOUT_S = 60
 
 
@@ -102,10 +106,14 @@ class ManagedServer:
     def start(self, heap: str | None = None, page_cache_mb: int | None = None) -> None:
         """Start the server unless it already answers; wait until Bolt answers."""
         if self.answers():
+            if self.pid() is None:  # someone else's server: never write into a stranger's database
+                raise Neo4jUnavailable(
+                    f"another Neo4j already answers on {self.uri}, not the one under {self.root}; "
+                    "set FLOWDB_NEO4J_PORT to a free port, or NEO4J_URI to use that server")
             return
         if self.pid() is None:
             self.fetch()
-            self._spawn(heap or os.environ.get("FLOWDB_NEO4J_HEAP", "2g"),
+            self._spawn(heap or os.environ.get("FLOWDB_NEO4J_HEAP", DEFAULT_HEAP),
                         page_cache_mb or int(os.environ.get("FLOWDB_NEO4J_PAGECACHE_MB", "1024")))
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -125,7 +133,8 @@ class ManagedServer:
         launcher = self.root / "maven" / "FlowdbNeo4j.java"
         launcher.parent.mkdir(parents=True, exist_ok=True)
         launcher.write_bytes(_resource("FlowdbNeo4j.java").read_bytes())
-        cmd = ["java", f"-Xmx{heap}", "-cp", str(self.lib / "*"), str(launcher),
+        extra = os.environ.get("FLOWDB_NEO4J_JAVA_OPTS", DEFAULT_JAVA_OPTS).split()
+        cmd = ["java", f"-Xmx{heap}", *extra, "-cp", str(self.lib / "*"), str(launcher),
                str(self.root / "dbms"), str(self.port), str(page_cache_mb * 1024 * 1024)]
         with open(self.log_file, "ab") as log:
             # A new session, so the server outlives the command that started it.

@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 from click.testing import CliRunner
 
 from conftest import _free_port
@@ -34,3 +36,14 @@ def test_start_status_stop_cycle(neo4j_settings, tmp_path, monkeypatch):
         assert runner.invoke(cli, ["neo4j", "stop"]).output.strip() == "not running"
     finally:
         ManagedServer(root, port).stop()
+
+
+def test_a_stranger_on_the_port_is_not_taken_for_ours(neo4j_settings, tmp_path, monkeypatch):
+    if not neo4j_settings.managed:
+        pytest.skip("the session's server is a container: no managed server holds a port")
+    port = os.environ["FLOWDB_NEO4J_PORT"]  # the session's server answers there
+    monkeypatch.setenv("FLOWDB_HOME", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("FLOWDB_NEO4J_PORT", port)
+    result = CliRunner().invoke(cli, ["neo4j", "start"])
+    assert result.exit_code == 1
+    assert f"another Neo4j already answers on bolt://127.0.0.1:{port}" in result.output
