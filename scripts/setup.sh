@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything a fresh machine needs: Java 17+ and Maven (for flowdb's managed
-# Neo4j), a virtual environment in .venv, and flowdb with its CPU and test extras.
+# Neo4j), a virtual environment in .venv, and flowdb with its CPU, model and test extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,4 +14,4 @@ if ! command -v java >/dev/null || ! command -v mvn >/dev/null; then
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[cpu,test]"
+.venv/bin/python -m pip install -q -e ".[cpu,model,test]"
