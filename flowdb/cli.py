@@ -256,6 +256,34 @@ def cypher(statement, pairs, write, fmt, settings):
     _echo_frame(pd.DataFrame(rows), fmt)
 
 
+@cli.group("demo-pack")
+def demo_pack():
+    """SAEs for SmolLM2-135M, trained here on offline text (ingest/smollm2-135m-demo.toml)."""
+
+
+@demo_pack.command("build")
+@click.option("--layers", default="0-29", show_default=True, help="Contiguous layer range FIRST-LAST.")
+@click.option("--width", default=2048, show_default=True, type=click.IntRange(16))
+@click.option("--k", default=32, show_default=True, type=click.IntRange(1), help="TopK active features.")
+@click.option("--steps", default=120, show_default=True, type=click.IntRange(1), help="Training steps per SAE.")
+@click.option("--windows", default=128, show_default=True, type=click.IntRange(8), help="Training windows of 128 tokens.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--force", is_flag=True, help="Train again even when a cached pack has these settings.")
+@click.option("--progress/--no-progress", default=None)
+def demo_pack_build(layers, width, k, steps, windows, seed, force, progress):
+    """Train (or reuse) the demo pack and print each SAE's quality."""
+    from flowdb.demo_pack import DemoPackSpec, build_demo_pack
+
+    first, _, last = layers.partition("-")
+    if not (first.isdigit() and (last or first).isdigit()) or int(first) > int(last or first) or int(last or first) > 29:
+        raise click.BadParameter("give a range FIRST-LAST within 0-29", param_hint="--layers")
+    spec = DemoPackSpec(first_layer=int(first), last_layer=int(last or first), width=width, k=k,
+                        steps=steps, train_windows=windows, seed=seed)
+    out, quality = build_demo_pack(spec, force=force, show_progress=progress)
+    click.echo(quality.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    click.echo(f"pack: {out} (mean explained variance {quality['explained_variance'].mean():.3f})")
+
+
 @cli.group()
 def labels():
     """Neuronpedia labels: import public exports, or fetch from the API."""

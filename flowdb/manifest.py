@@ -14,7 +14,8 @@
     [modules.res.at.11]               # optional per-layer override of the source
     sae_id = "blocks.11.hook_resid_post"
 
-Templates may use {layer}, {layer+N} and {layer-N}.
+Templates may use {layer}, {layer+N}, {layer-N} and {flowdb_home} (FLOWDB_HOME, for
+packs that flowdb builds and caches there).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 
 from flowdb.classify import Thresholds
 from flowdb.errors import ManifestError
+from flowdb.settings import flowdb_home
 
 MODULES = ("res", "mlp", "att")
 MAX_K = 10
@@ -99,11 +101,13 @@ class Manifest:
 
 def render(template: str, layer: int, where: str) -> str:
     def substitute(match: re.Match) -> str:
+        if match.group(1) == "flowdb_home":
+            return str(flowdb_home())
         parsed = _LAYER_FIELD.match(match.group(1).replace(" ", ""))
         if not parsed:
             raise ManifestError(
                 f"{where}: unknown template field {{{match.group(1)}}} in {template!r}; "
-                "use {layer}, {layer+N} or {layer-N}")
+                "use {layer}, {layer+N}, {layer-N} or {flowdb_home}")
         sign, offset = parsed.groups()
         value = layer + (int(offset) if sign == "+" else -int(offset) if sign == "-" else 0)
         return str(value)
