@@ -284,6 +284,41 @@ def demo_pack_build(layers, width, k, steps, windows, seed, force, progress):
     click.echo(f"pack: {out} (mean explained variance {quality['explained_variance'].mean():.3f})")
 
 
+@cli.command()
+@click.argument("pack")
+@click.option("--texts", default="python-stdlib", show_default=True, help="Offline text source.")
+@click.option("--samples", default=250, show_default=True, type=click.IntRange(1))
+@click.option("--tokens-per-sample", default=5, show_default=True, type=click.IntRange(1, 127))
+@click.option("--top-k", default="1,5", show_default=True, help="Comma-separated k values (at most the pack's k).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", type=click.Path(dir_okay=False), help="Also draw the per-layer shares (.png, .svg, .html).")
+@click.option("--progress/--no-progress", default=None)
+@connection_options
+def groups(pack, texts, samples, tokens_per_sample, top_k, seed, out, progress, settings):
+    """Activation-based groups of PACK's residual features on real text (stored on the graph)."""
+    from flowdb.groups import GROUPS, GroupsSpec, activation_groups
+
+    try:
+        ks = tuple(int(k) for k in top_k.split(","))
+    except ValueError:
+        raise click.BadParameter("comma-separated integers, e.g. 1,5", param_hint="--top-k") from None
+    spec = GroupsSpec(texts=texts, samples=samples, tokens_per_sample=tokens_per_sample, top_k=ks, seed=seed)
+    with _connect(settings) as db:
+        try:
+            table = activation_groups(db, pack, spec, progress=progress)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--top-k") from None
+    for k, part in table.groupby("top_k"):
+        click.echo(f"top-{k}: share of active residual features per group")
+        wide = part.pivot(index="layer", columns="group", values="share")[list(GROUPS)]
+        click.echo(wide.to_string(float_format=lambda v: f"{v:.3f}"))
+    if out:
+        from flowdb.plots import plot_groups
+
+        plot_groups(table, out, pack)
+        click.echo(f"wrote {out}")
+
+
 @cli.group()
 def labels():
     """Neuronpedia labels: import public exports, or fetch from the API."""

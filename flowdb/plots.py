@@ -185,3 +185,43 @@ def plot_origins(origins: pd.DataFrame, out: str | Path, pack: str) -> Path:
     fig.savefig(out, dpi=130)
     plt.close(fig)
     return out
+
+
+def plot_groups(groups: pd.DataFrame, out: str | Path, pack: str) -> Path:
+    """Per layer, the shares of active residual features in each activation group (top-1)."""
+    from flowdb.groups import GROUPS
+
+    out = Path(out)
+    _check_suffix(out)
+    top = groups[groups["top_k"] == groups["top_k"].min()]
+    table = top.pivot(index="layer", columns="group", values="share")[list(GROUPS)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    colours = ["#bbbbbb", "#4c72b0", "#dd8452", "#8172b3", "#55a868", "#64b5cd", "#c44e52", "#937860"]
+    title = f"{pack}: activation groups of active residual features (top-{int(top['top_k'].min())})"
+    if out.suffix == ".html":
+        import plotly.graph_objects as go
+
+        fig = go.Figure([go.Bar(x=table.index, y=table[g], name=g, marker_color=c) for g, c in zip(GROUPS, colours)])
+        fig.update_layout(barmode="stack", title=title, xaxis_title="layer",
+                          yaxis={"title": "share", "tickformat": ".0%"})
+        fig.write_html(out, include_plotlyjs=True)
+        return out
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.4 * len(table) + 4), 4.2))
+    bottom = pd.Series(0.0, index=table.index)
+    for group, colour in zip(GROUPS, colours):
+        ax.bar(table.index, table[group], bottom=bottom, color=colour, label=group)
+        bottom += table[group]
+    ax.set_xlabel("layer")
+    ax.set_ylabel("share of active residual features")
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out

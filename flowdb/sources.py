@@ -206,3 +206,18 @@ def check_same_space(info: SaeInfo, residual_d_in: int) -> None:
             f"{info.where()}: d_in {info.d_in} differs from the residual SAEs' d_in "
             f"{residual_d_in}; matching needs every SAE in the residual stream's space "
             "(attention SAEs on hook_z, for one, are not)")
+
+
+def load_sae(ref: SourceRef, device: str = "cpu"):
+    """The whole SAE (encoder included) as a sae-lens module, for running it on a model."""
+    from sae_lens import SAE
+
+    if ref.kind == "npz":
+        raise PackError(f"{where(ref)}: running SAEs needs a sae-lens directory or release; "
+                        "convert the params.npz with sae-lens first")
+    try:
+        if ref.kind == "path":
+            return SAE.load_from_disk(ref.location, device=device)
+        return SAE.from_pretrained(ref.location, ref.sae_id, device=device)
+    except Exception as exc:  # sae-lens raises many types for bad files and hub errors
+        raise PackError(f"{where(ref)}: sae-lens could not load it ({type(exc).__name__}: {exc})") from None

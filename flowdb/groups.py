@@ -1,0 +1,119 @@
+"""Activation-based groups (Laptev et al., experiments; method.md).
+
+On real text, at randomly chosen non-first tokens, every active residual feature f
+at layer L is put in a group by which of its matched predecessors (top-1, or any
+of the top-k) are active on the same token: in R_{L-1} ("RES"), M_L ("MLP") or
+A_L ("ATT"). The 7 non-empty combinations are "From RES", ..., "From RES & MLP &
+ATT"; none active is "From nowhere". "Active" means SAE activation > 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from flowdb.database import Database
+
+# Group code = 1·RES + 2·MLP + 4·ATT; the names in code order.
+GROUPS = ("From nowhere", "From RES", "From MLP", "From RES & MLP", "From ATT",
+          "From RES & ATT", "From MLP & ATT", "From RES & MLP & ATT")
+
+
+@dataclass(frozen=True)
+class GroupsSpec:
+    texts: str = "python-stdlib"
+    samples: int = 250
+    tokens_per_sample: int = 5
+    context: int = 128
+    top_k: tuple[int, ...] = (1, 5)
+    seed: int = 0
+
+
+def token_activity(pack, model, tokenizer, spec: GroupsSpec, progress=lambda it: it) -> dict:
+    """(layer, module) -> bool [tokens, width]: which features are active at the sampled tokens."""
+    import torch
+
+    from flowdb.hooks import capture
+    from flowdb.pack_model import hook_point
+    from flowdb.texts import token_windows
+
+    windows = token_windows(tokenizer, spec.texts, spec.samples, spec.context, spec.seed)
+    rng = np.random.default_rng(spec.seed)
+    positions = np.stack([rng.choice(np.arange(1, spec.context), spec.tokens_per_sample, replace=False)
+                          for _ in range(spec.samples)])
+    slots = [(layer, module) for layer in pack.manifest.layers for module in ("res", "mlp", "att")
+             if pack.has(layer, module)]
+    gathered = {slot: [] for slot in slots}
+    with torch.no_grad():
+        for start in progress(range(0, spec.samples, 8)):
+            batch = windows[start:start + 8]
+            rows = torch.arange(len(batch)).unsqueeze(1)
+            cols = torch.as_tensor(positions[start:start + 8])
+            with capture(model, [hook_point(m, layer) for layer, m in slots]) as acts:
+                model(batch)
+            for layer, module in slots:
+                picked = acts[hook_point(module, layer)][rows, cols].reshape(-1, acts[hook_point(module, layer)].shape[-1])
+                gathered[(layer, module)].append((pack.sae(layer, module).encode(picked) > 0).numpy())
+    return {slot: np.concatenate(parts) for slot, parts in gathered.items()}
+
+
+def group_codes(active: dict, preds: dict, layer: int, top_k: int) -> np.ndarray:
+    """int [tokens, width]: each residual feature's group code on each token."""
+    codes = np.zeros(active[(layer, "res")].shape, dtype=np.int64)
+    for bit, place, source_layer in ((1, "res", layer - 1), (2, "mlp", layer), (4, "att", layer)):
+        source = active.get((source_layer, place))
+        if source is None:
+            continue
+        table = preds[place][:, :top_k]  # [width, top_k], -1 where none
+        hit = np.zeros_like(codes, dtype=bool)
+        for j in range(top_k):
+            valid = table[:, j] >= 0
+            hit[:, valid] |= source[:, table[valid, j]]
+        codes += bit * hit
+    return codes
+
+
+def activation_groups(db: Database, pack_name: str, spec: GroupsSpec = GroupsSpec(),
+                      model_and_tokenizer=None, progress=None) -> pd.DataFrame:
+    """Group shares per layer and top-k, also stored on the graph:
+    residual Feature.groups_top{k} (8 counts, GROUPS order) and SAE.groups_top{k} (8 shares)."""
+    from tqdm.auto import tqdm
+
+    from flowdb.models import load_model
+    from flowdb.pack_model import open_pack, predecessor_table
+
+    pack = open_pack(db, pack_name)
+    ks = sorted({k for k in spec.top_k if k <= pack.k})
+    if not ks:
+        raise ValueError(f"top-k {spec.top_k} exceeds the pack's k={pack.k}")
+    model, tokenizer = model_and_tokenizer or load_model(pack.model)
+    bar = (lambda it: tqdm(it, desc="tokens", disable=None if progress is None else not progress))
+    active = token_activity(pack, model, tokenizer, spec, bar)
+    rows = []
+    for layer in pack.manifest.layers:
+        width = active[(layer, "res")].shape[1]
+        preds = predecessor_table(db, pack_name, layer, width, max(ks))
+        is_active = active[(layer, "res")]
+        for k in ks:
+            codes = group_codes(active, preds, layer, k)
+            per_feature = np.zeros((width, len(GROUPS)), dtype=np.int64)
+            token_idx, feature_idx = np.nonzero(is_active)
+            np.add.at(per_feature, (feature_idx, codes[token_idx, feature_idx]), 1)
+            totals = per_feature.sum(0)
+            shares = totals / max(totals.sum(), 1)
+            for group, count, share in zip(GROUPS, totals, shares):
+                rows.append({"layer": layer, "top_k": k, "group": group, "count": int(count), "share": float(share)})
+            _store(db, pack_name, layer, k, per_feature, shares)
+    return pd.DataFrame(rows)
+
+
+def _store(db: Database, pack: str, layer: int, k: int, per_feature: np.ndarray, shares: np.ndarray) -> None:
+    used = np.flatnonzero(per_feature.sum(1))
+    prop = f"groups_top{k}"  # from a fixed pattern and an int, never user text
+    db.write(
+        f"UNWIND $rows AS row MATCH (f:Feature {{key: row.key}}) SET f.{prop} = row.counts",
+        rows=[{"key": f"{pack}/{layer}/res/{i}", "counts": per_feature[i].tolist()} for i in used])
+    db.write(f"MATCH (s:SAE {{key: $key}}) SET s.{prop} = $shares",
+             key=f"{pack}/{layer}/res", shares=[float(x) for x in shares])

@@ -1,0 +1,67 @@
+"""A stored pack brought back to life: its manifest, its SAEs and its matches,
+for the experiments that run the model (groups, deactivation, steering)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from flowdb.database import Database
+from flowdb.errors import FlowdbError
+from flowdb.manifest import Manifest, load_manifest
+from flowdb.sources import load_sae
+
+HOOKS = {"res": "hook_resid_post", "mlp": "hook_mlp_out", "att": "hook_attn_out"}
+PLACES = ("res", "mlp", "att")  # predecessor places of R_L: R_{L-1}, M_L, A_L
+
+
+def hook_point(module: str, layer: int) -> str:
+    return f"blocks.{layer}.{HOOKS[module]}"
+
+
+@dataclass
+class StoredPack:
+    name: str
+    model: str
+    k: int
+    manifest: Manifest
+    saes: dict = field(default_factory=dict)  # (layer, module) -> sae-lens SAE, loaded lazily
+
+    def sae(self, layer: int, module: str):
+        if (layer, module) not in self.saes:
+            ref = self.manifest.source(module, layer)
+            if ref is None:
+                raise FlowdbError(f"pack {self.name} has no {module} SAEs")
+            self.saes[(layer, module)] = load_sae(ref).eval()
+        return self.saes[(layer, module)]
+
+    def has(self, layer: int, module: str) -> bool:
+        return module in self.manifest.modules and layer in self.manifest.layers
+
+
+def open_pack(db: Database, name: str) -> StoredPack:
+    rows = db.read("MATCH (p:Pack {name: $name}) RETURN p.model AS model, p.k AS k, "
+                   "p.manifest AS manifest, p.status AS status", name=name)
+    if not rows:
+        raise FlowdbError(f"no pack named {name!r} in {db.uri}")
+    row = rows[0]
+    if row["status"] != "complete":
+        raise FlowdbError(f"pack {name!r} is {row['status']}: finish its ingest first")
+    if not Path(row["manifest"]).exists():
+        raise FlowdbError(f"pack {name!r} was built from {row['manifest']}, which is gone")
+    return StoredPack(name, row["model"], row["k"], load_manifest(row["manifest"], k=row["k"]))
+
+
+def predecessor_table(db: Database, pack: str, layer: int, width: int, k: int) -> dict[str, np.ndarray]:
+    """For each place, an int array [width, k] of the stored top-k predecessors of the
+    residual features at `layer` (-1 where none is stored)."""
+    rows = db.read(
+        "MATCH (s:Feature)-[e:RESIDUAL|MLP|ATTENTION]->(d:Feature {pack: $pack, layer: $layer, module: 'res'}) "
+        "WHERE e.rank <= $k RETURN d.index AS dst, s.module AS place, s.index AS src, e.rank AS rank",
+        pack=pack, layer=layer, k=k)
+    table = {place: np.full((width, k), -1, dtype=np.int64) for place in PLACES}
+    for row in rows:
+        table[row["place"]][row["dst"], row["rank"] - 1] = row["src"]
+    return table
