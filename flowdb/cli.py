@@ -320,6 +320,47 @@ def groups(pack, texts, samples, tokens_per_sample, top_k, seed, out, progress, 
 
 
 @cli.group()
+def validate():
+    """Causal checks of a pack's matches on its model."""
+
+
+@validate.command("deactivation")
+@click.argument("pack")
+@click.option("--layers", default="6,12,18", show_default=True, help="Comma-separated layers.")
+@click.option("--samples", default=40, show_default=True, type=click.IntRange(1))
+@click.option("--max-trials", default=150, show_default=True, type=click.IntRange(1), help="Per layer.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", type=click.Path(dir_okay=False), help="Also draw the results (.png, .svg, .html).")
+@click.option("--progress/--no-progress", default=None)
+@connection_options
+def validate_deactivation(pack, layers, samples, max_trials, seed, out, progress, settings):
+    """Remove matched predecessors at a token and measure whether the target turns off."""
+    from flowdb.deactivation import PAPER, DeactivationSpec, deactivation_experiment, summarise
+
+    try:
+        layer_list = tuple(int(x) for x in layers.split(","))
+    except ValueError:
+        raise click.BadParameter("comma-separated integers", param_hint="--layers") from None
+    spec = DeactivationSpec(layers=layer_list, samples=samples, max_trials=max_trials, seed=seed)
+    with _connect(settings) as db:
+        trials = deactivation_experiment(db, pack, spec, progress=progress)
+    if trials.empty:
+        raise click.ClickException("no eligible (target, active predecessor) pairs at these layers")
+    summary = summarise(trials)
+    click.echo(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    click.echo("by place (all layers):")
+    click.echo(summarise(trials, ("place", "matcher")).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    paper = PAPER["top-1"]
+    click.echo(f"paper (Gemma 2 2B, Gemma Scope, top-1 cosine): success {paper['success_rate']:.2f}, "
+               f"activation change {paper['activation_change']:.2f}")
+    if out:
+        from flowdb.plots import plot_deactivation
+
+        plot_deactivation(summary, out, pack)
+        click.echo(f"wrote {out}")
+
+
+@cli.group()
 def labels():
     """Neuronpedia labels: import public exports, or fetch from the API."""
 

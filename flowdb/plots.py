@@ -225,3 +225,47 @@ def plot_groups(groups: pd.DataFrame, out: str | Path, pack: str) -> Path:
     fig.savefig(out, dpi=130)
     plt.close(fig)
     return out
+
+
+def plot_deactivation(summary: pd.DataFrame, out: str | Path, pack: str) -> Path:
+    """Success rate and mean activation change per layer, one bar per matcher."""
+    out = Path(out)
+    _check_suffix(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    matchers = list(dict.fromkeys(summary["matcher"]))
+    layers = sorted(summary["layer"].unique())
+    if out.suffix == ".html":
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        fig = make_subplots(rows=1, cols=2, subplot_titles=("success rate", "mean activation change"))
+        for matcher in matchers:
+            part = summary[summary["matcher"] == matcher]
+            for col, metric in ((1, "success_rate"), (2, "activation_change")):
+                fig.add_trace(go.Bar(x=part["layer"], y=part[metric], name=matcher, showlegend=col == 1,
+                                     legendgroup=matcher), row=1, col=col)
+        fig.update_layout(title=f"{pack}: deactivating matched predecessors", barmode="group")
+        fig.write_html(out, include_plotlyjs=True)
+        return out
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    width = 0.8 / len(matchers)
+    for axis, metric, title in ((axes[0], "success_rate", "success rate"),
+                                (axes[1], "activation_change", "mean activation change")):
+        for i, matcher in enumerate(matchers):
+            part = summary[summary["matcher"] == matcher].set_index("layer").reindex(layers)
+            axis.bar(np.arange(len(layers)) + i * width, part[metric], width, label=matcher)
+        axis.set_xticks(np.arange(len(layers)) + width * (len(matchers) - 1) / 2, [f"layer {x}" for x in layers])
+        axis.set_title(title)
+        axis.set_ylim(min(0, summary[metric].min() * 1.1), 1)
+    axes[1].legend(frameon=False)
+    fig.suptitle(f"{pack}: deactivating matched predecessors (paper, top-1: 65% success, 0.75 change)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out

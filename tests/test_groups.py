@@ -17,7 +17,7 @@ def ingested(tiny_pack, db, tmp_path):  # noqa: F811
     from flowdb.manifest import load_manifest
 
     manifest = tmp_path / "tiny.toml"
-    manifest.write_text('name = "tiny"\nmodel = "smollm2-135m"\nlayers = [2, 3]\n[match]\nk = 3\n' + "".join(
+    manifest.write_text('name = "tiny"\nmodel = "smollm2-135m"\nlayers = [2, 3]\n[match]\nk = 5\n' + "".join(
         f'[modules.{m}]\npath = "{{flowdb_home}}/packs/smollm2-135m-demo/saes/{m}/layer_{{layer}}"\n'
         for m in ("res", "mlp", "att")))
     ingest(load_manifest(manifest), db, show_progress=False)
@@ -59,4 +59,4 @@ def test_groups_cli_plots(ingested, tmp_path):
     assert result.exit_code == 0, result.output
     assert "From RES & MLP" in result.output and out.stat().st_size > 10_000
     bad = CliRunner().invoke(cli, ["groups", "tiny", "--top-k", "9"])
-    assert bad.exit_code == 2 and "exceeds the pack's k=3" in bad.output
+    assert bad.exit_code == 2 and "exceeds the pack's k=5" in bad.output
