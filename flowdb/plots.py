@@ -29,9 +29,57 @@ class FlowLayout:
     edges: pd.DataFrame  # with x0, y0, x1, y1
 
 
-def _check_suffix(out: Path) -> None:
+def _target(out: str | Path) -> Path:
+    """The output path, checked for a picture suffix, with its folder made."""
+    out = Path(out)
     if out.suffix not in FORMATS:
         raise FlowdbError(f"{out}: pictures are written as {', '.join(FORMATS)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out
+
+
+def _stacked_shares(table: pd.DataFrame, colours: dict[str, str], out: Path, title: str, ylabel: str) -> Path:
+    """Per-layer stacked bars of shares; table is indexed by layer, one column per part."""
+    if out.suffix == ".html":
+        import plotly.graph_objects as go
+
+        fig = go.Figure([go.Bar(x=table.index, y=table[name], name=name, marker_color=colour)
+                         for name, colour in colours.items()])
+        fig.update_layout(barmode="stack", title=title, xaxis_title="layer",
+                          yaxis={"title": ylabel, "tickformat": ".0%"})
+        fig.write_html(out, include_plotlyjs=True)
+        return out
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.4 * len(table) + 4), 4.2))
+    bottom = pd.Series(0.0, index=table.index)
+    for name, colour in colours.items():
+        ax.bar(table.index, table[name], bottom=bottom, color=colour, label=name)
+        bottom += table[name]
+    ax.set_xlabel("layer")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1)
+    ax.set_xticks(table.index)
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=8)
+    return _save(fig, out)
 
 
 def flow_layout(graph: pd.DataFrame) -> FlowLayout:
@@ -69,10 +117,8 @@ def _short(row) -> str:
 
 
 def plot_flow(graph: pd.DataFrame, out: str | Path, title: str) -> Path:
-    out = Path(out)
-    _check_suffix(out)
+    out = _target(out)
     layout = flow_layout(graph)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".html":
         _flow_html(layout, out, title)
     else:
@@ -85,11 +131,7 @@ def _width(cosine: float) -> float:
 
 
 def _flow_static(layout: FlowLayout, out: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     nodes, edges = layout.nodes, layout.edges
     n_layers = nodes["layer"].nunique()
     fig, ax = plt.subplots(figsize=(max(6.0, 2.2 * n_layers), 2.0 + 1.2 * (nodes["y"].max() - nodes["y"].min())))
@@ -115,9 +157,7 @@ def _flow_static(layout: FlowLayout, out: Path, title: str) -> None:
         ax.spines[side].set_visible(False)
     ax.set_title(title + "\nedge width and number: cosine")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
-    fig.tight_layout()
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
+    _save(fig, out)
 
 
 def _flow_html(layout: FlowLayout, out: Path, title: str) -> None:
@@ -147,91 +187,33 @@ def _flow_html(layout: FlowLayout, out: Path, title: str) -> None:
 
 def plot_origins(origins: pd.DataFrame, out: str | Path, pack: str) -> Path:
     """Stacked shares of translated / processed / newborn / from-nowhere per layer."""
-    out = Path(out)
-    _check_suffix(out)
+    out = _target(out)
     if origins.empty:
         raise FlowdbError(f"pack {pack!r} has no residual features to plot")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shares = origins[list(CATEGORY_COLOUR)].div(origins["total"], axis=0)
-    if out.suffix == ".html":
-        import plotly.graph_objects as go
-
-        fig = go.Figure([go.Bar(x=origins["layer"], y=shares[c], name=c.replace("_", "-"),
-                                marker_color=colour, customdata=origins[c],
-                                hovertemplate="layer %{x}: %{y:.1%} (%{customdata})")
-                         for c, colour in CATEGORY_COLOUR.items()])
-        fig.update_layout(barmode="stack", title=f"{pack}: origins of residual features",
-                          xaxis_title="layer", yaxis={"title": "share", "tickformat": ".0%"})
-        fig.write_html(out, include_plotlyjs=True)
-        return out
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(origins) + 3), 4))
-    bottom = pd.Series(0.0, index=origins.index)
-    for category, colour in CATEGORY_COLOUR.items():
-        ax.bar(origins["layer"], shares[category], bottom=bottom, color=colour,
-               label=category.replace("_", "-"))
-        bottom += shares[category]
-    ax.set_xlabel("layer")
-    ax.set_ylabel("share of residual features")
-    ax.set_ylim(0, 1)
-    ax.set_xticks(origins["layer"])
-    ax.set_title(f"{pack}: origins of residual features")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
-    fig.tight_layout()
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
-    return out
+    shares = origins.set_index("layer")[list(CATEGORY_COLOUR)].div(origins.set_index("layer")["total"], axis=0)
+    shares.columns = [c.replace("_", "-") for c in shares.columns]
+    colours = {c.replace("_", "-"): colour for c, colour in CATEGORY_COLOUR.items()}
+    return _stacked_shares(shares, colours, out, f"{pack}: origins of residual features",
+                           "share of residual features")
 
 
 def plot_groups(groups: pd.DataFrame, out: str | Path, pack: str) -> Path:
-    """Per layer, the shares of active residual features in each activation group (top-1)."""
+    """Per layer, the shares of active residual features in each activation group (smallest k)."""
     from flowdb.groups import GROUPS
 
-    out = Path(out)
-    _check_suffix(out)
-    top = groups[groups["top_k"] == groups["top_k"].min()]
-    table = top.pivot(index="layer", columns="group", values="share")[list(GROUPS)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    colours = ["#bbbbbb", "#4c72b0", "#dd8452", "#8172b3", "#55a868", "#64b5cd", "#c44e52", "#937860"]
-    title = f"{pack}: activation groups of active residual features (top-{int(top['top_k'].min())})"
-    if out.suffix == ".html":
-        import plotly.graph_objects as go
-
-        fig = go.Figure([go.Bar(x=table.index, y=table[g], name=g, marker_color=c) for g, c in zip(GROUPS, colours)])
-        fig.update_layout(barmode="stack", title=title, xaxis_title="layer",
-                          yaxis={"title": "share", "tickformat": ".0%"})
-        fig.write_html(out, include_plotlyjs=True)
-        return out
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.4 * len(table) + 4), 4.2))
-    bottom = pd.Series(0.0, index=table.index)
-    for group, colour in zip(GROUPS, colours):
-        ax.bar(table.index, table[group], bottom=bottom, color=colour, label=group)
-        bottom += table[group]
-    ax.set_xlabel("layer")
-    ax.set_ylabel("share of active residual features")
-    ax.set_ylim(0, 1)
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
-    return out
+    out = _target(out)
+    k = int(groups["top_k"].min())
+    table = groups[groups["top_k"] == k].pivot(index="layer", columns="group", values="share")[list(GROUPS)]
+    colours = dict(zip(GROUPS, ["#bbbbbb", "#4c72b0", "#dd8452", "#8172b3", "#55a868", "#64b5cd",
+                                "#c44e52", "#937860"]))
+    return _stacked_shares(table, colours, out,
+                           f"{pack}: activation groups of active residual features (top-{k})",
+                           "share of active residual features")
 
 
 def plot_deactivation(summary: pd.DataFrame, out: str | Path, pack: str) -> Path:
     """Success rate and mean activation change per layer, one bar per matcher."""
-    out = Path(out)
-    _check_suffix(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = _target(out)
     matchers = list(dict.fromkeys(summary["matcher"]))
     layers = sorted(summary["layer"].unique())
     if out.suffix == ".html":
@@ -247,12 +229,9 @@ def plot_deactivation(summary: pd.DataFrame, out: str | Path, pack: str) -> Path
         fig.update_layout(title=f"{pack}: deactivating matched predecessors", barmode="group")
         fig.write_html(out, include_plotlyjs=True)
         return out
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     width = 0.8 / len(matchers)
     for axis, metric, title in ((axes[0], "success_rate", "success rate"),
@@ -265,17 +244,12 @@ def plot_deactivation(summary: pd.DataFrame, out: str | Path, pack: str) -> Path
         axis.set_ylim(min(0, summary[metric].min() * 1.1), 1)
     axes[1].legend(frameon=False)
     fig.suptitle(f"{pack}: deactivating matched predecessors (paper, top-1: 65% success, 0.75 change)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_steering_grid(table: pd.DataFrame, out: str | Path, title: str) -> Path:
     """Proxy score (behaviour x coherence) against strength, one line per strategy."""
-    out = Path(out)
-    _check_suffix(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = _target(out)
     steered = table[table["strategy"] != "none"]
     baseline = table.loc[table["strategy"] == "none", "score"]
     if out.suffix == ".html":
@@ -286,11 +260,7 @@ def plot_steering_grid(table: pd.DataFrame, out: str | Path, title: str) -> Path
         fig.update_layout(title=title, xaxis_title="strength s", yaxis_title="proxy score")
         fig.write_html(out, include_plotlyjs=True)
         return out
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for strategy, part in steered.groupby("strategy"):
         ax.plot(part["s"], part["score"], marker="o", label=strategy)
@@ -300,7 +270,4 @@ def plot_steering_grid(table: pd.DataFrame, out: str | Path, title: str) -> Path
     ax.set_ylabel("proxy score (behaviour x coherence)")
     ax.set_title(title, fontsize=10)
     ax.legend(frameon=False)
-    fig.tight_layout()
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
-    return out
+    return _save(fig, out)

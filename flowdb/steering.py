@@ -102,8 +102,8 @@ class Steerer:
                                                        "t_mod": spec.t_mod})
         return select_features(graph, spec)
 
-    def edits(self, spec: SteeringSpec, prompt_ids) -> dict:
-        """hook point -> edit function, for the chosen features and schedule."""
+    def edits(self, spec: SteeringSpec, prompt_ids, chosen: pd.DataFrame | None = None) -> dict:
+        """hook point -> edit function, for the chosen features (default: the spec's) and schedule."""
         import torch
 
         from flowdb.hooks import capture
@@ -111,7 +111,7 @@ class Steerer:
 
         if spec.method not in METHODS:
             raise FlowdbError(f"method must be one of {', '.join(METHODS)}")
-        chosen = self.features(spec)
+        chosen = self.features(spec) if chosen is None else chosen
         scale = coefficients(chosen["layer"].tolist(), spec)
         hooks: dict[str, list] = {}
         for row in chosen.itertuples():
@@ -146,9 +146,9 @@ class Steerer:
 
     def steer(self, spec: SteeringSpec, generation: GenerationSpec) -> dict:
         ids = self.tokenizer(generation.prompt, return_tensors="pt").input_ids
-        edits = self.edits(spec, ids)
-        return {"default": self.generate(generation), "steered": self.generate(generation, edits),
-                "features": self.features(spec)}
+        chosen = self.features(spec)
+        return {"default": self.generate(generation),
+                "steered": self.generate(generation, self.edits(spec, ids, chosen)), "features": chosen}
 
 
 def _rescale(h, features, r):
