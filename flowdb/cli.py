@@ -350,6 +350,11 @@ def validate_deactivation(pack, layers, samples, max_trials, seed, out, progress
     click.echo(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     click.echo("by place (all layers):")
     click.echo(summarise(trials, ("place", "matcher")).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    from flowdb.groups import GROUPS
+
+    click.echo("by activation group of the target (top-1, all layers):")
+    named = trials.assign(group=trials["group"].map(lambda code: GROUPS[code]))
+    click.echo(summarise(named, ("group", "matcher")).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     paper = PAPER["top-1"]
     click.echo(f"paper (Gemma 2 2B, Gemma Scope, top-1 cosine): success {paper['success_rate']:.2f}, "
                f"activation change {paper['activation_change']:.2f}")

@@ -9,9 +9,10 @@ Coefficients per layer l', counted from the first steered layer l0:
   linear        from s at l0 to s_end at the last steered layer
   exponential   s * exp(-alpha * (l' - l0))   (alpha is the decay rate)
 Methods, applied at every token through the hook each SAE reads:
-  activation    h <- h + s' * n * v, with v the unit decoder direction and n the mean
-                norm of h at that hook on the prompt (so s is in units of the stream's
-                own scale, comparable across layers and models)
+  activation    h <- h + s' * n * v, with v the unit decoder direction and n the
+                root-mean-square per dimension of h at that hook on the prompt (mean
+                norm / sqrt(d): the units in which sae-lens normalises activations to
+                norm sqrt(d)), so s means the same across layers and models
   deactivation  h <- h + (r - 1) * a * v, with a the feature's activation on that token
                 (r = 0 removes the feature, r < 0 inverts it)
 """
@@ -121,7 +122,8 @@ class Steerer:
             self.model(prompt_ids)
         edits = {}
         for hook, features in hooks.items():
-            norm = float(acts[hook][0, 1:].norm(dim=-1).mean())
+            h = acts[hook][0, 1:]
+            norm = float(h.norm(dim=-1).mean()) / h.shape[-1] ** 0.5
             if spec.method == "activation":
                 delta = sum(c * norm * sae.W_dec[i].detach() / sae.W_dec[i].detach().norm() for sae, i, c in features)
                 edits[hook] = lambda h, delta=delta: h + delta

@@ -47,3 +47,4 @@ def test_deactivation_cli(ingested, tmp_path):  # noqa: F811
                                       "--max-trials", "6", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "success_rate" in result.output and "paper (Gemma 2 2B" in result.output and out.exists()
+    assert "by activation group of the target" in result.output and "From " in result.output
