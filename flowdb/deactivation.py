@@ -81,7 +81,7 @@ def deactivation_experiment(db: Database, pack_name: str, spec: DeactivationSpec
     from flowdb.groups import group_codes
     from flowdb.hooks import capture, intervene
     from flowdb.models import load_model
-    from flowdb.pack_model import hook_point, open_pack, predecessor_table
+    from flowdb.pack_model import feature_direction, hook_point, open_pack, predecessor_table
     from flowdb.texts import token_windows
 
     pack = open_pack(db, pack_name)
@@ -109,7 +109,7 @@ def deactivation_experiment(db: Database, pack_name: str, spec: DeactivationSpec
             sample, position = divmod(token, spec.tokens_per_sample)
             position = int(positions[sample, position])
             source_sae = pack.sae(layer - 1 if place == "res" else layer, place)
-            delta = sum(a * source_sae.W_dec[p].detach() for p, a in removed)
+            delta = sum(a * feature_direction(source_sae, p) for p, a in removed)
 
             def remove(h, delta=delta, position=position):
                 h = h.clone()

@@ -41,6 +41,22 @@ class StoredPack:
         return module in self.manifest.modules and layer in self.manifest.layers
 
 
+def feature_direction(sae, index: int):
+    """What feature `index` adds to the reconstruction per unit of activation.
+
+    Taken from the SAE's own decode (decode(e_i) - decode(0)), so it is right for
+    every sae-lens architecture: TopK SAEs trained with rescale_acts_by_decoder_norm,
+    for one, add a * W_dec[i] / |W_dec[i]|, not a * W_dec[i].
+    """
+    import torch
+
+    with torch.no_grad():
+        unit = torch.zeros(2, sae.cfg.d_sae, dtype=sae.W_dec.dtype)
+        unit[0, index] = 1.0
+        decoded = sae.decode(unit)
+    return decoded[0] - decoded[1]
+
+
 def open_pack(db: Database, name: str) -> StoredPack:
     rows = db.read("MATCH (p:Pack {name: $name}) RETURN p.model AS model, p.k AS k, "
                    "p.manifest AS manifest, p.status AS status", name=name)

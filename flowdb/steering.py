@@ -108,7 +108,7 @@ class Steerer:
         import torch
 
         from flowdb.hooks import capture
-        from flowdb.pack_model import hook_point
+        from flowdb.pack_model import feature_direction, hook_point
 
         if spec.method not in METHODS:
             raise FlowdbError(f"method must be one of {', '.join(METHODS)}")
@@ -117,7 +117,8 @@ class Steerer:
         hooks: dict[str, list] = {}
         for row in chosen.itertuples():
             sae = self.pack.sae(row.layer, row.module)
-            hooks.setdefault(hook_point(row.module, row.layer), []).append((sae, int(row.index), scale[row.layer]))
+            hooks.setdefault(hook_point(row.module, row.layer), []).append(
+                (sae, int(row.index), scale[row.layer], feature_direction(sae, int(row.index))))
         with torch.no_grad(), capture(self.model, list(hooks)) as acts:
             self.model(prompt_ids)
         edits = {}
@@ -125,7 +126,7 @@ class Steerer:
             h = acts[hook][0, 1:]
             norm = float(h.norm(dim=-1).mean()) / h.shape[-1] ** 0.5
             if spec.method == "activation":
-                delta = sum(c * norm * sae.W_dec[i].detach() / sae.W_dec[i].detach().norm() for sae, i, c in features)
+                delta = sum(c * norm * direction / direction.norm() for _, _, c, direction in features)
                 edits[hook] = lambda h, delta=delta: h + delta
             else:
                 edits[hook] = lambda h, features=features: _rescale(h, features, spec.r)
@@ -156,10 +157,10 @@ class Steerer:
 def _rescale(h, features, r):
     import torch
 
-    for sae, index, _ in features:
+    for sae, index, _, direction in features:
         with torch.no_grad():
             a = sae.encode(h)[..., index:index + 1]
-        h = h + (r - 1) * a * sae.W_dec[index].detach()
+        h = h + (r - 1) * a * direction
     return h
 
 

@@ -48,3 +48,17 @@ def test_deactivation_cli(ingested, tmp_path):  # noqa: F811
     assert result.exit_code == 0, result.output
     assert "success_rate" in result.output and "paper (Gemma 2 2B" in result.output and out.exists()
     assert "by activation group of the target" in result.output and "From " in result.output
+
+
+def test_feature_direction_is_what_decode_adds(ingested):  # noqa: F811
+    """Removing a * direction for every active feature leaves exactly b_dec: the
+    directions are the SAE's own, whatever its decoder-norm convention."""
+    from flowdb.pack_model import feature_direction
+
+    sae = open_pack(ingested, "tiny").sae(3, "res")
+    assert sae.cfg.rescale_acts_by_decoder_norm  # the case where a * W_dec[i] would be wrong
+    codes = sae.encode(torch.randn(2, 576) * 10).detach()
+    recon = sae.decode(codes).detach()
+    for row in range(2):
+        total = sum(codes[row, i] * feature_direction(sae, int(i)) for i in torch.nonzero(codes[row]).flatten())
+        torch.testing.assert_close(recon[row] - total, sae.b_dec.detach(), rtol=1e-4, atol=1e-4)
