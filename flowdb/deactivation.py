@@ -39,7 +39,7 @@ def _codes_at(pack, model, windows, positions, slots):
     import torch
 
     from flowdb.hooks import capture
-    from flowdb.pack_model import hook_point
+    from flowdb.hooks import hook_point
 
     rows = torch.arange(len(windows)).unsqueeze(1)
     out = {}
@@ -81,7 +81,8 @@ def deactivation_experiment(db: Database, pack_name: str, spec: DeactivationSpec
     from flowdb.groups import group_codes
     from flowdb.hooks import capture, intervene
     from flowdb.models import load_model
-    from flowdb.pack_model import feature_direction, hook_point, open_pack, predecessor_table
+    from flowdb.hooks import hook_point
+    from flowdb.pack_model import feature_direction, open_pack, predecessor_table
     from flowdb.texts import token_windows
 
     pack = open_pack(db, pack_name)

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from flowdb.hooks import MODULE_HOOKS, hook_point
 from flowdb.settings import flowdb_home
-
-MODULE_HOOKS = {"res": "hook_resid_post", "mlp": "hook_mlp_out", "att": "hook_attn_out"}
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,7 @@ def _collect(model, tokenizer, spec: DemoPackSpec, n_windows: int, seed: int, pr
     from flowdb.texts import token_windows
 
     windows = token_windows(tokenizer, spec.texts, n_windows, spec.context, seed)
-    names = [f"blocks.{layer}.{hook}" for layer in spec.layers for hook in MODULE_HOOKS.values()]
+    names = [hook_point(module, layer) for layer in spec.layers for module in MODULE_HOOKS]
     stored = {name: [] for name in names}
     with torch.no_grad():
         for start in progress(range(0, n_windows, 8)):
@@ -144,7 +143,7 @@ def build_demo_pack(spec: DemoPackSpec = DemoPackSpec(), model_and_tokenizer=Non
     rows = []
     jobs = [(layer, module) for layer in spec.layers for module in MODULE_HOOKS]
     for layer, module in tqdm(jobs, desc="training SAEs", disable=disable):
-        hook = f"blocks.{layer}.{MODULE_HOOKS[module]}"
+        hook = hook_point(module, layer)
         directory = out / "saes" / module / f"layer_{layer}"
         trained = _train_one(train[hook], spec, seed=spec.seed * 1000 + layer * 3 + list(MODULE_HOOKS).index(module))
         trained.save_inference_model(str(directory))

@@ -36,7 +36,7 @@ def token_activity(pack, model, tokenizer, spec: GroupsSpec, progress=lambda it:
     import torch
 
     from flowdb.hooks import capture
-    from flowdb.pack_model import hook_point
+    from flowdb.hooks import hook_point
     from flowdb.texts import token_windows
 
     windows = token_windows(tokenizer, spec.texts, spec.samples, spec.context, spec.seed)

@@ -22,7 +22,13 @@ from typing import Callable, Iterator
 
 from flowdb.errors import FlowdbError
 
+# Where the SAE of each pack module reads: R_L, M_L and A_L of layer L.
+MODULE_HOOKS = {"res": "hook_resid_post", "mlp": "hook_mlp_out", "att": "hook_attn_out"}
 HOOK_NAME = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|attn\.hook_z)$")
+
+
+def hook_point(module: str, layer: int) -> str:
+    return f"blocks.{layer}.{MODULE_HOOKS[module]}"
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,7 @@ from flowdb.errors import FlowdbError
 from flowdb.manifest import Manifest, load_manifest
 from flowdb.sources import load_sae
 
-HOOKS = {"res": "hook_resid_post", "mlp": "hook_mlp_out", "att": "hook_attn_out"}
 PLACES = ("res", "mlp", "att")  # predecessor places of R_L: R_{L-1}, M_L, A_L
-
-
-def hook_point(module: str, layer: int) -> str:
-    return f"blocks.{layer}.{HOOKS[module]}"
 
 
 @dataclass

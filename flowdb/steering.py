@@ -108,7 +108,8 @@ class Steerer:
         import torch
 
         from flowdb.hooks import capture
-        from flowdb.pack_model import feature_direction, hook_point
+        from flowdb.hooks import hook_point
+        from flowdb.pack_model import feature_direction
 
         if spec.method not in METHODS:
             raise FlowdbError(f"method must be one of {', '.join(METHODS)}")

@@ -22,9 +22,8 @@ import numpy as np
 import pandas as pd
 
 from flowdb.errors import FlowdbError
+from flowdb.hooks import MODULE_HOOKS, hook_point
 
-HOOKS = {"res": "blocks.{L}.hook_resid_post", "mlp": "blocks.{L}.hook_mlp_out",
-         "att": "blocks.{L}.hook_attn_out"}
 # Shares of planted categories among residual features (layer 0 has no R_{L-1}).
 SHARES = {"translated": 0.35, "processed": 0.25, "newborn": 0.25, "from-nowhere": 0.15}
 FIRST_LAYER_SHARES = {"newborn": 0.7, "from-nowhere": 0.3}
@@ -115,7 +114,7 @@ def synthesize(out_dir: str | Path, spec: SynthSpec = SynthSpec()) -> pd.DataFra
             # Random row norms: real decoders are not unit length, matching must normalise.
             scale = rng.uniform(0.5, 2.0, size=(unit.shape[0], 1)).astype(np.float32)
             write_sae(out / "saes" / module / f"layer_{layer}", unit * scale,
-                      HOOKS[module].format(L=layer), spec.model)
+                      hook_point(module, layer), spec.model)
         prev_res = res
     table = pd.DataFrame(truth)
     table.to_csv(out / "truth.csv", index=False)
@@ -124,7 +123,7 @@ def synthesize(out_dir: str | Path, spec: SynthSpec = SynthSpec()) -> pd.DataFra
 
 
 def _manifest(spec: SynthSpec) -> str:
-    modules = "\n".join(f'[modules.{m}]\npath = "saes/{m}/layer_{{layer}}"\n' for m in HOOKS)
+    modules = "\n".join(f'[modules.{m}]\npath = "saes/{m}/layer_{{layer}}"\n' for m in MODULE_HOOKS)
     return (f'# A planted pack written by `flowdb synth` (seed {spec.seed}); truth in truth.csv.\n'
             f'name = "{spec.name}"\nmodel = "{spec.model}"\nlayers = [0, {spec.layers - 1}]\n\n'
             f'[match]\nk = 1\n\n'

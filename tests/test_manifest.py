@@ -76,13 +76,18 @@ def test_render_offsets():
 
 @pytest.mark.parametrize("path", sorted(INGEST.glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_manifests_name_real_releases(path):
-    """Every release and sae_id a shipped manifest names exists in sae-lens's registry."""
+    """Every release and sae_id a shipped manifest names exists in sae-lens's registry;
+    local sources point where `flowdb demo-pack build` writes packs."""
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    from flowdb.settings import flowdb_home
 
     registry = get_pretrained_saes_directory()
     manifest = load_manifest(path)
     for ref in manifest.sources():
-        assert ref.kind == "release"
+        if ref.kind != "release":
+            assert ref.location.startswith(str(flowdb_home() / "packs" / manifest.name)), ref.location
+            continue
         assert ref.location in registry, ref.location
         lookup = registry[ref.location]
         assert ref.sae_id in lookup.saes_map, (ref.location, ref.sae_id)
@@ -92,4 +97,5 @@ def test_shipped_manifests_name_real_releases(path):
 
 def test_three_manifests_are_shipped():
     names = {p.stem for p in INGEST.glob("*.toml")}
-    assert {"gemma-2-2b-gemmascope-16k", "llama-3.1-8b-llamascope", "gpt2-small-jb-oai"} <= names
+    assert {"gemma-2-2b-gemmascope-16k", "llama-3.1-8b-llamascope", "gpt2-small-jb-oai",
+            "smollm2-135m-demo"} <= names
