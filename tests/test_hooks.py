@@ -87,13 +87,6 @@ def test_unknown_hook_points():
         resolve(model, "blocks.7.hook_mlp_out")
 
 
-@pytest.fixture(scope="session")
-def smollm2():
-    from flowdb.models import load_model
-
-    return load_model("smollm2-135m")
-
-
 def test_smollm2_loads_offline_and_maps(smollm2):
     model, tokenizer = smollm2
     assert model.config.model_type == "llama" and len(blocks(model)) == 30

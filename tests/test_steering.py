@@ -7,9 +7,6 @@ from click.testing import CliRunner
 from flowdb.cli import cli
 from flowdb.steering import (GenerationSpec, ProxyJudge, Steerer, SteeringSpec, coefficients,
                              select_features)
-from test_demo_pack import tiny_pack  # noqa: F401
-from test_groups import ingested  # noqa: F401
-from test_hooks import smollm2  # noqa: F401
 
 GEN = GenerationSpec(prompt="I think ", max_new_tokens=12, seed=3)
 
@@ -32,7 +29,7 @@ def test_strategies_pick_from_the_steering_set():
 
 
 @pytest.fixture
-def steerer(ingested, smollm2):  # noqa: F811
+def steerer(ingested, smollm2):
     return Steerer(ingested, "tiny", model_and_tokenizer=smollm2)
 
 
@@ -42,7 +39,7 @@ def _seed_with_lineage(db):
     return rows[0]["key"]
 
 
-def test_steering_changes_text_and_identity_edits_do_not(steerer, ingested):  # noqa: F811
+def test_steering_changes_text_and_identity_edits_do_not(steerer, ingested):
     seed = _seed_with_lineage(ingested)
     default_again = steerer.generate(GEN)
     assert steerer.generate(GEN) == default_again  # same sampling seed, same text
@@ -62,7 +59,7 @@ def test_proxy_judge_prefers_the_theme(steerer):
     assert 0 < on["coherence"] <= 1 and on["score"] == pytest.approx(on["behaviour"] * on["coherence"])
 
 
-def test_steer_cli_side_by_side(ingested, tmp_path):  # noqa: F811
+def test_steer_cli_side_by_side(ingested, tmp_path):
     seed = _seed_with_lineage(ingested)
     result = CliRunner().invoke(cli, ["steer", "tiny", "--seed-feature", seed, "--s", "6", "--prompt", "I think ",
                                       "--max-new-tokens", "8", "--theme", "python code"])
