@@ -34,24 +34,6 @@ class DeactivationSpec:
     seed: int = 0
 
 
-def _codes_at(pack, model, windows, positions, slots):
-    """SAE activations (float) at the sampled tokens: slot -> [samples * tokens, width]."""
-    import torch
-
-    from flowdb.hooks import capture
-    from flowdb.hooks import hook_point
-
-    rows = torch.arange(len(windows)).unsqueeze(1)
-    out = {}
-    with torch.no_grad():
-        with capture(model, [hook_point(m, layer) for layer, m in slots]) as acts:
-            model(windows)
-        for layer, module in slots:
-            picked = acts[hook_point(module, layer)][rows, torch.as_tensor(positions)]
-            out[(layer, module)] = pack.sae(layer, module).encode(picked.reshape(-1, picked.shape[-1])).numpy()
-    return out
-
-
 def _trials(codes, preds, layer, spec, rng):
     """(token, feature, place, matcher, [(predecessor, activation)]) for eligible pairs."""
     target = codes[(layer, "res")]
@@ -79,23 +61,23 @@ def deactivation_experiment(db: Database, pack_name: str, spec: DeactivationSpec
     from tqdm.auto import tqdm
 
     from flowdb.groups import group_codes
-    from flowdb.hooks import capture, intervene
+    from flowdb.hooks import capture, hook_point, intervene
     from flowdb.models import load_model
-    from flowdb.hooks import hook_point
-    from flowdb.pack_model import feature_direction, open_pack, predecessor_table
-    from flowdb.texts import token_windows
+    from flowdb.pack_model import feature_codes, feature_direction, open_pack, predecessor_table
+    from flowdb.texts import sample_tokens
 
     pack = open_pack(db, pack_name)
     model, tokenizer = model_and_tokenizer or load_model(pack.model)
     rng = np.random.default_rng(spec.seed)
-    windows = token_windows(tokenizer, spec.texts, spec.samples, spec.context, spec.seed)
-    positions = np.stack([rng.choice(np.arange(1, spec.context), spec.tokens_per_sample, replace=False)
-                          for _ in range(spec.samples)])
+    windows, positions = sample_tokens(tokenizer, spec.texts, spec.samples, spec.context,
+                                       spec.tokens_per_sample, spec.seed, rng)
+    needed = {(src, m) for layer in spec.layers
+              for src, m in ((layer - 1, "res"), (layer, "mlp"), (layer, "att"), (layer, "res"))
+              if pack.has(src, m)}
+    all_codes = feature_codes(pack, model, windows, positions, sorted(needed))  # one pass for every layer
     rows = []
     for layer in spec.layers:
-        slots = [(src, m) for src, m in ((layer - 1, "res"), (layer, "mlp"), (layer, "att"), (layer, "res"))
-                 if pack.has(src, m)]
-        codes = _codes_at(pack, model, windows, positions, slots)
+        codes = {slot: c for slot, c in all_codes.items() if slot[0] in (layer - 1, layer)}
         width = codes[(layer, "res")].shape[1]
         preds = predecessor_table(db, pack_name, layer, width, min(5, pack.k))
         groups = group_codes({slot: c > 0 for slot, c in codes.items()}, preds, layer, 1)

@@ -33,30 +33,15 @@ class GroupsSpec:
 
 def token_activity(pack, model, tokenizer, spec: GroupsSpec, progress=lambda it: it) -> dict:
     """(layer, module) -> bool [tokens, width]: which features are active at the sampled tokens."""
-    import torch
+    from flowdb.pack_model import feature_codes
+    from flowdb.texts import sample_tokens
 
-    from flowdb.hooks import capture
-    from flowdb.hooks import hook_point
-    from flowdb.texts import token_windows
-
-    windows = token_windows(tokenizer, spec.texts, spec.samples, spec.context, spec.seed)
-    rng = np.random.default_rng(spec.seed)
-    positions = np.stack([rng.choice(np.arange(1, spec.context), spec.tokens_per_sample, replace=False)
-                          for _ in range(spec.samples)])
+    windows, positions = sample_tokens(tokenizer, spec.texts, spec.samples, spec.context,
+                                       spec.tokens_per_sample, spec.seed, np.random.default_rng(spec.seed))
     slots = [(layer, module) for layer in pack.manifest.layers for module in ("res", "mlp", "att")
              if pack.has(layer, module)]
-    gathered = {slot: [] for slot in slots}
-    with torch.no_grad():
-        for start in progress(range(0, spec.samples, 8)):
-            batch = windows[start:start + 8]
-            rows = torch.arange(len(batch)).unsqueeze(1)
-            cols = torch.as_tensor(positions[start:start + 8])
-            with capture(model, [hook_point(m, layer) for layer, m in slots]) as acts:
-                model(batch)
-            for layer, module in slots:
-                picked = acts[hook_point(module, layer)][rows, cols].reshape(-1, acts[hook_point(module, layer)].shape[-1])
-                gathered[(layer, module)].append((pack.sae(layer, module).encode(picked) > 0).numpy())
-    return {slot: np.concatenate(parts) for slot, parts in gathered.items()}
+    codes = feature_codes(pack, model, windows, positions, slots, progress)
+    return {slot: c > 0 for slot, c in codes.items()}
 
 
 def group_codes(active: dict, preds: dict, layer: int, top_k: int) -> np.ndarray:

@@ -36,6 +36,29 @@ class StoredPack:
         return module in self.manifest.modules and layer in self.manifest.layers
 
 
+def feature_codes(pack: "StoredPack", model, windows, positions, slots, progress=lambda it: it,
+                  batch: int = 8) -> dict:
+    """SAE activations at chosen tokens: (layer, module) -> float [windows x positions, width],
+    from one forward pass per batch of windows for every slot at once."""
+    import torch
+
+    from flowdb.hooks import capture, hook_point
+
+    hooks = {slot: hook_point(slot[1], slot[0]) for slot in slots}
+    gathered = {slot: [] for slot in slots}
+    with torch.no_grad():
+        for start in progress(range(0, len(windows), batch)):
+            chunk = windows[start:start + batch]
+            rows = torch.arange(len(chunk)).unsqueeze(1)
+            cols = torch.as_tensor(positions[start:start + batch])
+            with capture(model, list(hooks.values())) as acts:
+                model(chunk)
+            for (layer, module), hook in hooks.items():
+                picked = acts[hook][rows, cols].reshape(-1, acts[hook].shape[-1])
+                gathered[(layer, module)].append(pack.sae(layer, module).encode(picked).numpy())
+    return {slot: np.concatenate(parts) for slot, parts in gathered.items()}
+
+
 def feature_direction(sae, index: int):
     """What feature `index` adds to the reconstruction per unit of activation.
 

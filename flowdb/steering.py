@@ -107,8 +107,7 @@ class Steerer:
         """hook point -> edit function, for the chosen features (default: the spec's) and schedule."""
         import torch
 
-        from flowdb.hooks import capture
-        from flowdb.hooks import hook_point
+        from flowdb.hooks import capture, hook_point
         from flowdb.pack_model import feature_direction
 
         if spec.method not in METHODS:

@@ -52,3 +52,15 @@ def token_windows(tokenizer, name: str, n_windows: int, context: int, seed: int 
         if len(windows) == n_windows:
             return torch.tensor(windows)
     raise FlowdbError(f"text source {name} has only {len(windows)} texts of {context}+ tokens")
+
+
+
+def sample_tokens(tokenizer, name: str, samples: int, context: int, per_sample: int, seed: int, rng):
+    """Windows [samples, context] (texts in seeded order) and, per window, per_sample
+    distinct positions after the first (the attention sink), drawn from rng."""
+    import numpy as np
+
+    windows = token_windows(tokenizer, name, samples, context, seed)
+    positions = np.stack([rng.choice(np.arange(1, context), per_sample, replace=False)
+                          for _ in range(samples)])
+    return windows, positions
