@@ -49,7 +49,7 @@ def matching_gflops(width: int, d: int) -> tuple[float, float]:
 
 def ingest_rate(layers: int, width: int, k: int) -> dict:
     from flowdb.database import connect
-    from flowdb.graph_writer import drop_pack, stored_pack
+    from flowdb.graph import drop_pack, read_pack
     from flowdb.ingest import ingest
     from flowdb.manifest import load_manifest
     from flowdb.synth import SynthSpec, synthesize
@@ -60,7 +60,7 @@ def ingest_rate(layers: int, width: int, k: int) -> dict:
         manifest = load_manifest(f"{out}/manifest.toml", k=k)
         with connect() as db:
             db.ensure_schema()
-            if stored_pack(db, name):
+            if read_pack(db, name):
                 drop_pack(db, name)
             report = ingest(manifest, db, show_progress=False)
             drop_pack(db, name)

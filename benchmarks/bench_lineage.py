@@ -62,7 +62,7 @@ def lineage_in_memory(into, key):
     rows, todo, seen = [], [key], {key}
     while todo:
         step = todo.pop()
-        for pred, kind, cosine, rank in into.get(step, ()):
+        for pred, kind, _cosine, _rank in into.get(step, ()):
             rows.append((step, pred, kind))
             if kind == "residual" and pred not in seen:
                 seen.add(pred)

@@ -26,7 +26,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from flowdb.database import connect
-    from flowdb.graph_writer import drop_pack, stored_pack
+    from flowdb.graph import drop_pack, read_pack
     from flowdb.ingest import ingest
     from flowdb.manifest import load_manifest
     from flowdb.queries import run_template
@@ -37,7 +37,7 @@ def main() -> None:
         truth = synthesize(out, SynthSpec(name=name, layers=args.layers, d_model=args.d_model,
                                           width=args.width, seed=args.seed))
         db.ensure_schema()
-        if stored_pack(db, name):
+        if read_pack(db, name):
             drop_pack(db, name)
         ingest(load_manifest(f"{out}/manifest.toml"), db, show_progress=False)
         stored = pd.DataFrame(db.read(

@@ -1,34 +1,36 @@
-"""A connection to the Neo4j that holds flowdb's graphs, and the graph's schema."""
+"""A connection to the Neo4j that holds flowdb's graphs.
+
+Every driver and server error passes through `neo4j_errors`, the one place that
+turns them into a one-line FlowdbError naming the server, the database and what
+to do. The graph's data model and its statements live in flowdb.graph.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
-from flowdb.errors import Neo4jUnavailable
+from flowdb.errors import DatabaseError, Neo4jUnavailable
 from flowdb.settings import Neo4jSettings
 
-# Feature nodes are keyed "PACK/LAYER/MODULE/INDEX"; the pack name in the key
-# keeps several packs (and models) in one database without collisions.
-SCHEMA = (
-    "CREATE CONSTRAINT feature_key IF NOT EXISTS FOR (f:Feature) REQUIRE f.key IS UNIQUE",
-    "CREATE CONSTRAINT pack_name IF NOT EXISTS FOR (p:Pack) REQUIRE p.name IS UNIQUE",
-    "CREATE CONSTRAINT sae_key IF NOT EXISTS FOR (s:SAE) REQUIRE s.key IS UNIQUE",
-    "CREATE CONSTRAINT explanation_id IF NOT EXISTS FOR (e:Explanation) REQUIRE e.id IS UNIQUE",
-    "CREATE CONSTRAINT nowhere_pack IF NOT EXISTS FOR (n:Nowhere) REQUIRE n.pack IS UNIQUE",
-    "CREATE INDEX feature_slot IF NOT EXISTS FOR (f:Feature) ON (f.pack, f.layer, f.module)",
-)
+BOLT_SCHEMES = ("bolt", "bolt+s", "bolt+ssc", "neo4j", "neo4j+s", "neo4j+ssc")
 
 
 class Database:
     """A driver plus the database name; use as a context manager to close it."""
 
-    def __init__(self, driver, database: str | None, uri: str):
+    def __init__(self, driver, database: str | None, uri: str, username: str | None = None):
         self.driver = driver
         self.database = database
         self.uri = uri
+        self.username = username
 
-    def __enter__(self) -> "Database":
+    @property
+    def where(self) -> str:
+        return f"{self.uri} (database {self.database or 'default'})"
+
+    def __enter__(self) -> Database:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -39,17 +41,19 @@ class Database:
 
     @contextmanager
     def session(self, **kwargs) -> Iterator[Any]:
-        with self.driver.session(database=self.database, **kwargs) as session:
+        with neo4j_errors(self), self.driver.session(database=self.database, **kwargs) as session:
             yield session
 
     def read(self, cypher: str, **params) -> list[dict]:
         """Run a query in a read transaction and return its rows as dicts."""
-        records, _, _ = self.driver.execute_query(
-            cypher, params, database_=self.database, routing_="r")
+        with neo4j_errors(self):
+            records, _, _ = self.driver.execute_query(
+                cypher, params, database_=self.database, routing_="r")
         return [record.data() for record in records]
 
     def write(self, cypher: str, **params) -> list[dict]:
-        records, _, _ = self.driver.execute_query(cypher, params, database_=self.database)
+        with neo4j_errors(self):
+            records, _, _ = self.driver.execute_query(cypher, params, database_=self.database)
         return [record.data() for record in records]
 
     def write_in_batches(self, cypher: str, **params) -> None:
@@ -59,32 +63,92 @@ class Database:
             session.run(cypher, params).consume()
 
     def ensure_schema(self) -> None:
-        for statement in SCHEMA:
-            self.write(statement)
+        from flowdb.graph import ensure_schema
+
+        ensure_schema(self)
+
+
+@contextmanager
+def neo4j_errors(db: Database | None = None, uri: str | None = None,
+                 database: str | None = None) -> Iterator[None]:
+    """Turn driver and server errors into one-line flowdb errors."""
+    from neo4j import exceptions as neo
+
+    uri = db.uri if db else uri
+    database = db.database if db else database
+    where = f"Neo4j at {uri}"
+    try:
+        yield
+    except neo.AuthError as exc:
+        raise Neo4jUnavailable(
+            f"{where} refused the credentials ({_first_line(exc)}); check NEO4J_USERNAME and "
+            "NEO4J_PASSWORD (flowdb's managed server keeps its password in "
+            "FLOWDB_HOME/neo4j/password)") from None
+    except (neo.ServiceUnavailable, neo.SessionExpired) as exc:
+        what = f"lost the connection to {where}" if db else f"no Neo4j answers at {uri}"
+        raise Neo4jUnavailable(f"{what} ({_first_line(exc)}); is it running? "
+                               "(flowdb neo4j status)") from None
+    except neo.ConfigurationError as exc:
+        raise Neo4jUnavailable(f"cannot connect to {uri!r}: {_first_line(exc)} "
+                               "(a Neo4j URI is bolt://HOST:PORT or neo4j://HOST:PORT)") from None
+    except neo.Neo4jError as exc:
+        code = exc.code or ""
+        if code.endswith("DatabaseNotFound"):
+            raise DatabaseError(
+                f"{where} has no database {database!r}; set NEO4J_DATABASE (or --database) "
+                "to one that exists, or leave it unset for the server's default") from None
+        if code.startswith("Neo.TransientError") or code.endswith(("Terminated", "TransactionTimedOut")):
+            raise DatabaseError(f"{where} stopped the transaction ({_first_line(exc)}); "
+                                "nothing of it was kept: run the command again") from None
+        if "ConstraintValidationFailed" in code:
+            raise DatabaseError(
+                f"{where} refused a write that conflicts with stored data ({_first_line(exc)}); "
+                "is another flowdb command writing the same pack?") from None
+        if code.endswith("Forbidden") or code.startswith("Neo.ClientError.Security"):
+            raise DatabaseError(f"{where} refused: {_first_line(exc)}") from None
+        raise DatabaseError(f"{where} ({database or 'default database'}) refused the statement: "
+                            f"{_first_line(exc)}") from None
+    except (neo.DriverError, OSError) as exc:
+        raise Neo4jUnavailable(f"{where}: {type(exc).__name__}: {_first_line(exc)}; "
+                               "is it running? (flowdb neo4j status)") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = (getattr(exc, "message", None) or str(exc) or type(exc).__name__).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def connect(settings: Neo4jSettings | None = None) -> Database:
-    """Connect to the configured Neo4j, starting the managed one when none is configured."""
+    """Connect to the configured Neo4j, starting the managed one when none is configured.
+
+    The database is checked too, so a wrong NEO4J_DATABASE fails here in one line."""
     from neo4j import GraphDatabase
-    from neo4j.exceptions import AuthError, DriverError, Neo4jError
 
     settings = settings or Neo4jSettings.resolve()
-    auth = (settings.username, settings.password)
     if settings.managed:
         from flowdb.neo4j_server import ManagedServer
 
         server = ManagedServer.default()
         server.start()
-        uri, auth = server.uri, None
+        uri, auth = server.uri, server.auth()
     else:
-        uri = settings.uri
-    try:
+        uri, auth = settings.uri, (settings.username, settings.password)
+        scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+        if scheme not in BOLT_SCHEMES:
+            raise Neo4jUnavailable(f"cannot connect to {uri!r}: not a Neo4j URI "
+                                   "(a Neo4j URI is bolt://HOST:PORT or neo4j://HOST:PORT)")
+    with neo4j_errors(uri=uri, database=settings.database):
         # Schema-less warnings ("property does not exist yet") are noise on a fresh graph.
         driver = GraphDatabase.driver(uri, auth=auth, connection_timeout=10,
                                       notifications_min_severity="OFF")
-        driver.verify_connectivity()
-    except AuthError as exc:
-        raise Neo4jUnavailable(f"Neo4j at {uri} refused the credentials: {exc.message}") from None
-    except (DriverError, Neo4jError, OSError, ValueError) as exc:
-        raise Neo4jUnavailable(f"no Neo4j answers at {uri} ({type(exc).__name__})") from None
-    return Database(driver, settings.database, uri)
+    db = Database(driver, settings.database, uri, auth[0] if auth else None)
+    try:
+        # A session, not execute_query: the latter retries an unreachable server for 30 s.
+        with neo4j_errors(uri=uri, database=settings.database):
+            driver.verify_connectivity()
+            with driver.session(database=settings.database, default_access_mode="READ") as session:
+                session.run("RETURN 1").consume()
+    except BaseException:
+        driver.close()
+        raise
+    return db

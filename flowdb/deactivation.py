@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from flowdb.database import Database
+from flowdb.modules import MODULES, RESIDUAL
 
 MATCHERS = ("top-1", "top-5", "random-top-5")
 PLACE_NAME = {"res": "RES", "mlp": "MLP", "att": "ATT"}
@@ -39,8 +40,9 @@ def _trials(codes, preds, layer, spec, rng):
     target = codes[(layer, "res")]
     trials = []
     for token, feature in zip(*np.nonzero(target > 0)):
-        for place, source_layer in (("res", layer - 1), ("mlp", layer), ("att", layer)):
-            source = codes.get((source_layer, place))
+        for module in MODULES.values():
+            place = module.name
+            source = codes.get((module.predecessor_layer(layer), place))
             if source is None:
                 continue
             top = [int(p) for p in preds[place][feature, :5] if p >= 0]
@@ -72,7 +74,8 @@ def deactivation_experiment(db: Database, pack_name: str, spec: DeactivationSpec
     windows, positions = sample_tokens(tokenizer, spec.texts, spec.samples, spec.context,
                                        spec.tokens_per_sample, spec.seed, rng)
     needed = {(src, m) for layer in spec.layers
-              for src, m in ((layer - 1, "res"), (layer, "mlp"), (layer, "att"), (layer, "res"))
+              for src, m in [(layer, RESIDUAL.name)] + [(mod.predecessor_layer(layer), mod.name)
+                                                        for mod in MODULES.values()]
               if pack.has(src, m)}
     all_codes = feature_codes(pack, model, windows, positions, sorted(needed))  # one pass for every layer
     rows = []

@@ -23,3 +23,15 @@ class Neo4jUnavailable(FlowdbError):
 
 class QueryError(FlowdbError):
     """An unknown template, a missing or unknown parameter, or a failing query."""
+
+
+class DatabaseError(FlowdbError):
+    """Neo4j answered but refused or stopped the work (unknown database, conflict, ...)."""
+
+
+class BusyError(FlowdbError):
+    """Another flowdb command holds the lock on the same pack."""
+
+
+class StaleBuildError(FlowdbError):
+    """The SAE files or manifest differ from what a stored graph was built from."""

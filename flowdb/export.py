@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from flowdb import graph
 from flowdb.database import Database
 from flowdb.errors import FlowdbError
-from flowdb.graph_writer import stored_pack
 from flowdb.queries import run_template
 
 FORMATS = (".csv", ".parquet")
@@ -17,12 +18,17 @@ def export_edges(db: Database, pack: str, out: str | Path) -> int:
     out = Path(out)
     if out.suffix not in FORMATS:
         raise FlowdbError(f"{out}: export writes {' or '.join(FORMATS)} files")
-    if stored_pack(db, pack) is None:
-        raise FlowdbError(f"no pack named {pack!r} in {db.uri}")
+    graph.require_pack(db, pack)
     edges = run_template(db, "edges", {"pack": pack})
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".csv":
-        edges.to_csv(out, index=False)
-    else:
-        edges.to_parquet(out, index=False)
+    # Written beside the target and renamed: a failed export leaves no half file.
+    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    try:
+        if out.suffix == ".csv":
+            edges.to_csv(partial, index=False)
+        else:
+            edges.to_parquet(partial, index=False)
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
     return len(edges)

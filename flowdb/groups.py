@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from flowdb import graph
 from flowdb.database import Database
+from flowdb.modules import MODULES, NAMES
 
 # Group code = 1·RES + 2·MLP + 4·ATT; the names in code order.
 GROUPS = ("From nowhere", "From RES", "From MLP", "From RES & MLP", "From ATT",
@@ -38,7 +40,7 @@ def token_activity(pack, model, tokenizer, spec: GroupsSpec, progress=lambda it:
 
     windows, positions = sample_tokens(tokenizer, spec.texts, spec.samples, spec.context,
                                        spec.tokens_per_sample, spec.seed, np.random.default_rng(spec.seed))
-    slots = [(layer, module) for layer in pack.manifest.layers for module in ("res", "mlp", "att")
+    slots = [(layer, module) for layer in pack.layers for module in NAMES
              if pack.has(layer, module)]
     codes = feature_codes(pack, model, windows, positions, slots, progress)
     return {slot: c > 0 for slot, c in codes.items()}
@@ -47,8 +49,9 @@ def token_activity(pack, model, tokenizer, spec: GroupsSpec, progress=lambda it:
 def group_codes(active: dict, preds: dict, layer: int, top_k: int) -> np.ndarray:
     """int [tokens, width]: each residual feature's group code on each token."""
     codes = np.zeros(active[(layer, "res")].shape, dtype=np.int64)
-    for bit, place, source_layer in ((1, "res", layer - 1), (2, "mlp", layer), (4, "att", layer)):
-        source = active.get((source_layer, place))
+    for bit, module in zip((1, 2, 4), MODULES.values()):  # GROUPS' bit order: RES, MLP, ATT
+        place = module.name
+        source = active.get((module.predecessor_layer(layer), place))
         if source is None:
             continue
         table = preds[place][:, :top_k]  # [width, top_k], -1 where none
@@ -77,7 +80,7 @@ def activation_groups(db: Database, pack_name: str, spec: GroupsSpec = GroupsSpe
     bar = (lambda it: tqdm(it, desc="tokens", disable=None if progress is None else not progress))
     active = token_activity(pack, model, tokenizer, spec, bar)
     rows = []
-    for layer in pack.manifest.layers:
+    for layer in pack.layers:
         width = active[(layer, "res")].shape[1]
         preds = predecessor_table(db, pack_name, layer, width, max(ks))
         is_active = active[(layer, "res")]
@@ -96,9 +99,5 @@ def activation_groups(db: Database, pack_name: str, spec: GroupsSpec = GroupsSpe
 
 def _store(db: Database, pack: str, layer: int, k: int, per_feature: np.ndarray, shares: np.ndarray) -> None:
     used = np.flatnonzero(per_feature.sum(1))
-    prop = f"groups_top{k}"  # from a fixed pattern and an int, never user text
-    db.write(
-        f"UNWIND $rows AS row MATCH (f:Feature {{key: row.key}}) SET f.{prop} = row.counts",
-        rows=[{"key": f"{pack}/{layer}/res/{i}", "counts": per_feature[i].tolist()} for i in used])
-    db.write(f"MATCH (s:SAE {{key: $key}}) SET s.{prop} = $shares",
-             key=f"{pack}/{layer}/res", shares=[float(x) for x in shares])
+    graph.store_groups(db, pack, layer, k, {int(i): per_feature[i].tolist() for i in used},
+                       [float(x) for x in shares])

@@ -16,14 +16,15 @@ inside `capture` and `intervene`, which remove them on exit, errors included.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 from flowdb.errors import FlowdbError
+from flowdb.modules import MODULES
 
 # Where the SAE of each pack module reads: R_L, M_L and A_L of layer L.
-MODULE_HOOKS = {"res": "hook_resid_post", "mlp": "hook_mlp_out", "att": "hook_attn_out"}
+MODULE_HOOKS = {module.name: module.hook for module in MODULES.values()}
 HOOK_NAME = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|attn\.hook_z)$")
 
 
