@@ -1,25 +1,39 @@
 """`flowdb ingest`: a manifest into Neo4j, idempotent, resumable and atomic per layer.
 
-Order of work: parse the manifest; ask the database whether the pack exists
-(refusing other parameters unless replace=True); check every source; match and
-classify every layer; only then write, layer by layer. A re-run with the same
-parameters resumes after the last committed layer, or does nothing if complete.
+Order of work: resolve the manifest into a build plan (every source checked and
+hashed); take the pack's lock; ask the database whether the pack exists (refusing
+other parameters unless replace=True); match and classify every layer; only then
+write, layer by layer. A re-run with the same content resumes after the last
+committed layer, or does nothing if complete.
+
+A replacement is written beside the stored build, as NAME~next, and swapped in by
+one transaction only once complete: a kill at any point leaves the old build
+whole, and the next run resumes the replacement.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import threading
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from flowdb import __version__
-from flowdb.build import build_layers, fingerprint, preflight
+from flowdb import __version__, graph
+from flowdb.build import build_layers
 from flowdb.database import Database
-from flowdb.errors import BuildConflict
-from flowdb.graph_writer import begin_pack, drop_pack, finish_pack, stored_pack, write_layer
+from flowdb.errors import BuildConflict, BusyError
 from flowdb.manifest import Manifest
 from flowdb.matching import backend
+from flowdb.plan import BuildPlan, make_plan
+
+LOCK_LEASE_S = 60.0  # a dead holder's lock is free after this long (at once on this host)
 
 
 @dataclass
@@ -34,6 +48,18 @@ class IngestReport:
     match_seconds: float = 0.0
     write_seconds: float = 0.0
     categories: dict[str, int] = field(default_factory=dict)
+    threshold_rule: str = ""
+    layer_rules: dict[int, str] = field(default_factory=dict)  # layer -> what set its thresholds
+    above_chance: dict[int, dict[str, float]] = field(default_factory=dict)  # layer -> place -> share
+
+    def chance_summary(self) -> str:
+        """Per place: the mean share of top-1 matches above chance, with its range over layers."""
+        parts = []
+        for place in ("res", "mlp", "att"):
+            shares = [by_place[place] for by_place in self.above_chance.values() if place in by_place]
+            if shares:
+                parts.append(f"{place} {sum(shares) / len(shares):.2f} [{min(shares):.2f}-{max(shares):.2f}]")
+        return ", ".join(parts)
 
     @property
     def relationships(self) -> int:
@@ -47,59 +73,133 @@ class IngestReport:
 
 def ingest(manifest: Manifest, db: Database, replace: bool = False,
            show_progress: bool | None = None) -> IngestReport:
-    build_id = fingerprint(manifest)
+    plan = make_plan(manifest)
+    return ingest_plan(plan, db, replace=replace, show_progress=show_progress)
+
+
+def ingest_plan(plan: BuildPlan, db: Database, replace: bool = False,
+                show_progress: bool | None = None) -> IngestReport:
+    build_id = plan.fingerprint()
     db.ensure_schema()
-    existing = stored_pack(db, manifest.name)
-    if existing and existing.fingerprint != build_id and not replace:
+    with pack_lock(db, plan.name):
+        if graph.read_pack(db, plan.name + graph.RETIRED_SUFFIX):  # a swap stopped before its clean-up
+            graph.drop_pack(db, plan.name + graph.RETIRED_SUFFIX)
+        target = _target(db, plan, build_id, replace)
+        report = IngestReport(plan.name, build_id, "built", threshold_rule=plan.thresholds.rule)
+        if target is None:
+            report.status = "unchanged"
+            return report
+        _write(db, plan, build_id, target, report, show_progress)
+        if target != plan.name:
+            graph.swap_in(db, plan.name)
+            graph.drop_pack(db, plan.name + graph.RETIRED_SUFFIX)
+            report.status = "replaced"
+    return report
+
+
+def _target(db: Database, plan: BuildPlan, build_id: str, replace: bool) -> str | None:
+    """The pack name to write into (the pack, or its staged replacement); None: nothing to do."""
+    existing = graph.read_pack(db, plan.name)
+    if existing and existing.status == "dropping":  # an old flowdb stopped mid-delete
+        graph.drop_pack(db, plan.name)
+        existing = None
+    if existing is None or existing.fingerprint == build_id:
+        if existing and existing.complete:
+            # Same content: only where the files lie may have changed.
+            db.write("MATCH (p:Pack {name: $name}) SET p.plan = $plan",
+                     name=plan.name, plan=json.dumps(plan.to_json()))
+            return None
+        return plan.name
+    if not replace:
         raise BuildConflict(
-            f"pack {manifest.name!r} is already stored with other parameters "
+            f"pack {plan.name!r} is already stored from other SAE files or parameters "
             f"(build {existing.fingerprint}, this manifest gives {build_id}); "
             "pass --replace to swap the old build for this one")
-    if existing and existing.status == "dropping" and not replace:
-        raise BuildConflict(f"pack {manifest.name!r} was being replaced when a run stopped; "
-                            "run again with --replace")
-    report = IngestReport(manifest.name, build_id, "built")
-    if existing and existing.fingerprint == build_id and existing.status == "complete":
-        report.status = "unchanged"
-        return report
+    staged = plan.name + graph.STAGED_SUFFIX
+    previous = graph.read_pack(db, staged)
+    if previous and previous.fingerprint != build_id:
+        graph.drop_pack(db, staged)  # a replacement by other parameters, never swapped in
+    return staged
 
-    preflight(manifest)
+
+def _write(db: Database, plan: BuildPlan, build_id: str, target: str, report: IngestReport,
+           show_progress: bool | None) -> None:
     started = time.perf_counter()
-    layers = list(build_layers(manifest, build_id, progress=_bar(
-        len(manifest.layers), f"matching {manifest.name}", show_progress)))
+    layers = list(build_layers(plan, build_id, progress=_bar(
+        len(plan.layers), f"matching {plan.name}", show_progress)))
     report.match_seconds = time.perf_counter() - started
 
     # Everything is checked and matched: from here on the database changes.
-    done: set[int] = set()
-    if existing and (existing.fingerprint != build_id or existing.status == "dropping"):
-        drop_pack(db, manifest.name)
-        report.status = "replaced"
-    elif existing:
-        done = set(existing.layers_done)
+    stored = graph.read_pack(db, target)
+    done = set(stored.layers_done) if stored else set()
+    if stored:
         report.status = "resumed"
-    if not existing or report.status == "replaced":
-        begin_pack(db, manifest, build_id, __version__, backend())
-
+    else:
+        graph.begin_pack(db, target, plan.to_json(), build_id, __version__, backend())
     started = time.perf_counter()
     bar = tqdm(total=sum(layer.n_edges() for layer in layers), unit="rel",
-               desc=f"writing {manifest.name}", disable=_disabled(show_progress))
+               desc=f"writing {plan.name}", disable=_disabled(show_progress))
     for layer in layers:
-        if layer.layer in done:
-            bar.update(layer.n_edges())
-            continue
-        edges, nowhere = write_layer(db, manifest.name, layer)
-        report.match_edges += edges
-        report.nowhere_marks += nowhere
-        report.features += sum(layer.widths.values())
-        report.layers_written.append(layer.layer)
+        if layer.layer not in done:
+            edges, nowhere = graph.write_layer(db, target, layer)
+            report.match_edges += edges
+            report.nowhere_marks += nowhere
+            report.features += sum(layer.widths.values())
+            report.layers_written.append(layer.layer)
         bar.update(layer.n_edges())
     bar.close()
-    finish_pack(db, manifest.name)
+    graph.finish_pack(db, target)
     report.write_seconds = time.perf_counter() - started
     for layer in layers:
         for category in layer.categories:
             report.categories[category] = report.categories.get(category, 0) + 1
-    return report
+        report.layer_rules[layer.layer] = layer.thresholds.rule
+        report.above_chance[layer.layer] = layer.above_chance()
+
+
+@contextmanager
+def pack_lock(db: Database, pack: str) -> Iterator[None]:
+    """One writer per pack, across processes and hosts: a lease in Neo4j, renewed while
+    held. A holder that died on this host is recognised at once; elsewhere its lease ends."""
+    name, owner = f"pack:{pack}", f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    holder = graph.acquire_lock(db, name, owner, LOCK_LEASE_S)
+    if holder is not None and _dead_here(holder):
+        holder = graph.acquire_lock(db, name, owner, LOCK_LEASE_S, stale_owner=holder)
+    if holder is not None:
+        host, pid, _ = (holder.split(":") + ["?", "?"])[:3]
+        raise BusyError(f"pack {pack!r} is being written by another flowdb command "
+                        f"(pid {pid} on {host}); wait for it to finish, then run again")
+    stop = threading.Event()
+    renewer = threading.Thread(target=_renew, args=(db, name, owner, stop), daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()
+        graph.release_lock(db, name, owner)
+
+
+def _renew(db: Database, name: str, owner: str, stop: threading.Event) -> None:
+    while not stop.wait(LOCK_LEASE_S / 4):
+        try:
+            graph.renew_lock(db, name, owner, LOCK_LEASE_S)
+        except Exception:  # the main thread meets the same fault and reports it
+            return
+
+
+def _dead_here(holder: str) -> bool:
+    host, _, pid = holder.partition(":")
+    pid = pid.split(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _disabled(show_progress: bool | None) -> bool | None:

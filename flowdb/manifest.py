@@ -20,25 +20,26 @@ packs that flowdb builds and caches there).
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from flowdb.classify import Thresholds
+from pydantic import Field, ValidationError
+
+from flowdb.classify import ClassifyTable, Thresholds
 from flowdb.errors import ManifestError
+from flowdb.modules import NAMES as MODULES
+from flowdb.schema import NonEmpty, Strict, explain
 from flowdb.settings import flowdb_home
 
-MODULES = ("res", "mlp", "att")
 MAX_K = 10
 PACK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _TEMPLATE_FIELD = re.compile(r"\{([^{}]*)\}")
 _LAYER_FIELD = re.compile(r"^layer(?:([+-])(\d+))?$")
 _SOURCE_KEYS = ("path", "npz", "release")
-_MODULE_KEYS = {"path", "npz", "release", "sae_id", "neuronpedia", "at"}
-_OVERRIDE_KEYS = {"path", "npz", "release", "sae_id", "neuronpedia"}
-_TOP_KEYS = {"name", "model", "layers", "match", "classify", "modules"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class SourceRef:
     location: str  # file or directory path, or the release name
     sae_id: str | None = None
     neuronpedia: str | None = None  # Neuronpedia source, e.g. "12-gemmascope-res-16k"
+    project_model: str | None = None  # a hook_z SAE projected through this model's W_O
 
     def describe(self) -> str:
         if self.kind == "release":
@@ -70,10 +72,17 @@ class ModuleSpec:
         where = f"modules.{self.name}"
         location = render(merged[kind], layer, where)
         if kind in ("path", "npz"):
-            location = str((base_dir / location).resolve())
+            # Absolute without following links: a symlink loop is reported by the
+            # source check, not raised here.
+            location = os.path.abspath(base_dir / location)
         sae_id = render(merged["sae_id"], layer, where) if kind == "release" else None
         neuronpedia = render(merged["neuronpedia"], layer, where) if "neuronpedia" in merged else None
-        return SourceRef(self.name, layer, kind, location, sae_id, neuronpedia)
+        project_model = None
+        if "project" in merged:
+            project_model = render(merged["project_model"], layer, where)
+            if project_model.startswith((".", "/")) or (base_dir / project_model).is_dir():
+                project_model = os.path.abspath(base_dir / project_model)  # a local checkpoint
+        return SourceRef(self.name, layer, kind, location, sae_id, neuronpedia, project_model)
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,8 @@ def render(template: str, layer: int, where: str) -> str:
                 "use {layer}, {layer+N}, {layer-N} or {flowdb_home}")
         sign, offset = parsed.groups()
         value = layer + (int(offset) if sign == "+" else -int(offset) if sign == "-" else 0)
+        if value < 0:
+            raise ManifestError(f"{where}: {template!r} names layer {value} at layer {layer}")
         return str(value)
 
     return _TEMPLATE_FIELD.sub(substitute, template)
@@ -123,11 +134,44 @@ def load_manifest(path: str | Path, *, k: int | None = None,
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ManifestError(f"{path}: no such manifest") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, RuntimeError) as exc:
         raise ManifestError(f"{path}: cannot read manifest ({exc})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError(f"{path}: invalid TOML ({exc})") from None
     return parse_manifest(raw, path, k=k, thresholds=thresholds)
+
+
+class SourceTable(Strict):
+    """Where one module's SAE comes from: exactly one of path, npz, release (+ sae_id)."""
+
+    path: NonEmpty | None = None
+    npz: NonEmpty | None = None
+    release: NonEmpty | None = None
+    sae_id: NonEmpty | None = None
+    neuronpedia: NonEmpty | None = None
+    # hook_z SAEs: project decoder rows into the residual space through W_O of this
+    # model (a Hub id, a local transformers directory, or "smollm2-135m").
+    project: Literal["W_O"] | None = None
+    project_model: NonEmpty | None = None
+
+
+class ModuleTable(SourceTable):
+    at: dict[str, SourceTable] = {}  # per-layer overrides, keyed by layer number
+
+
+class MatchTable(Strict):
+    k: Annotated[int, Field(strict=True, ge=1, le=MAX_K)] = 1
+
+
+class ManifestTable(Strict):
+    """The whole manifest: the one schema every key is checked against."""
+
+    name: Annotated[str, Field(strict=True, pattern=PACK_NAME.pattern)]
+    model: NonEmpty
+    layers: Annotated[list[Annotated[int, Field(strict=True, ge=0)]], Field(min_length=2, max_length=2)]
+    match: MatchTable = MatchTable()
+    classify: ClassifyTable = ClassifyTable()
+    modules: dict[Literal["res", "mlp", "att"], ModuleTable]
 
 
 def parse_manifest(raw: dict[str, Any], path: Path, *, k: int | None = None,
@@ -135,60 +179,61 @@ def parse_manifest(raw: dict[str, Any], path: Path, *, k: int | None = None,
     def fail(message: str) -> ManifestError:
         return ManifestError(f"{path}: {message}")
 
-    _reject_unknown(raw, _TOP_KEYS, "the manifest", fail)
-    for key in ("name", "model", "layers", "modules"):
-        if key not in raw:
-            raise fail(f"missing required key '{key}'")
-    name, model = raw["name"], raw["model"]
-    if not isinstance(name, str) or not PACK_NAME.match(name):
-        raise fail(f"name {name!r} must be letters, digits, '.', '_' or '-' (no '/')")
-    if not isinstance(model, str) or not model:
-        raise fail("model must be a non-empty string")
-    layers = raw["layers"]
-    if (not isinstance(layers, list) or len(layers) != 2
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)
-            or not 0 <= layers[0] <= layers[1]):
-        raise fail(f"layers must be [first, last] with 0 <= first <= last, got {layers!r}")
-
-    match = raw.get("match", {})
-    _reject_unknown(match, {"k"}, "[match]", fail)
-    k = k if k is not None else match.get("k", 1)
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
+    try:
+        table = ManifestTable.model_validate(raw)
+    except ValidationError as exc:
+        raise fail(_manifest_message(exc)) from None
+    first, last = table.layers
+    if first > last:
+        raise fail(f"layers must be [first, last] with 0 <= first <= last, got {list(table.layers)!r}")
+    if k is not None and not 1 <= k <= MAX_K:
         raise fail(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
-
     if thresholds is None:
         try:
             thresholds = Thresholds.from_mapping(raw.get("classify", {}))
         except ValueError as exc:
-            raise fail(f"[classify]: {exc}") from None
-
-    modules_raw = raw["modules"]
-    if not isinstance(modules_raw, dict):
-        raise fail("[modules] must be a table")
-    _reject_unknown(modules_raw, set(MODULES), "[modules]", fail)
-    if "res" not in modules_raw:
+            raise fail(str(exc)) from None
+    if "res" not in table.modules:
         raise fail("[modules.res] is required: residual features are what gets matched")
-    modules = {name: _parse_module(name, spec, fail) for name, spec in modules_raw.items()}
-    return Manifest(name, model, layers[0], layers[1], modules, k, thresholds, path)
+    modules = {name: _module_spec(name, spec, fail) for name, spec in table.modules.items()}
+    manifest = Manifest(table.name, table.model, first, last, modules,
+                        k if k is not None else table.match.k, thresholds, path)
+    manifest.sources()  # every template rendered at every layer fails now, not mid-build
+    return manifest
 
 
-def _parse_module(name: str, spec: Any, fail) -> ModuleSpec:
+def _manifest_message(exc: ValidationError) -> str:
+    problem = exc.errors()[0]
+    loc = tuple(str(p) for p in problem["loc"])
+    if loc == ("name",) and problem["type"] != "missing":
+        return f"name {problem['input']!r} must be letters, digits, '.', '_' or '-' (no '/')"
+    if loc[:1] == ("layers",) and problem["type"] != "missing":
+        return f"layers must be [first, last] with 0 <= first <= last, got {raw_input(exc)!r}"
+    if loc == ("match", "k"):
+        return f"k must be an integer from 1 to {MAX_K}, got {problem['input']!r}"
+    return explain(exc, ManifestTable, "the manifest")
+
+
+def raw_input(exc: ValidationError):
+    return exc.errors()[0]["input"]
+
+
+def _module_spec(name: str, table: ModuleTable, fail) -> ModuleSpec:
     where = f"[modules.{name}]"
-    if not isinstance(spec, dict):
-        raise fail(f"{where} must be a table")
-    _reject_unknown(spec, _MODULE_KEYS, where, fail)
-    fields = {key: value for key, value in spec.items() if key != "at"}
+    fields = {k: v for k, v in table.model_dump(exclude={"at"}).items() if v is not None}
     _check_source(fields, where, fail)
     for value in fields.values():
-        render(value, 0, where)  # a bad template field fails now, not mid-build
+        render(value, 1 << 20, where)  # an unknown template field fails now (any layer will do)
     overrides: dict[int, dict[str, str]] = {}
-    for layer_key, override in spec.get("at", {}).items():
+    for layer_key, override in table.at.items():
         sub = f"[modules.{name}.at.{layer_key}]"
-        if not str(layer_key).isdigit() or not isinstance(override, dict):
+        if not layer_key.isdigit():
             raise fail(f"{sub}: per-layer overrides are tables keyed by a layer number")
-        _reject_unknown(override, _OVERRIDE_KEYS, sub, fail)
-        _check_source(merge_override(fields, override), sub, fail)
-        overrides[int(layer_key)] = override
+        values = {k: v for k, v in override.model_dump().items() if v is not None}
+        _check_source(merge_override(fields, values), sub, fail)
+        for value in values.values():
+            render(value, 1 << 20, sub)
+        overrides[int(layer_key)] = values
     return ModuleSpec(name, fields, overrides)
 
 
@@ -200,9 +245,6 @@ def merge_override(fields: dict[str, str], override: dict[str, str]) -> dict[str
 
 
 def _check_source(fields: dict, where: str, fail) -> None:
-    for key, value in fields.items():
-        if not isinstance(value, str) or not value:
-            raise fail(f"{where}: '{key}' must be a non-empty string")
     present = [k for k in _SOURCE_KEYS if k in fields]
     if len(present) != 1:
         found = ", ".join(present) or "none"
@@ -211,12 +253,5 @@ def _check_source(fields: dict, where: str, fail) -> None:
         raise fail(f"{where}: release needs sae_id")
     if present[0] != "release" and "sae_id" in fields:
         raise fail(f"{where}: sae_id goes with release only")
-
-
-def _reject_unknown(table: Any, allowed: set[str], where: str, fail) -> None:
-    if not isinstance(table, dict):
-        raise fail(f"{where} must be a table")
-    unknown = sorted(set(table) - allowed)
-    if unknown:
-        raise fail(f"unknown key(s) {', '.join(map(repr, unknown))} in {where}; "
-                   f"valid keys: {', '.join(sorted(allowed))}")
+    if ("project" in fields) != ("project_model" in fields):
+        raise fail(f"{where}: project = \"W_O\" and project_model (the model whose W_O is used) go together")

@@ -1,42 +1,52 @@
-"""A stored pack brought back to life: its manifest, its SAEs and its matches,
-for the experiments that run the model (groups, deactivation, steering)."""
+"""A stored pack brought back to life: its build plan, its SAEs and its matches,
+for the experiments that run the model (groups, deactivation, steering).
+
+The SAEs come from the plan stored at ingest (absolute paths and content digests),
+so an experiment runs from any directory and refuses, naming the file, when an
+SAE differs from what the graph was matched on."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
+from flowdb import graph
 from flowdb.database import Database
 from flowdb.errors import FlowdbError
-from flowdb.manifest import Manifest, load_manifest
+from flowdb.modules import NAMES
+from flowdb.plan import BuildPlan
 from flowdb.sources import load_sae
-
-PLACES = ("res", "mlp", "att")  # predecessor places of R_L: R_{L-1}, M_L, A_L
 
 
 @dataclass
-class StoredPack:
+class LoadedPack:
+    """A stored pack whose SAEs are loaded (lazily) for running on its model."""
+
     name: str
     model: str
     k: int
-    manifest: Manifest
+    plan: BuildPlan
     saes: dict = field(default_factory=dict)  # (layer, module) -> sae-lens SAE, loaded lazily
 
     def sae(self, layer: int, module: str):
         if (layer, module) not in self.saes:
-            ref = self.manifest.source(module, layer)
-            if ref is None:
-                raise FlowdbError(f"pack {self.name} has no {module} SAEs")
-            self.saes[(layer, module)] = load_sae(ref).eval()
+            planned = self.plan.sae(layer, module)
+            if planned is None:
+                raise FlowdbError(f"pack {self.name} has no {module} SAE at layer {layer}")
+            self.plan.verify({(layer, module)})
+            self.saes[(layer, module)] = load_sae(planned.ref).eval()
         return self.saes[(layer, module)]
 
     def has(self, layer: int, module: str) -> bool:
-        return module in self.manifest.modules and layer in self.manifest.layers
+        return self.plan.has(layer, module)
+
+    @property
+    def layers(self) -> range:
+        return self.plan.layers
 
 
-def feature_codes(pack: "StoredPack", model, windows, positions, slots, progress=lambda it: it,
+def feature_codes(pack: LoadedPack, model, windows, positions, slots, progress=lambda it: it,
                   batch: int = 8) -> dict:
     """SAE activations at chosen tokens: (layer, module) -> float [windows x positions, width],
     from one forward pass per batch of windows for every slot at once."""
@@ -75,27 +85,20 @@ def feature_direction(sae, index: int):
     return decoded[0] - decoded[1]
 
 
-def open_pack(db: Database, name: str) -> StoredPack:
-    rows = db.read("MATCH (p:Pack {name: $name}) RETURN p.model AS model, p.k AS k, "
-                   "p.manifest AS manifest, p.status AS status", name=name)
-    if not rows:
-        raise FlowdbError(f"no pack named {name!r} in {db.uri}")
-    row = rows[0]
-    if row["status"] != "complete":
-        raise FlowdbError(f"pack {name!r} is {row['status']}: finish its ingest first")
-    if not Path(row["manifest"]).exists():
-        raise FlowdbError(f"pack {name!r} was built from {row['manifest']}, which is gone")
-    return StoredPack(name, row["model"], row["k"], load_manifest(row["manifest"], k=row["k"]))
+def open_pack(db: Database, name: str) -> LoadedPack:
+    """A complete stored pack, its SAE files checked against the digests it was built from."""
+    record = graph.require_pack(db, name)
+    if not record.complete:
+        raise FlowdbError(f"pack {name!r} is {record.status}: finish its ingest first")
+    plan = BuildPlan.from_json(record.plan)
+    plan.verify()
+    return LoadedPack(name, record.model, record.k, plan)
 
 
 def predecessor_table(db: Database, pack: str, layer: int, width: int, k: int) -> dict[str, np.ndarray]:
     """For each place, an int array [width, k] of the stored top-k predecessors of the
     residual features at `layer` (-1 where none is stored)."""
-    rows = db.read(
-        "MATCH (s:Feature)-[e:RESIDUAL|MLP|ATTENTION]->(d:Feature {pack: $pack, layer: $layer, module: 'res'}) "
-        "WHERE e.rank <= $k RETURN d.index AS dst, s.module AS place, s.index AS src, e.rank AS rank",
-        pack=pack, layer=layer, k=k)
-    table = {place: np.full((width, k), -1, dtype=np.int64) for place in PLACES}
-    for row in rows:
+    table = {place: np.full((width, k), -1, dtype=np.int64) for place in NAMES}
+    for row in graph.predecessor_rows(db, pack, layer, k):
         table[row["place"]][row["dst"], row["rank"] - 1] = row["src"]
     return table

@@ -9,7 +9,10 @@ a pack on disk is checked without importing torch; releases go through sae-lens.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,7 @@ import numpy as np
 
 from flowdb.errors import PackError
 from flowdb.manifest import SourceRef
+from flowdb.settings import flowdb_home
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -30,6 +34,7 @@ class SaeInfo:
     d_sae: int | None
     hook_name: str | None
     neuronpedia_id: str | None  # "modelId/source" where known
+    projection: dict | None = None  # set once a hook_z decoder is projected through W_O
 
     def where(self) -> str:
         return where(self.ref)
@@ -80,6 +85,68 @@ def check_decoder(w_dec: np.ndarray, ref: SourceRef) -> None:
         row = int(np.flatnonzero(zero)[0])
         raise PackError(f"{where(ref)}: W_dec has {int(zero.sum())} all-zero row(s), "
                         f"first at feature {row}; a zero decoder direction has no cosine")
+
+
+def content_digest(ref: SourceRef) -> str:
+    """A SHA-256 of what decides an SAE's decoder: the files of a local source, or the
+    release and sae_id of a hub source (whose content sae-lens pins by release)."""
+    if ref.kind == "release":
+        return "release:" + hashlib.sha256(f"{ref.location}\0{ref.sae_id}".encode()).hexdigest()
+    path = Path(ref.location)
+    files = [path / CFG_FILE, path / WEIGHTS_FILE] if ref.kind == "path" else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + b"\0" + _file_digest(file, ref).encode())
+    return digest.hexdigest()
+
+
+def _file_digest(path: Path, ref: SourceRef) -> str:
+    """SHA-256 of a file's bytes, remembered per (device, inode, size, mtime, ctime):
+    any write changes ctime, which no user can set back, so a hit is the same content."""
+    try:
+        real = path.resolve(strict=True)
+        stat = real.stat()
+    except (OSError, RuntimeError) as exc:  # missing, unreadable, or a symlink loop
+        raise PackError(f"{where(ref)}: cannot read {path} ({type(exc).__name__})") from None
+    stamp = f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
+    cache = _digest_cache()
+    if cache.get(str(real), {}).get("stamp") == stamp:
+        return cache[str(real)]["sha256"]
+    digest = hashlib.sha256()
+    try:
+        with open(real, "rb") as handle:
+            while block := handle.read(1 << 22):
+                digest.update(block)
+    except OSError as exc:
+        raise PackError(f"{where(ref)}: cannot read {path} ({exc.strerror})") from None
+    cache[str(real)] = {"stamp": stamp, "sha256": digest.hexdigest()}
+    _save_digest_cache(cache)
+    return digest.hexdigest()
+
+
+def _digest_cache_path() -> Path:
+    return flowdb_home() / "cache" / "digests.json"
+
+
+def _digest_cache() -> dict:
+    try:
+        return json.loads(_digest_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_digest_cache(cache: dict) -> None:
+    path = _digest_cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A private temporary file per process, then an atomic rename: concurrent
+        # commands never read half a cache.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".digests-", suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(cache, handle)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # the cache only saves time
 
 
 def _inspect_saelens_dir(ref: SourceRef) -> SaeInfo:
@@ -164,7 +231,7 @@ def _release_lookup(ref: SourceRef):
     try:
         from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
     except ImportError:
-        raise PackError(f"{where(ref)}: release sources need sae-lens (pip install sae-lens)") from None
+        raise PackError(f"{where(ref)}: release sources need sae-lens (pip install 'flowdb[model]')") from None
     lookup = get_pretrained_saes_directory().get(ref.location)
     if lookup is None:
         raise PackError(f"{where(ref)}: sae-lens knows no release {ref.location!r}")
@@ -193,8 +260,23 @@ def _load_release(ref: SourceRef) -> tuple[SaeInfo, np.ndarray]:
     return info, w_dec
 
 
-def check_same_space(info: SaeInfo, residual_d_in: int) -> None:
-    """Cosine matching needs decoder rows in the residual stream's space."""
+def check_same_space(info: SaeInfo, residual_d_in: int, *, projected_from: int | None = None) -> None:
+    """Cosine matching needs decoder rows in the residual stream's space.
+
+    projected_from: the caller maps this SAE's decoder rows into the residual space
+    through the layer's attention output projection (flowdb.projection), whose input
+    width (n_heads * head_dim) this is. Then only a hook_z SAE (or one whose hook is
+    unknown) of exactly that d_in passes; whether W_O's output width is residual_d_in
+    is AttentionOutput.check_space's to check. Without it, nothing else changes."""
+    if projected_from is not None:
+        if info.hook_name and not info.hook_name.endswith("attn.hook_z"):
+            raise PackError(f"{info.where()}: reads {info.hook_name}; only attn.hook_z SAEs are "
+                            "projected through the attention output projection W_O")
+        if info.d_in is not None and info.d_in != projected_from:
+            raise PackError(f"{info.where()}: d_in {info.d_in} differs from the input width "
+                            f"{projected_from} (n_heads * head_dim) of the attention output "
+                            "projection it is projected through")
+        return
     if info.hook_name and info.hook_name.endswith("hook_z"):
         raise PackError(
             f"{info.where()}: reads {info.hook_name} (concatenated attention-head outputs, "

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from flowdb.build import fingerprint
 from flowdb.errors import BuildConflict, PackError
 from flowdb.ingest import ingest
 from flowdb.manifest import load_manifest
+from flowdb.plan import make_plan
 from flowdb.queries import run_template
 from flowdb.settings import flowdb_home
 from flowdb.synth import SynthSpec, synthesize
@@ -77,7 +77,7 @@ def test_reingest_changes_nothing(db, planted_pack):
 def test_other_parameters_are_refused_unless_replace(db, planted_pack):
     path = planted_pack[0] / "manifest.toml"
     ingest(load_manifest(path), db)
-    with pytest.raises(BuildConflict, match="already stored with other parameters"):
+    with pytest.raises(BuildConflict, match="already stored from other SAE files or parameters"):
         ingest(load_manifest(path, k=2), db)
     assert run_template(db, "edges", {"pack": "planted"})["rank"].max() == 1
     report = ingest(load_manifest(path, k=2), db, replace=True)
@@ -162,7 +162,7 @@ def _layers_done(db):
 @pytest.mark.parametrize("kill_at", ["matching", "first-layer-written", "half-written"])
 def test_killed_ingest_resumes_to_the_same_graph(db, resumable_pack, kill_at):
     manifest = load_manifest(resumable_pack)
-    cache = flowdb_home() / "cache" / "matches" / f"resumable-{fingerprint(manifest)}"
+    cache = flowdb_home() / "cache" / "matches" / f"resumable-{make_plan(manifest).fingerprint()}"
     # The uninterrupted reference.
     ingest(manifest, db)
     reference = sort_edges(run_template(db, "edges", {"pack": "resumable"}))

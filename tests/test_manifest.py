@@ -54,7 +54,8 @@ def test_good_manifest_resolves_templates_and_overrides(tmp_path):
     (GOOD.replace("layers = [0, 2]", "layers = [3, 2]"), "layers must be [first, last]"),
     (GOOD.replace("[modules.res]", "[modules.resid]"), "unknown key(s) 'resid' in [modules]"),
     (GOOD.replace("{layer+1}", "{depth}"), "unknown template field {depth}"),
-    (GOOD.replace("[match]", "[classify]\nt_res = 2.0\n[match]"), "t_res must be a cosine"),
+    (GOOD.replace("[match]", "[classify]\nt_res = 2.0\n[match]"),
+     "t_res in [classify]: input should be less than or equal to 1"),
     (GOOD.replace("[match]", "[classify]\nt_rez = 0.2\n[match]"), "unknown key(s) 't_rez'"),
     ("name = [", "invalid TOML"),
 ])
