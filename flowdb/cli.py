@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 
 import click
@@ -16,14 +17,32 @@ from flowdb.errors import FlowdbError
 
 
 class FlowdbGroup(click.Group):
-    """Turns flowdb's own errors into one line on stderr and exit status 1."""
+    """The one place where errors meet the user: one line on stderr, never a traceback.
+
+    flowdb's own errors exit 1; an interrupt exits 130; anything unforeseen is named
+    in one line too (FLOWDB_DEBUG=1 shows its traceback)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except FlowdbError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(1)
+            _fail(str(exc), 1)
+        except KeyboardInterrupt:
+            _fail("interrupted; a stopped ingest resumes where it ended when run again", 130)
+        except MemoryError:
+            _fail("out of memory", 1)
+        except Exception as exc:
+            if os.environ.get("FLOWDB_DEBUG"):
+                raise
+            message = (str(exc).strip().splitlines() or [""])[0]
+            _fail(f"unexpected {type(exc).__name__}: {message} (FLOWDB_DEBUG=1 shows the traceback)", 1)
+
+
+def _fail(message: str, status: int):
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(status)
 
 
 def connection_options(command):
@@ -112,7 +131,8 @@ def synth(out_dir, layers, d_model, width, seed, name):
 
 @cli.command()
 @click.argument("manifest", type=click.Path(dir_okay=False))
-@click.option("--k", type=click.IntRange(1, 10), help="Top-k predecessors per module (default: the manifest's, else 1).")
+@click.option("--k", type=click.IntRange(1, 10),
+              help="Top-k predecessors per module (default: the manifest's, else 1).")
 @click.option("--t-res", type=float, help="Residual threshold (overrides [classify]).")
 @click.option("--t-mlp", type=float, help="MLP threshold (overrides [classify]).")
 @click.option("--t-att", type=float, help="Attention threshold (overrides [classify]).")
@@ -138,8 +158,20 @@ def ingest(manifest, k, t_res, t_mlp, t_att, threshold_rule, replace, progress, 
     click.echo(f"{report.pack}: {report.status} build {report.fingerprint}; "
                f"layers {_ranges(report.layers_written)}, {report.features} features, "
                f"{report.match_edges} match edges + {report.nowhere_marks} from-nowhere marks "
-               f"(match {report.match_seconds:.1f}s, write {report.write_seconds:.1f}s, {report.write_rate:,.0f} rel/s)")
+               f"(match {report.match_seconds:.1f}s, write {report.write_seconds:.1f}s, "
+               f"{report.write_rate:,.0f} rel/s)")
     click.echo("categories: " + ", ".join(f"{k}={v}" for k, v in sorted(report.categories.items())))
+    rules = sorted(set(report.layer_rules.values()))
+    click.echo(f"thresholds: rule {report.threshold_rule} ({'; '.join(rules)}); "
+               f"per layer: flowdb query thresholds -p pack={report.pack}")
+    if report.chance_summary():
+        click.echo(f"top-1 matches above chance (mean [min-max] over layers): {report.chance_summary()}")
+
+
+def _incomplete(db, pack):
+    from flowdb.queries import pack_warning
+
+    return pack_warning(db, {"pack": pack})
 
 
 def _with_thresholds(manifest, overrides):
@@ -169,7 +201,10 @@ def export(pack, out, settings):
     from flowdb.export import export_edges
 
     with _connect(settings) as db:
+        warning = _incomplete(db, pack)
         rows = export_edges(db, pack, out)
+    if warning:
+        click.echo(f"Warning: {warning}", err=True)
     click.echo(f"wrote {rows} edges of {pack} to {out}")
 
 
@@ -177,13 +212,16 @@ def export(pack, out, settings):
 @connection_options
 def packs(settings):
     """List the packs stored in the database."""
+    from flowdb import graph
+
     with _connect(settings) as db:
-        rows = db.read("MATCH (p:Pack) RETURN p.name AS name, p.model AS model, p.status AS status, "
-                       "p.k AS k, p.first_layer AS first, p.last_layer AS last, "
-                       "p.fingerprint AS build ORDER BY name")
+        rows = graph.list_packs(db)
+    if not rows:
+        click.echo("(no packs)")
     for row in rows:
+        note = f"\treplacement {row['replacing_with']} in progress" if row["replacing_with"] else ""
         click.echo(f"{row['name']}\t{row['model']}\tlayers {row['first']}-{row['last']}\t"
-                   f"k={row['k']}\t{row['status']}\tbuild {row['build']}")
+                   f"k={row['k']}\tthresholds {row['rule']}\t{row['status']}\tbuild {row['build']}{note}")
 
 
 def _parse_params(pairs):
@@ -220,15 +258,30 @@ def query(name, pairs, fmt, list_templates, explain, settings):
     params = _parse_params(pairs)
     template.bind(params)  # bad parameters fail before any connection is made
     with _connect(settings) as db:
-        frame = run_template(db, name, params)
+        frame = _quietly(run_template, db, name, params)
     _echo_frame(frame, fmt)
 
 
+def _quietly(function, *args):
+    """Call function with flowdb's warnings kept for _echo_frame, not printed by Python."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return function(*args)
+
+
 def _echo_frame(frame, fmt: str) -> None:
+    from flowdb.queries import records
+
+    if frame.attrs.get("warning"):
+        click.echo(f"Warning: {frame.attrs['warning']}", err=True)
+    if frame.attrs.get("thresholds"):
+        click.echo(f"Thresholds: {frame.attrs['thresholds']}", err=True)
     if fmt == "csv":
         click.echo(frame.to_csv(index=False), nl=False)
     elif fmt == "json":
-        click.echo(json.dumps(frame.to_dict(orient="records"), indent=2, default=str))
+        click.echo(json.dumps(records(frame), indent=2, default=str, allow_nan=False))
     else:
         click.echo(frame.to_string(index=False) if len(frame) else "(no rows)")
 
@@ -242,17 +295,19 @@ def _echo_frame(frame, fmt: str) -> None:
 def cypher(statement, pairs, write, fmt, settings):
     """Run raw Cypher; read-only unless --write."""
     import pandas as pd
-    from neo4j.exceptions import Neo4jError
 
-    from flowdb.errors import QueryError
+    from flowdb.errors import DatabaseError, QueryError
+    from flowdb.queries import refuse_in_read_mode
 
+    if not write:
+        refuse_in_read_mode(statement)
+    params = _parse_params(pairs)
     with _connect(settings) as db:
         try:
-            rows = (db.write if write else db.read)(statement, **_parse_params(pairs))
-        except Neo4jError as exc:
-            message = (exc.message or str(exc)).strip().splitlines()[0]
-            hint = " (use --write to change the graph)" if not write and "write" in message.lower() else ""
-            raise QueryError(f"Neo4j refused the statement: {message}{hint}") from None
+            rows = (db.write if write else db.read)(statement, **params)
+        except DatabaseError as exc:
+            hint = " (use --write to change the graph)" if not write and "write" in str(exc).lower() else ""
+            raise QueryError(f"{exc}{hint}") from None
     _echo_frame(pd.DataFrame(rows), fmt)
 
 
@@ -266,7 +321,8 @@ def demo_pack():
 @click.option("--width", default=2048, show_default=True, type=click.IntRange(16))
 @click.option("--k", default=32, show_default=True, type=click.IntRange(1), help="TopK active features.")
 @click.option("--steps", default=120, show_default=True, type=click.IntRange(1), help="Training steps per SAE.")
-@click.option("--windows", default=128, show_default=True, type=click.IntRange(8), help="Training windows of 128 tokens.")
+@click.option("--windows", default=128, show_default=True, type=click.IntRange(8),
+              help="Training windows of 128 tokens.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--force", is_flag=True, help="Train again even when a cached pack has these settings.")
 @click.option("--progress/--no-progress", default=None)
@@ -275,7 +331,8 @@ def demo_pack_build(layers, width, k, steps, windows, seed, force, progress):
     from flowdb.demo_pack import DemoPackSpec, build_demo_pack
 
     first, _, last = layers.partition("-")
-    if not (first.isdigit() and (last or first).isdigit()) or int(first) > int(last or first) or int(last or first) > 29:
+    last = last or first
+    if not (first.isdigit() and last.isdigit()) or int(first) > int(last) or int(last) > 29:
         raise click.BadParameter("give a range FIRST-LAST within 0-29", param_hint="--layers")
     spec = DemoPackSpec(first_layer=int(first), last_layer=int(last or first), width=width, k=k,
                         steps=steps, train_windows=windows, seed=seed)
@@ -368,15 +425,18 @@ def validate_deactivation(pack, layers, samples, max_trials, seed, out, progress
 @cli.command()
 @click.argument("pack")
 @click.option("--seed-feature", required=True, help="PACK/LAYER/MODULE/INDEX of the feature to steer with.")
-@click.option("--strategy", type=click.Choice(["initial", "single-layer", "cumulative"]), default="cumulative", show_default=True)
-@click.option("--schedule", type=click.Choice(["constant", "linear", "exponential"]), default="exponential", show_default=True)
+@click.option("--strategy", type=click.Choice(["initial", "single-layer", "cumulative"]), default="cumulative",
+              show_default=True)
+@click.option("--schedule", type=click.Choice(["constant", "linear", "exponential"]), default="exponential",
+              show_default=True)
 @click.option("--method", type=click.Choice(["activation", "deactivation"]), default="activation", show_default=True)
 @click.option("--s", "strength", default=3.0, show_default=True, type=float, help="Strength (activation steering).")
 @click.option("--alpha", default=0.25, show_default=True, type=float, help="Exponential decay rate per layer.")
 @click.option("--s-end", default=1.0, show_default=True, type=float, help="Linear schedule's final strength.")
 @click.option("--r", default=0.0, show_default=True, type=float, help="Rescale factor (deactivation steering).")
 @click.option("--layer", type=int, help="Layer l of single-layer/cumulative (default: the seed's).")
-@click.option("--prompt", default="I think that the biggest problem of contemporary theoretical physics is ", show_default=True)
+@click.option("--prompt", default="I think that the biggest problem of contemporary theoretical physics is ",
+              show_default=True)
 @click.option("--max-new-tokens", default=36, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--top-p", default=0.7, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--temperature", default=1.27, show_default=True, type=click.FloatRange(0.01))
@@ -397,10 +457,17 @@ def steer(pack, seed_feature, strategy, schedule, method, strength, alpha, s_end
     generation = GenerationSpec(prompt=prompt, max_new_tokens=max_new_tokens, top_p=top_p,
                                 temperature=temperature, seed=seed)
     with _connect(settings) as db:
+        from dataclasses import replace
+
+        from flowdb.features import resolve_feature
+
+        seed_feature = resolve_feature(db, seed_feature)
+        spec = replace(spec, seed_feature=seed_feature)
         steerer = Steerer(db, pack)
         if theme is None:
-            labels_found = db.read("MATCH (f:Feature {key: $key}) RETURN f.label AS label", key=seed_feature)
-            theme = labels_found[0]["label"] if labels_found else None
+            from flowdb.graph import feature_label
+
+            theme = feature_label(db, seed_feature)
         if grid_strengths:
             if not theme:
                 raise click.UsageError("--grid needs --theme (the seed feature has no label)")
@@ -454,17 +521,74 @@ def labels_import(path, pack, settings):
 @click.option("--module", type=click.Choice(["res", "mlp", "att"]), help="Only this module.")
 @click.option("--rate", default=2.0, show_default=True, type=click.FloatRange(0.01, 50), help="Requests per second.")
 @click.option("--api-url", help="API base (default: $NEURONPEDIA_API_URL or Neuronpedia's).")
+@click.option("--deadline", default=30.0, show_default=True, type=click.FloatRange(0.5),
+              help="Seconds one request may take in all, however slowly its answer arrives.")
+@click.option("--retries", default=4, show_default=True, type=click.IntRange(0, 20),
+              help="Retries of a 429 or 5xx answer (Retry-After honoured).")
 @click.option("--progress/--no-progress", default=None)
 @connection_options
-def labels_fetch(pack, limit, module, rate, api_url, progress, settings):
+def labels_fetch(pack, limit, module, rate, api_url, deadline, retries, progress, settings):
     """Fill missing labels of PACK from the Neuronpedia API (key: $NEURONPEDIA_API_KEY); resumable."""
     from flowdb.labels import fetch_labels
 
     with _connect(settings) as db:
         db.ensure_schema()
         report = fetch_labels(db, pack, limit=limit, module=module, api_url=api_url,
-                              requests_per_second=rate, progress=progress)
+                              requests_per_second=rate, progress=progress,
+                              request_deadline_s=deadline, retries=retries)
     click.echo(report.summary())
+
+
+def flow_graph_options(command):
+    """The cut-offs of a flow graph: the build's own unless given."""
+
+    @click.option("--t-res", type=float, help="Residual chain cut-off (default: the thresholds stored with the build).")
+    @click.option("--t-mod", type=float, help="MLP/attention cut-off (default: the thresholds stored with the build).")
+    @click.option("--every-edge", is_flag=True, help="Follow every stored edge, whatever its cosine.")
+    @click.option("--max-rank", default=1, show_default=True, type=click.IntRange(1, 10))
+    @functools.wraps(command)
+    def wrapper(*args, t_res, t_mod, every_edge, max_rank, **kwargs):
+        params = {"t_res": t_res, "t_mod": t_mod, "every_edge": every_edge, "max_rank": max_rank}
+        return command(*args, params=params, **kwargs)
+
+    return wrapper
+
+
+def _flow_graph(db, feature, params):
+    from flowdb.queries import run_template
+
+    graph = _quietly(run_template, db, "flow-graph", {"feature": feature, **params})
+    if graph.attrs.get("thresholds"):
+        click.echo(f"Thresholds: {graph.attrs['thresholds']}", err=True)
+    if graph.attrs.get("warning"):
+        click.echo(f"Warning: {graph.attrs['warning']}", err=True)
+    return graph
+
+
+@cli.command("export-graph")
+@click.argument("feature")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="A .json file.")
+@flow_graph_options
+@click.option("--slug", help="The graph's Neuronpedia slug (default: flowdb-PACK-LAYER-MODULE-INDEX).")
+@connection_options
+def export_graph(feature, out, params, slug, settings):
+    """Write the flow graph of FEATURE as Neuronpedia graph JSON (its graph viewer, circuit-tracer)."""
+    import time
+
+    from flowdb import graph as stored
+    from flowdb.features import resolve_feature
+    from flowdb.graph_json import flow_graph_json, json_target, write_graph_json
+
+    json_target(out)  # a wrong suffix fails before any connection is made
+    with _connect(settings) as db:
+        feature = resolve_feature(db, feature)
+        model = stored.require_pack(db, feature.split("/", 1)[0]).model
+        graph = _flow_graph(db, feature, params)
+    settings_used = {**params, "thresholds": graph.attrs.get("thresholds")}
+    document = flow_graph_json(graph, model, slug=slug, settings=settings_used, created_ms=int(time.time() * 1000))
+    write_graph_json(document, out)
+    click.echo(f"wrote {out}: {len(document['nodes'])} nodes, {len(document['links'])} links "
+               f"(scan {model}, slug {document['metadata']['slug']})")
 
 
 @cli.group()
@@ -475,19 +599,18 @@ def plot():
 @plot.command("flow")
 @click.argument("feature")
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
-@click.option("--t-res", default=0.5, show_default=True, type=float, help="Residual chain cut-off.")
-@click.option("--t-mod", default=0.15, show_default=True, type=float, help="MLP/attention cut-off.")
-@click.option("--max-rank", default=1, show_default=True, type=click.IntRange(1, 10))
+@flow_graph_options
 @connection_options
-def plot_flow_command(feature, out, t_res, t_mod, max_rank, settings):
-    """Draw the flow graph of FEATURE (PACK/LAYER/MODULE/INDEX)."""
+def plot_flow_command(feature, out, params, settings):
+    """Draw the flow graph of FEATURE (a key, a Neuronpedia URL or MODEL/SOURCE/INDEX)."""
+    from flowdb.features import resolve_feature
     from flowdb.plots import plot_flow
-    from flowdb.queries import run_template
 
     with _connect(settings) as db:
-        graph = run_template(db, "flow-graph", {"feature": feature, "t_res": t_res, "t_mod": t_mod,
-                                                "max_rank": max_rank})
-    plot_flow(graph, out, f"flow graph of {feature} (t_res {t_res}, t_mod {t_mod})")
+        feature = resolve_feature(db, feature)
+        graph = _flow_graph(db, feature, params)
+    plot_flow(graph, out, f"flow graph of {feature} ({graph.attrs.get('thresholds')}, "
+                          f"max_rank {params['max_rank']})")
     click.echo(f"wrote {out}")
 
 
@@ -501,7 +624,7 @@ def plot_origins_command(pack, out, settings):
     from flowdb.queries import run_template
 
     with _connect(settings) as db:
-        origins = run_template(db, "origins", {"pack": pack})
+        origins = _quietly(run_template, db, "origins", {"pack": pack})
     plot_origins(origins, out, pack)
     click.echo(f"wrote {out}")
 

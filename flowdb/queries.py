@@ -35,8 +35,17 @@ class Param:
     doc: str
 
     def coerce(self, value: Any) -> Any:
-        if value is None or not isinstance(value, str) or self.type == "string":
-            return value
+        """Text (from the CLI) parsed, other values (from Python) checked: the same rules."""
+        if value is None:
+            return None
+        if isinstance(value, str) and self.type != "string":
+            return self._parse(value)
+        expected = {"string": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}[self.type]
+        if isinstance(value, bool) != (self.type == "bool") or not isinstance(value, expected):
+            raise QueryError(f"parameter {self.name} must be {self.type}, got {value!r}")
+        return float(value) if self.type == "float" else value
+
+    def _parse(self, value: str) -> Any:
         try:
             if self.type == "bool":
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -134,24 +143,123 @@ def get_template(name: str) -> Template:
 
 
 def run_template(db, name: str, params: dict[str, Any] | None = None):
-    """Run a template in a read transaction; returns a pandas DataFrame."""
+    """Run a template in a read transaction; returns a pandas DataFrame.
+
+    When the pack it reads is not completely built, the frame's attrs["warning"]
+    says so and an IncompleteBuildWarning is issued."""
+    import warnings
+
     import pandas as pd
 
-    from neo4j.exceptions import Neo4jError
-
     template = get_template(name)
-    bound = template.bind(params or {})
-    try:
-        rows = db.read(template.cypher, **bound)
-    except Neo4jError as exc:
-        first_line = (exc.message or str(exc)).strip().splitlines()[0]
-        raise QueryError(f"template {name} failed in Neo4j: {first_line}") from None
+    bound = resolve_references(db, template.bind(params or {}))
+    rows = db.read(template.cypher, **bound)
     if rows and list(rows[0]) != list(template.columns):
         raise QueryError(f"template {name} returned columns {list(rows[0])}, "
                          f"but its header declares {list(template.columns)}")
     frame = pd.DataFrame(rows, columns=list(template.columns))
     for column in frame.columns:  # keep integer columns integer where rows mix in nulls
         values = frame[column].dropna()
-        if len(values) and frame[column].dtype == float and all(isinstance(r[column], int) for r in rows if r[column] is not None):
+        integers = all(isinstance(r[column], int) for r in rows if r[column] is not None)
+        if len(values) and frame[column].dtype == float and integers:
             frame[column] = frame[column].astype("Int64")
+    frame.attrs["thresholds"] = thresholds_note(db, template, bound)
+    warning = pack_warning(db, bound)
+    if warning:
+        frame.attrs["warning"] = warning
+        warnings.warn(warning, IncompleteBuildWarning, stacklevel=2)
     return frame
+
+
+class IncompleteBuildWarning(UserWarning):
+    """A query read a pack whose build is not complete."""
+
+# Raw Cypher in read mode: what a read transaction would still allow but a reader
+# must not do (read files or URLs, commit on its own, administer the server).
+_STRINGS_AND_COMMENTS = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|`[^`]*`|//[^\n]*|/\*.*?\*/", re.S)
+_WRITE_ONLY = (
+    (re.compile(r"\bLOAD\s+CSV\b", re.I), "LOAD CSV"),
+    (re.compile(r"\bIN\s+(?:\d+\s+)?(?:CONCURRENT\s+)?TRANSACTIONS\b", re.I), "CALL ... IN TRANSACTIONS"),
+    (re.compile(r"\bTERMINATE\s+TRANSACTIONS?\b", re.I), "TERMINATE TRANSACTIONS"),
+    (re.compile(r"\bSHOW\s+(?:\w+\s+)*?(?:TRANSACTIONS?|SETTINGS?|USERS?|ROLES?|PRIVILEGES|SERVERS?)\b", re.I),
+     "administration commands"),
+    (re.compile(r"\b(?:CREATE|DROP|ALTER|RENAME|GRANT|DENY|REVOKE|START|STOP|ENABLE|DEALLOCATE|REALLOCATE)"
+                r"\s+(?:OR\s+REPLACE\s+)?(?:COMPOSITE\s+|CURRENT\s+)?"
+                r"(?:USER|ROLE|DATABASE|ALIAS|SERVER|DATABASES|PRIVILEGE)\b", re.I), "administration commands"),
+    (re.compile(r"\bCALL\s+dbms\.", re.I), "dbms procedures"),
+    (re.compile(r"^\s*USE\s+system\b", re.I), "the system database"),
+)
+
+
+def refuse_in_read_mode(statement: str) -> None:
+    """Raise QueryError when raw Cypher does what only --write may do."""
+    bare = _STRINGS_AND_COMMENTS.sub(" ", statement)
+    for pattern, what in _WRITE_ONLY:
+        if pattern.search(bare):
+            raise QueryError(f"{what} runs only with --write (flowdb cypher reads by default)")
+
+
+def records(frame) -> list[dict]:
+    """A DataFrame's rows as JSON-ready dicts: missing values (NaN, NA, NaT) become None."""
+    import pandas as pd
+
+    return [{column: (None if _missing(value, pd) else value) for column, value in row.items()}
+            for row in frame.to_dict(orient="records")]
+
+
+def _missing(value, pd) -> bool:
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):  # lists and other containers are values, not missing
+        return False
+
+
+FEATURE_PARAMS = ("feature",)  # one feature reference
+FEATURE_LIST_PARAMS = ("source", "target")  # comma-separated feature references
+
+
+def resolve_references(db, bound: dict[str, Any]) -> dict[str, Any]:
+    """Feature references (keys, Neuronpedia URLs or ids) resolved to stored keys."""
+    from flowdb.features import resolve_feature, resolve_features
+
+    resolved = dict(bound)
+    for name in FEATURE_PARAMS:
+        if resolved.get(name) is not None:
+            resolved[name] = resolve_feature(db, resolved[name])
+    for name in FEATURE_LIST_PARAMS:
+        if resolved.get(name) is not None:
+            resolved[name] = resolve_features(db, resolved[name])
+    return resolved
+
+
+def thresholds_note(db, template: Template, bound: dict[str, Any]) -> str | None:
+    """Which cut-offs an answer applied, for the output to say."""
+    from flowdb import graph
+
+    names = {p.name for p in template.params}
+    if "t_res" not in names:
+        return None
+    if bound.get("every_edge"):
+        return "every stored edge (every_edge): no thresholds applied"
+    given = {name: bound[name] for name in ("t_res", "t_mod") if name in names and bound.get(name) is not None}
+    feature = bound.get("feature") or bound.get("source") or ""
+    pack = bound.get("pack") or str(feature).split("/", 1)[0]
+    stored = "; ".join(graph.threshold_rules(db, pack)) if pack else ""
+    parts = [f"{name}={value:g} given" for name, value in given.items()]
+    if len(given) < len({"t_res", "t_mod"} & names):
+        parts.append(f"otherwise the thresholds stored with the build ({stored or 'none recorded'})")
+    return "; ".join(parts)
+
+
+def pack_warning(db, params: dict[str, Any]) -> str | None:
+    """A note when a query reads a pack that is not completely built."""
+    from flowdb import graph
+
+    feature = params.get("feature") or params.get("seed") or params.get("source")
+    pack = params.get("pack") or (str(feature).split("/", 1)[0] if feature else None)
+    record = graph.read_pack(db, pack) if pack else None
+    if record is None or record.complete:
+        return None
+    return (f"pack {pack!r} is incomplete ({record.status}, layers done: "
+            f"{len(record.layers_done)} of {record.last_layer - record.first_layer + 1}); "
+            "its answers may miss features and edges")

@@ -47,7 +47,7 @@ def test_ingest_export_and_query(runner, db, planted_pack, tmp_path):
     assert again.exit_code == 0 and "nothing to do" in again.output
     conflict = invoke(runner, "ingest", manifest, "--k", 2)
     assert conflict.exit_code == 1
-    assert conflict.output.startswith("Error: pack 'planted' is already stored with other parameters")
+    assert conflict.output.startswith("Error: pack 'planted' is already stored from other SAE files or parameters")
     assert conflict.output.count("\n") == 1
     for suffix, reader in ((".csv", pd.read_csv), (".parquet", pd.read_parquet)):
         out = tmp_path / f"edges{suffix}"
@@ -59,10 +59,10 @@ def test_ingest_export_and_query(runner, db, planted_pack, tmp_path):
         assert len(edges) == 5632 and set(edges["kind"]) == {"residual", "mlp", "attention"}
     lineage = invoke(runner, "query", "lineage", "-p", "feature=planted/3/res/0", "--format", "json")
     assert lineage.exit_code == 0, lineage.output
-    rows = json.loads(lineage.output)
+    rows = json.loads(lineage.stdout)  # stderr says which thresholds applied
     assert rows and {row["step_key"] for row in rows} >= {"planted/3/res/0"}
     listed = invoke(runner, "packs")
-    assert "planted\tplanted-model\tlayers 0-3\tk=1\tcomplete" in listed.output
+    assert "planted\tplanted-model\tlayers 0-3\tk=1\tthresholds auto\tcomplete" in listed.output
 
 
 def test_threshold_flags_change_the_build(runner, db, planted_pack):

@@ -1,0 +1,251 @@
+"""Issue 7: builds keyed by content, one-line errors for every command, one writer per
+pack, atomic --replace that keeps labels, warnings on incomplete packs, valid JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from safetensors.numpy import load_file, save_file
+
+from flowdb import graph
+from flowdb.cli import cli
+from flowdb.errors import BuildConflict
+from flowdb.ingest import ingest, pack_lock
+from flowdb.manifest import load_manifest
+from flowdb.queries import run_template
+from helpers import brute_force_edges, sort_edges
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_line_error(result) -> bool:
+    return result.output.startswith("Error: ") and result.output.count("\n") == 1 \
+        and "Traceback" not in result.output
+
+
+def rewrite_decoder(pack_dir, module, layer, seed):
+    """New weights of the same shape (and so the same file size)."""
+    path = pack_dir / "saes" / module / f"layer_{layer}" / "sae_weights.safetensors"
+    tensors = load_file(str(path))
+    size = path.stat().st_size
+    tensors["W_dec"] = np.random.default_rng(seed).standard_normal(tensors["W_dec"].shape).astype(np.float32)
+    save_file(tensors, str(path))
+    assert path.stat().st_size == size
+
+
+def test_changed_sae_weights_are_a_new_build(db, pack_copy):
+    manifest = pack_copy / "manifest.toml"
+    assert ingest(load_manifest(manifest), db).status == "built"
+    rewrite_decoder(pack_copy, "res", 2, seed=1)
+    with pytest.raises(BuildConflict, match="other SAE files"):
+        ingest(load_manifest(manifest), db)
+    assert ingest(load_manifest(manifest), db, replace=True).status == "replaced"
+    stored = sort_edges(run_template(db, "edges", {"pack": "planted"}))
+    expected = sort_edges(brute_force_edges(pack_copy, layers=4, k=1))
+    np.testing.assert_allclose(stored["cosine"], expected["cosine"], atol=1e-5)
+    # A fresh build after another change must not reuse the match cache of the old files.
+    graph.drop_pack(db, "planted")
+    rewrite_decoder(pack_copy, "mlp", 3, seed=2)
+    ingest(load_manifest(manifest), db)
+    stored = sort_edges(run_template(db, "edges", {"pack": "planted"}))
+    expected = sort_edges(brute_force_edges(pack_copy, layers=4, k=1))
+    np.testing.assert_allclose(stored["cosine"], expected["cosine"], atol=1e-5)
+
+
+def test_moved_pack_is_the_same_build(db, pack_copy, tmp_path):
+    ingest(load_manifest(pack_copy / "manifest.toml"), db)
+    moved = tmp_path / "moved"
+    pack_copy.rename(moved)
+    assert ingest(load_manifest(moved / "manifest.toml"), db).status == "unchanged"
+    plan = graph.read_pack(db, "planted").plan
+    assert all(sae["location"].startswith(str(moved)) for sae in plan["saes"])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+COMMANDS = [
+    ("packs",),
+    ("export", "planted", "--out", "{tmp}/x.csv"),
+    ("query", "lineage", "-p", "feature=planted/1/res/0"),
+    ("cypher", "RETURN 1 AS one"),
+    ("ingest", "{manifest}", "--no-progress"),
+    ("labels", "import", "{labels}"),
+    ("labels", "fetch", "planted", "--no-progress"),
+    ("plot", "flow", "planted/1/res/0", "--out", "{tmp}/f.png"),
+    ("plot", "origins", "planted", "--out", "{tmp}/o.png"),
+    ("groups", "planted", "--no-progress"),
+    ("validate", "deactivation", "planted", "--no-progress"),
+    ("steer", "planted", "--seed-feature", "planted/1/res/0"),
+]
+
+
+def _server_uri(neo4j_settings) -> str:
+    if neo4j_settings.uri:
+        return neo4j_settings.uri
+    from flowdb.neo4j_server import ManagedServer
+
+    return ManagedServer.default().uri
+
+
+@pytest.mark.parametrize("fault", ["server stopped", "unknown database", "wrong credentials", "not a Neo4j URI"])
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c[:2]))
+def test_every_command_fails_in_one_line(db, planted_pack, neo4j_settings, tmp_path, command, fault):
+    labels = tmp_path / "rows.jsonl"
+    labels.write_text('{"modelId": "m", "layer": "0-x", "index": "1", "description": "d"}\n')
+    args = [a.format(tmp=tmp_path, manifest=planted_pack[0] / "manifest.toml", labels=labels) for a in command]
+    connection = {
+        "server stopped": ["--uri", f"bolt://127.0.0.1:{_free_port()}"],
+        "unknown database": ["--database", "nosuch"],
+        "wrong credentials": ["--uri", _server_uri(neo4j_settings), "--user", "neo4j", "--password", "wrong"],
+        "not a Neo4j URI": ["--uri", "http://127.0.0.1:1"],
+    }[fault]
+    result = invoke(*args, *connection)
+    assert result.exit_code == 1, result.output
+    assert one_line_error(result), result.output
+    expected = {"server stopped": "no Neo4j answers", "unknown database": "no database 'nosuch'",
+                "wrong credentials": "refused the credentials", "not a Neo4j URI": "bolt://"}[fault]
+    assert expected in result.output
+
+
+@pytest.mark.parametrize("toml, message", [
+    ("[modules.res]\npath = 'x'\nat = 3\n", "at in [modules.res]"),
+    ("classify = 3\n[modules.res]\npath = 'x'\n", "classify"),
+    ("[classify]\nlayer = 3\n[modules.res]\npath = 'x'\n", "layer in [classify]"),
+    ("[classify]\nt_res = '0.5'\n[modules.res]\npath = 'x'\n", "t_res in [classify]"),
+    ("[match]\nk = true\n[modules.res]\npath = 'x'\n", "k must be an integer"),
+    ("[modules.res]\npath = 'x_{layer-1}'\n", "names layer -1 at layer 0"),
+])
+def test_manifest_types_are_one_line(tmp_path, toml, message):
+    path = tmp_path / "m.toml"
+    path.write_text('name = "x"\nmodel = "m"\nlayers = [0, 1]\n' + toml)
+    result = invoke("ingest", path)
+    assert result.exit_code == 1 and one_line_error(result), result.output
+    assert message in result.output
+
+
+def test_symlink_loop_is_one_line(tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    path = tmp_path / "m.toml"
+    path.write_text('name = "x"\nmodel = "m"\nlayers = [0, 0]\n[modules.res]\npath = "loop"\n')
+    result = invoke("ingest", path)
+    assert result.exit_code == 1 and one_line_error(result), result.output
+
+
+def test_second_writer_of_a_pack_is_told_so(db, planted_pack):
+    with pack_lock(db, "planted"):
+        result = invoke("ingest", planted_pack[0] / "manifest.toml", "--no-progress")
+    assert result.exit_code == 1 and one_line_error(result), result.output
+    assert "being written by another flowdb command" in result.output
+    # The lock was released: the same command now goes through.
+    assert invoke("ingest", planted_pack[0] / "manifest.toml", "--no-progress").exit_code == 0
+
+
+def test_lock_of_a_dead_process_is_taken_over(db, planted_pack):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    assert graph.acquire_lock(db, "pack:planted", f"{socket.gethostname()}:{dead}:x", 600) is None
+    assert invoke("ingest", planted_pack[0] / "manifest.toml", "--no-progress").exit_code == 0
+
+
+def test_two_ingests_at_once_end_in_one_graph(db, planted_pack):
+    manifest = planted_pack[0] / "manifest.toml"
+    procs = [subprocess.Popen([sys.executable, "-m", "flowdb.cli", "ingest", str(manifest), "--no-progress"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [(p.wait(timeout=300), p.stdout.read()) for p in procs]
+    for code, output in outputs:
+        assert "Traceback" not in output
+        assert code == 0 or (code == 1 and "being written by another flowdb command" in output), output
+    stored = sort_edges(run_template(db, "edges", {"pack": "planted"}))
+    expected = sort_edges(brute_force_edges(planted_pack[0], layers=4, k=1))
+    assert len(stored) == len(expected)
+    assert db.read("MATCH (f:Feature) WITH f.key AS key, count(*) AS n WHERE n > 1 RETURN count(*) AS d")[0]["d"] == 0
+
+
+def _label(db, key, text):
+    with db.session() as session:
+        session.execute_write(lambda tx: (
+            graph.write_explanations(tx, [{"key": key, "id": f"e-{key}", "description": text, "modelId": "m",
+                                           "source": "s", "index": 0, "score": None, "typeName": None,
+                                           "explanationModelName": None, "authorId": None}]),
+            graph.set_best_labels(tx, [key])))
+
+
+def test_replace_swaps_whole_builds_and_keeps_labels(db, planted_pack):
+    path = planted_pack[0] / "manifest.toml"
+    ingest(load_manifest(path), db)
+    _label(db, "planted/2/res/5", "a planted label")
+    nodes = db.read("MATCH (f:Feature {pack: 'planted'}) RETURN count(f) AS n")[0]["n"]
+    assert ingest(load_manifest(path, k=2), db, replace=True).status == "replaced"
+    assert db.read("MATCH (f:Feature {pack: 'planted'}) RETURN count(f) AS n")[0]["n"] == nodes
+    assert db.read("MATCH (f:Feature) WHERE f.pack CONTAINS '~' RETURN count(f) AS n")[0]["n"] == 0
+    assert db.read("MATCH (p:Pack) RETURN collect(p.name) AS names")[0]["names"] == ["planted"]
+    kept = db.read("MATCH (e:Explanation)-[:EXPLAINS]->(f:Feature {key: 'planted/2/res/5'}) "
+                   "RETURN f.label AS label, count(e) AS n")
+    assert kept == [{"label": "a planted label", "n": 1}]
+    assert run_template(db, "edges", {"pack": "planted"})["rank"].max() == 2
+
+
+def test_incomplete_pack_is_said_so(db, planted_pack, tmp_path):
+    ingest(load_manifest(planted_pack[0] / "manifest.toml"), db)
+    db.write("MATCH (p:Pack {name: 'planted'}) SET p.status = 'building', p.layers_done = [0, 1]")
+    result = CliRunner().invoke(cli, ["query", "lineage", "-p", "feature=planted/1/res/0"])
+    assert result.exit_code == 0
+    assert "Warning: pack 'planted' is incomplete (building, layers done: 2 of 4)" in result.output
+    exported = CliRunner().invoke(cli, ["export", "planted", "--out", str(tmp_path / "e.csv")])
+    assert exported.exit_code == 0 and "is incomplete" in exported.output
+    with pytest.warns(UserWarning, match="incomplete"):
+        frame = run_template(db, "lineage", {"feature": "planted/1/res/0"})
+    assert "incomplete" in frame.attrs["warning"]
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def test_json_output_is_json(db):
+    result = invoke("cypher", "RETURN 1.5 AS x, 'a' AS y UNION ALL RETURN null AS x, null AS y", "--format", "json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output, parse_constant=_reject_constant)
+    assert rows == [{"x": 1.5, "y": "a"}, {"x": None, "y": None}]
+
+
+@pytest.mark.parametrize("statement", [
+    "LOAD CSV FROM 'file:///etc/passwd' AS line RETURN line",
+    "load  csv with headers from 'http://127.0.0.1:1/x' as l return l",
+    "MATCH (n) CALL (n) { SET n.x = 1 } IN TRANSACTIONS RETURN 1",
+    "TERMINATE TRANSACTIONS 'neo4j-transaction-1'",
+    "SHOW TRANSACTIONS",
+    "SHOW SETTINGS",
+    "CREATE USER eve SET PASSWORD 'x'",
+    "CALL dbms.listConfig()",
+])
+def test_read_mode_refuses_what_only_write_may_do(db, statement):
+    result = invoke("cypher", statement)
+    assert result.exit_code == 1 and one_line_error(result), result.output
+    assert "--write" in result.output
+
+
+def test_read_mode_allows_strings_that_look_like_commands(db):
+    result = invoke("cypher", "RETURN 'LOAD CSV FROM x' AS text // SHOW USERS", "--format", "csv")
+    assert result.exit_code == 0 and "LOAD CSV FROM x" in result.output
+
+
+def test_home_files_are_private(flowdb_home, db):
+    cache = flowdb_home / "cache"
+    if cache.exists():
+        for path in cache.rglob("*"):
+            assert not path.stat().st_mode & 0o077 or path.is_dir(), path
+    assert not os.stat(flowdb_home).st_mode & 0o077
