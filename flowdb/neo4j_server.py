@@ -1,13 +1,21 @@
 """flowdb's managed local Neo4j 5.26: fetched through Maven Central, run embedded.
 
-Layout under FLOWDB_HOME/neo4j: lib/ (jars), dbms/ (databases and transaction
-logs), logs/server.log, server.pid. No Docker and no download site are needed:
-only Java 17+ and Maven, which resolve org.neo4j:neo4j and org.neo4j:neo4j-bolt.
+Layout under FLOWDB_HOME/neo4j: lib/ (jars), dbms/ (databases, transaction logs
+and Neo4j's own logs), import/ (empty: the only directory LOAD CSV could name,
+and file URLs are refused anyway), logs/server.log, server.pid and password.
+No Docker and no download site are needed: only Java 17+ and Maven, which
+resolve org.neo4j:neo4j and org.neo4j:neo4j-bolt.
+
+The server is private to the user who runs it: Bolt on 127.0.0.1 only, the user
+neo4j with a generated password (FLOWDB_HOME/neo4j/password, mode 0600), every
+directory 0700 and every file the server writes 0600, and LOAD CSV reads neither
+local files nor URLs.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -18,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 
 from flowdb.errors import Neo4jUnavailable
-from flowdb.settings import flowdb_home, managed_port
+from flowdb.settings import flowdb_home, make_private, managed_port, private_dir
 
 NEO4J_VERSION = "5.26.30"
 START_TIMEOUT_S = 180
@@ -27,16 +35,26 @@ START_TIMEOUT_S = 180
 DEFAULT_HEAP = "4g"
 DEFAULT_JAVA_OPTS = "-XX:+UseParallelGC"
 STOP_TIMEOUT_S = 60
+LAUNCHER = "FlowdbNeo4j"  # the launcher's class; its name in a command line marks our server
+USER = "neo4j"
 
 
 @dataclass(frozen=True)
 class ManagedServer:
     root: Path
     port: int
+    home: Path | None = None  # FLOWDB_HOME, kept private too when the server lives in it
+
+    def __post_init__(self) -> None:
+        # Absolute, so the paths we launch with are the paths we recognise later.
+        object.__setattr__(self, "root", Path(self.root).absolute())
+        if self.home is not None:
+            object.__setattr__(self, "home", Path(self.home).absolute())
 
     @classmethod
-    def default(cls) -> "ManagedServer":
-        return cls(flowdb_home() / "neo4j", managed_port())
+    def default(cls) -> ManagedServer:
+        home = flowdb_home()
+        return cls(home / "neo4j", managed_port(), home)
 
     @property
     def uri(self) -> str:
@@ -47,12 +65,41 @@ class ManagedServer:
         return self.root / "lib"
 
     @property
+    def dbms_dir(self) -> Path:
+        return self.root / "dbms"
+
+    @property
+    def import_dir(self) -> Path:
+        return self.root / "import"
+
+    @property
     def log_file(self) -> Path:
         return self.root / "logs" / "server.log"
 
     @property
     def pid_file(self) -> Path:
         return self.root / "server.pid"
+
+    @property
+    def password_file(self) -> Path:
+        return self.root / "password"
+
+    def auth(self) -> tuple[str, str]:
+        """The user neo4j and its password; the password is generated on first use."""
+        self._make_dirs_private()
+        if not self.password_file.exists():
+            _write_new_password(self.password_file)
+        make_private(self.password_file)
+        try:
+            password = self.password_file.read_text().strip()
+        except OSError as exc:
+            raise Neo4jUnavailable(f"cannot read the managed Neo4j's password from "
+                                   f"{self.password_file} ({exc.strerror})") from None
+        if not password:
+            raise Neo4jUnavailable(
+                f"{self.password_file} is empty; delete it, then run 'flowdb neo4j stop' and "
+                "'flowdb neo4j start' to generate a new password")
+        return USER, password
 
     def fetched(self) -> bool:
         return (self.lib / f".complete-{NEO4J_VERSION}").exists()
@@ -67,10 +114,9 @@ class ManagedServer:
                     f"cannot fetch Neo4j {NEO4J_VERSION}: '{tool}' is not on PATH "
                     "(install Java 17+ and Maven, or set NEO4J_URI to a running Neo4j)"
                 )
-        work = self.root / "maven"
-        work.mkdir(parents=True, exist_ok=True)
+        work = private_dir(self.root / "maven")
         for name in ("pom.xml", "FlowdbNeo4j.java"):
-            (work / name).write_bytes(_resource(name).read_bytes())
+            _write_private(work / name, _resource(name).read_bytes())
         staging = self.root / "lib.partial"
         shutil.rmtree(staging, ignore_errors=True)
         print(f"Fetching Neo4j {NEO4J_VERSION} through Maven Central "
@@ -88,37 +134,44 @@ class ManagedServer:
         (self.lib / f".complete-{NEO4J_VERSION}").touch()
 
     def pid(self) -> int | None:
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return pid
+        """The server's pid, or None: the pid file is believed only when it names a live
+        FlowdbNeo4j launcher for this server's dbms directory."""
+        running = self._running()
+        return running[0] if running else None
 
     def answers(self) -> bool:
-        return bolt_answers(self.uri, None)
+        return bolt_probe(self.uri, self.auth()) == "ok"
 
     def start(self, heap: str | None = None, page_cache_mb: int | None = None) -> None:
         """Start the server unless it already answers; wait until Bolt answers."""
-        if self.answers():
-            if self.pid() is None:  # someone else's server: never write into a stranger's database
-                raise Neo4jUnavailable(
-                    f"another Neo4j already answers on {self.uri}, not the one under {self.root}; "
-                    "set FLOWDB_NEO4J_PORT to a free port, or NEO4J_URI to use that server")
+        auth = self.auth()
+        running = self._running()
+        state = bolt_probe(self.uri, auth)
+        if state != "down" and running is None:  # never write into a stranger's database
+            raise Neo4jUnavailable(
+                f"another Neo4j already answers on {self.uri}, not the one under {self.root}; "
+                "set FLOWDB_NEO4J_PORT to a free port, or NEO4J_URI to use that server")
+        if running is not None:
+            self._refuse_unauthenticated(*running)
+        if state == "refused":
+            raise self._password_refused()
+        if state == "ok":
             return
-        if self.pid() is None:
+        if running is None:
             self.fetch()
+            self._make_files_private()
             self._spawn(heap or os.environ.get("FLOWDB_NEO4J_HEAP", DEFAULT_HEAP),
                         page_cache_mb or int(os.environ.get("FLOWDB_NEO4J_PAGECACHE_MB", "1024")))
+        self._wait_until_up(auth)
+
+    def _wait_until_up(self, auth: tuple[str, str]) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
-            if self.answers():
+            state = bolt_probe(self.uri, auth)
+            if state == "ok":
                 return
+            if state == "refused":
+                raise self._password_refused()
             if self.pid() is None:
                 raise Neo4jUnavailable(
                     f"the managed Neo4j exited during start: {self._last_log_line()} "
@@ -129,33 +182,76 @@ class ManagedServer:
             f"(log: {self.log_file})")
 
     def _spawn(self, heap: str, page_cache_mb: int) -> None:
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        launcher = self.root / "maven" / "FlowdbNeo4j.java"
-        launcher.parent.mkdir(parents=True, exist_ok=True)
-        launcher.write_bytes(_resource("FlowdbNeo4j.java").read_bytes())
+        private_dir(self.log_file.parent)
+        private_dir(self.import_dir)
+        launcher = private_dir(self.root / "maven") / "FlowdbNeo4j.java"
+        _write_private(launcher, _resource("FlowdbNeo4j.java").read_bytes())
         extra = os.environ.get("FLOWDB_NEO4J_JAVA_OPTS", DEFAULT_JAVA_OPTS).split()
+        # The password travels as its file's path: a command line is visible to all users.
         cmd = ["java", f"-Xmx{heap}", *extra, "-cp", str(self.lib / "*"), str(launcher),
-               str(self.root / "dbms"), str(self.port), str(page_cache_mb * 1024 * 1024)]
-        with open(self.log_file, "ab") as log:
-            # A new session, so the server outlives the command that started it.
+               str(self.dbms_dir), str(self.port), str(page_cache_mb * 1024 * 1024),
+               str(self.password_file), str(self.import_dir)]
+        fd = os.open(self.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with open(fd, "ab") as log:
+            # A new session, so the server outlives the command that started it;
+            # umask 077, so every store, log and lock file it writes is the owner's only.
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-        self.pid_file.write_text(str(proc.pid))
+                                    stdin=subprocess.DEVNULL, start_new_session=True, umask=0o077)
+        _write_private(self.pid_file, str(proc.pid).encode())
 
     def stop(self) -> bool:
-        """Stop the server; returns False when none was running."""
+        """Stop the server; returns False when none was running. A pid file that names
+        any other process is removed, and that process is never signalled."""
         pid = self.pid()
         if pid is None:
+            self.pid_file.unlink(missing_ok=True)
             return False
-        os.kill(pid, signal.SIGTERM)  # the launcher's shutdown hook closes the DBMS cleanly
+        _signal(pid, signal.SIGTERM)  # the launcher's shutdown hook closes the DBMS cleanly
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        while time.monotonic() < deadline and self.pid() is not None:
+        while time.monotonic() < deadline and self.pid() == pid:
             _reap(pid)
             time.sleep(0.2)
-        if self.pid() is not None:
-            os.kill(pid, signal.SIGKILL)
+        if self.pid() == pid:
+            _signal(pid, signal.SIGKILL)
         self.pid_file.unlink(missing_ok=True)
         return True
+
+    def _running(self) -> tuple[int, str] | None:
+        """The pid file's process and its command line, when it is our launcher."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        command = _command_line(pid) if pid > 0 else None
+        if command is None or LAUNCHER not in command:
+            return None
+        if f" {self.dbms_dir} " not in f" {command} ":  # a launcher, but for another home
+            return None
+        return pid, command
+
+    def _refuse_unauthenticated(self, pid: int, command: str) -> None:
+        # Launchers from before authentication took no password file, and ran without one.
+        if str(self.password_file) not in command:
+            raise Neo4jUnavailable(
+                f"the managed Neo4j (pid {pid}) was started by an older flowdb, with "
+                "authentication off; run 'flowdb neo4j stop' and 'flowdb neo4j start'")
+
+    def _password_refused(self) -> Neo4jUnavailable:
+        return Neo4jUnavailable(
+            f"the managed Neo4j on {self.uri} refuses the password in {self.password_file} "
+            "(was the file changed while it ran?); run 'flowdb neo4j stop' and "
+            "'flowdb neo4j start' to set it again")
+
+    def _make_dirs_private(self) -> None:
+        if self.home is not None:
+            private_dir(self.home)
+        private_dir(self.root)
+
+    def _make_files_private(self) -> None:
+        """Older flowdb versions wrote world-readable files here: take that away."""
+        for directory, subdirs, files in os.walk(self.root):  # symlinks are not followed
+            for name in subdirs + files:
+                make_private(Path(directory, name))
 
     def _last_log_line(self) -> str:
         try:
@@ -165,16 +261,87 @@ class ManagedServer:
         return lines[-1] if lines else "(empty log)"
 
 
-def bolt_answers(uri: str, auth: tuple[str, str] | None, timeout_s: float = 3.0) -> bool:
+def bolt_probe(uri: str, auth: tuple[str, str] | None, timeout_s: float = 3.0) -> str:
+    """'ok' when a Neo4j answers and accepts `auth`, 'refused' when one answers but
+    refuses them, 'down' when none answers."""
     from neo4j import GraphDatabase
-    from neo4j.exceptions import Neo4jError, DriverError
+    from neo4j.exceptions import AuthError, DriverError, Neo4jError
 
     try:
         with GraphDatabase.driver(uri, auth=auth, connection_timeout=timeout_s) as driver:
             driver.verify_connectivity()
-        return True
-    except (Neo4jError, DriverError, OSError, ValueError):
-        return False
+        return "ok"
+    except AuthError:
+        return "refused"
+    except Neo4jError as exc:
+        return "refused" if (exc.code or "").startswith("Neo.ClientError.Security") else "down"
+    except (DriverError, OSError, ValueError):
+        return "down"
+
+
+def bolt_answers(uri: str, auth: tuple[str, str] | None, timeout_s: float = 3.0) -> bool:
+    return bolt_probe(uri, auth, timeout_s) == "ok"
+
+
+def _command_line(pid: int) -> str | None:
+    """A live process's arguments, joined by spaces; None for no such process (or a zombie)."""
+    if Path("/proc/self/cmdline").exists():
+        return _proc_command_line(pid)
+    try:  # no /proc (macOS): ask ps
+        proc = subprocess.run(["ps", "-o", "command=", "-p", str(pid)],
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (proc.stdout.strip() or None) if proc.returncode == 0 else None
+
+
+def _proc_command_line(pid: int) -> str | None:
+    proc = Path(f"/proc/{pid}")
+    for _ in range(50):
+        try:
+            raw = (proc / "cmdline").read_bytes()
+            if raw:
+                return " ".join(arg.decode(errors="replace") for arg in raw.split(b"\0") if arg)
+            # Empty: a zombie (gone for good), or a process in the middle of exec,
+            # as the launcher is just after Popen returns (then it soon reads fine).
+            if (proc / "stat").read_text().rpartition(")")[2].split()[0] in "ZX":
+                return None
+        except (OSError, IndexError):
+            return None
+        time.sleep(0.01)
+    return None
+
+
+def _write_new_password(path: Path) -> None:
+    """Write a fresh password atomically: a concurrent flowdb sees no file or all of it,
+    and the first writer's password wins."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with open(fd, "w") as out:
+            out.write(secrets.token_urlsafe(32) + "\n")
+        os.link(partial, path)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise Neo4jUnavailable(f"cannot write the managed Neo4j's password to {path} "
+                               f"({exc.strerror})") from None
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "wb") as out:
+        out.write(data)
+    make_private(path)  # O_CREAT's mode does not apply to a file that already existed
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _reap(pid: int) -> None:

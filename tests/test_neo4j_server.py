@@ -1,8 +1,13 @@
+import http.server
 import os
+import stat
+import subprocess
+import threading
 
 import pytest
-
 from click.testing import CliRunner
+from neo4j import GraphDatabase
+from neo4j.exceptions import AuthError, ClientError
 
 from conftest import _free_port
 from flowdb.cli import cli
@@ -10,13 +15,29 @@ from flowdb.neo4j_server import ManagedServer, bolt_answers
 from flowdb.settings import flowdb_home
 
 
-def test_start_status_stop_cycle(neo4j_settings, tmp_path, monkeypatch):
-    """A second managed server, sharing the session's jars, goes up and down on request."""
+@pytest.fixture
+def managed(neo4j_settings) -> ManagedServer:
+    """The session's managed server (its FLOWDB_HOME is private to the session)."""
+    if not neo4j_settings.managed:
+        pytest.skip("the session's server is a container, not flowdb's managed Neo4j")
+    return ManagedServer.default()
+
+
+def _share_session_jars(root) -> None:
     session_lib = flowdb_home() / "neo4j" / "lib"
-    root = tmp_path / "home" / "neo4j"
-    root.mkdir(parents=True)
+    root.mkdir(parents=True, exist_ok=True)
     if session_lib.exists():
         os.symlink(session_lib, root / "lib")
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_start_status_stop_cycle(neo4j_settings, tmp_path, monkeypatch):
+    """A second managed server, sharing the session's jars, goes up and down on request."""
+    root = tmp_path / "home" / "neo4j"
+    _share_session_jars(root)
     port = _free_port()
     monkeypatch.setenv("FLOWDB_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("FLOWDB_NEO4J_PORT", str(port))
@@ -26,7 +47,7 @@ def test_start_status_stop_cycle(neo4j_settings, tmp_path, monkeypatch):
         started = runner.invoke(cli, ["neo4j", "start"])
         assert started.exit_code == 0, started.output
         assert f"bolt://127.0.0.1:{port}" in started.output
-        assert bolt_answers(f"bolt://127.0.0.1:{port}", None)
+        assert bolt_answers(f"bolt://127.0.0.1:{port}", ManagedServer.default().auth())
         assert runner.invoke(cli, ["neo4j", "status"]).exit_code == 0
         assert (root / "logs" / "server.log").exists() and (root / "dbms").is_dir()
         stopped = runner.invoke(cli, ["neo4j", "stop"])
@@ -47,3 +68,99 @@ def test_a_stranger_on_the_port_is_not_taken_for_ours(neo4j_settings, tmp_path, 
     result = CliRunner().invoke(cli, ["neo4j", "start"])
     assert result.exit_code == 1
     assert f"another Neo4j already answers on bolt://127.0.0.1:{port}" in result.output
+
+
+@pytest.mark.parametrize("auth", [None, ("neo4j", "neo4j"), ("neo4j", "wrong-password")],
+                         ids=["no credentials", "default password", "wrong password"])
+def test_only_the_generated_password_logs_in(managed, auth):
+    with GraphDatabase.driver(managed.uri, auth=auth) as driver, pytest.raises(AuthError):
+        driver.verify_connectivity()
+    with GraphDatabase.driver(managed.uri, auth=managed.auth()) as driver:
+        driver.verify_connectivity()
+
+
+def _load_csv(server: ManagedServer, url: str):
+    with GraphDatabase.driver(server.uri, auth=server.auth()) as driver:
+        return driver.execute_query("LOAD CSV FROM $url AS row RETURN row LIMIT 1", url=url)
+
+
+def test_load_csv_reads_no_local_file(managed):
+    for url in ("file:///etc/passwd", "file:///passwd"):
+        with pytest.raises(ClientError, match="allow_csv_import_from_file_urls"):
+            _load_csv(managed, url)
+
+
+class _CsvHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"a,b\n1,2\n"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/csv")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_load_csv_fetches_no_url(managed):
+    port = _free_port()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), _CsvHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        from urllib.request import urlopen
+
+        with urlopen(f"http://127.0.0.1:{port}/rows.csv", timeout=5) as reply:
+            assert reply.read() == b"a,b\n1,2\n"  # the server does serve the file
+        for host in ("127.0.0.1", "localhost"):
+            with pytest.raises(ClientError, match="blocked"):
+                _load_csv(managed, f"http://{host}:{port}/rows.csv")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_files_are_private_to_their_owner(managed):
+    home = flowdb_home()
+    assert _mode(home) == 0o700 and _mode(managed.root) == 0o700
+    assert _mode(managed.password_file) == 0o600
+    command = subprocess.run(["ps", "-ww", "-o", "args=", "-p", str(managed.pid())],
+                             capture_output=True, text=True).stdout
+    assert "FlowdbNeo4j" in command and managed.auth()[1] not in command
+    exposed = [str(path) for path in managed.root.rglob("*")
+               if not path.is_symlink() and path.stat().st_mode & 0o077]
+    assert exposed == []
+
+
+def test_a_stranger_pid_is_neither_killed_nor_waited_for(neo4j_settings, tmp_path):
+    """A pid file naming an unrelated process: stop leaves it alone, start ignores it.
+
+    The home is laid out as an older flowdb left it: world-readable, no password."""
+    root = tmp_path / "neo4j"
+    _share_session_jars(root)
+    os.chmod(root, 0o755)
+    (root / "logs").mkdir(mode=0o755)
+    (root / "logs" / "server.log").write_text("an older server's log\n")
+    os.chmod(root / "logs" / "server.log", 0o644)
+    server = ManagedServer(root, _free_port())
+    stranger = subprocess.Popen(["sleep", "600"])
+    try:
+        server.pid_file.write_text(str(stranger.pid))
+        assert server.pid() is None
+        assert server.stop() is False
+        assert stranger.poll() is None and not server.pid_file.exists()
+
+        server.pid_file.write_text(str(stranger.pid))
+        # Trusting the pid file, start would wait START_TIMEOUT_S for the stranger, then fail.
+        server.start(heap="512m", page_cache_mb=64)
+        assert stranger.poll() is None
+        assert server.pid() not in (None, stranger.pid)
+        assert bolt_answers(server.uri, server.auth())
+        assert _mode(root) == 0o700 and _mode(server.password_file) == 0o600
+        assert _mode(root / "logs") == 0o700 and _mode(root / "logs" / "server.log") == 0o600
+        assert server.stop() is True
+        assert stranger.poll() is None
+    finally:
+        server.stop()
+        stranger.kill()
+        stranger.wait()
