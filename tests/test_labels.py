@@ -1,13 +1,15 @@
 import gzip
 import json
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from click.testing import CliRunner
 
 from flowdb.cli import cli
-from flowdb.errors import FlowdbError
+from flowdb.errors import DatabaseError, FlowdbError
 from flowdb.ingest import ingest
 from flowdb.labels import fetch_labels, import_labels
 from flowdb.manifest import load_manifest
@@ -51,27 +53,40 @@ def write_export(root, rows_by_source):
                     handle.write(json.dumps(row) + "\n")
 
 
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def stored_explanations(db):
+    return db.read("MATCH (e:Explanation) RETURN count(e) AS n")[0]["n"]
+
+
+def labelled_features(db):
+    return db.read("MATCH (f:Feature) WHERE f.label IS NOT NULL RETURN count(f) AS n")[0]["n"]
+
+
 def test_import_export_layout_with_counts(labelled_pack, tmp_path):
     db = labelled_pack
     res_rows = [export_row(i, "2-planted-res", i, f"residual concept {i}") for i in range(1100)]  # two batches
     res_rows.append(export_row(5000, "2-planted-res", 7, "a second explanation of 7"))
     res_rows.append(export_row(5001, "2-planted-res", 512, "beyond the width"))
     mlp_rows = [export_row(6000 + i, "1-planted-mlp", i, f"mlp concept {i}") for i in range(10)]
-    stray = [export_row(7000, "9-other-res", 0, "unknown source"), export_row(7001, "1-planted-mlp", "x", "bad")]
+    stray = [export_row(7000, "9-other-res", 0, "unknown source")]
     write_export(tmp_path, {"2-planted-res": res_rows, "1-planted-mlp": mlp_rows + stray})
     report = import_labels(db, tmp_path)
-    assert report.rows == 1100 + 2 + 10 + 2
-    assert report.unmatched == {"with an index beyond the SAE's width": 589, "with an unknown model/source": 1,
-                                "with a non-integer index": 1}
+    assert report.rows == 1100 + 2 + 10 + 1
+    assert report.unmatched == {"with an index beyond the SAE's width": 589, "with an unknown model/source": 1}
     assert report.explanations == 512 + 1 + 10
     assert report.features == 512 + 10
+    assert report.files == 3
     stored = db.read("MATCH (e:Explanation)-[:EXPLAINS]->(f:Feature {key: 'planted/2/res/7'}) "
                      "RETURN e.description AS d, e.explanationModelName AS m, f.label AS label ORDER BY d")
     assert [r["d"] for r in stored] == ["a second explanation of 7", "residual concept 7"]
     assert {r["label"] for r in stored} == {"residual concept 7"}  # first by id: clx000007 < clx005000
     assert "589 with an index beyond the SAE's width" in report.summary()
     again = import_labels(db, tmp_path)  # importing twice stores nothing new
-    assert db.read("MATCH (e:Explanation) RETURN count(e) AS n")[0]["n"] == 512 + 1 + 10
+    assert stored_explanations(db) == 512 + 1 + 10
     assert again.explanations == report.explanations
 
 
@@ -80,7 +95,7 @@ def test_import_single_files(labelled_pack, tmp_path, form):
     rows = [export_row(i, "0-planted-res", i, f"concept {i}") for i in range(3)]
     path = tmp_path / ("rows.jsonl" if form == "jsonl" else "rows.json")
     if form == "jsonl":
-        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        write_jsonl(path, rows)
     else:
         path.write_text(json.dumps(rows if form == "json" else {"explanations": rows}))
     report = import_labels(labelled_pack, path)
@@ -92,75 +107,281 @@ def test_import_errors_name_the_file(labelled_pack, tmp_path):
     bad.write_text('{"modelId": "planted-model", "layer": "0-planted-res", "index": "1"}\n')
     with pytest.raises(FlowdbError, match="bad.jsonl: row 1 lacks description"):
         import_labels(labelled_pack, bad)
-    assert labelled_pack.read("MATCH (e:Explanation) RETURN count(e) AS n")[0]["n"] == 0
+    assert stored_explanations(labelled_pack) == 0
+    result = CliRunner().invoke(cli, ["labels", "import", str(bad)])
+    assert result.exit_code == 1 and "row 1 lacks description" in result.output
+    assert "Traceback" not in result.output and result.output.strip().count("\n") == 0
     result = CliRunner().invoke(cli, ["labels", "import", str(tmp_path)])
     assert result.exit_code == 1 and "no explanations/*.jsonl(.gz) files" in result.output
+
+
+def test_a_bad_row_after_5000_stores_nothing_of_the_file(labelled_pack, tmp_path):
+    db = labelled_pack
+    rows = [export_row(i, f"{i // 512 % 4}-planted-res", i % 512, f"concept {i}") for i in range(5001)]
+    bad = export_row(5001, "1-planted-res", 0, "the bad one")
+    bad["index"] = 3.7
+    path = write_jsonl(tmp_path / "rows.jsonl", rows + [bad])
+    with pytest.raises(FlowdbError) as caught:
+        import_labels(db, path)
+    message = str(caught.value)
+    assert "rows.jsonl" in message and "row 5002" in message and "index" in message and "\n" not in message
+    assert stored_explanations(db) == 0
+    assert labelled_features(db) == 0
+
+    bad["index"] = 3
+    write_jsonl(path, rows + [bad])
+    report = import_labels(db, path)
+    features = {(row["layer"], str(row["index"])) for row in rows + [bad]}
+    assert report.explanations == stored_explanations(db) == 5002
+    assert report.features == labelled_features(db) == len(features)
+
+
+@pytest.mark.parametrize("index", [3.7, True, -1, "3a", "-1", " 3", None, [3]])
+def test_bad_indexes_are_refused(labelled_pack, tmp_path, index):
+    good = export_row(1, "0-planted-res", 1, "good")
+    bad = {**export_row(2, "0-planted-res", 0, "bad"), "index": index}
+    path = write_jsonl(tmp_path / "rows.jsonl", [good, bad])
+    with pytest.raises(FlowdbError) as caught:
+        import_labels(labelled_pack, path)
+    message = str(caught.value)
+    assert "row 2" in message and "index" in message and "\n" not in message
+    assert stored_explanations(labelled_pack) == 0
+
+
+def test_index_as_digits_or_integer_is_accepted(labelled_pack, tmp_path):
+    rows = [export_row(1, "0-planted-res", 0, "as text"), export_row(2, "0-planted-res", 0, "as integer")]
+    rows[0]["index"], rows[1]["index"] = "3", 3
+    report = import_labels(labelled_pack, write_jsonl(tmp_path / "rows.jsonl", rows))
+    assert report.explanations == 2
+    stored = labelled_pack.read("MATCH (e:Explanation)-[:EXPLAINS]->(f:Feature {key: 'planted/0/res/3'}) "
+                                "RETURN e.description AS d, e.index AS i, f.label AS label ORDER BY d")
+    assert [(r["d"], r["i"]) for r in stored] == [("as integer", 3), ("as text", 3)]
+    assert stored[0]["label"] == "as text"  # first by id: clx000001
+
+
+@pytest.mark.parametrize("name, value", [
+    ("typeName", {"kind": "oai"}), ("description", 5), ("explanationModelName", ["gpt"]),
+    ("authorId", 3), ("scores", "high"), ("modelId", 7), ("layer", 0), ("id", {"x": 1})])
+def test_wrong_property_types_are_refused(labelled_pack, tmp_path, name, value):
+    rows = [export_row(1, "0-planted-res", 1, "good"), {**export_row(2, "0-planted-res", 2, "bad"), name: value}]
+    with pytest.raises(FlowdbError) as caught:
+        import_labels(labelled_pack, write_jsonl(tmp_path / "rows.jsonl", rows))
+    assert not isinstance(caught.value, DatabaseError)  # refused before Neo4j sees it
+    message = str(caught.value)
+    assert "row 2" in message and name in message and "Neo" not in message and "\n" not in message
+    assert stored_explanations(labelled_pack) == 0
+
+
+def test_earlier_files_stay_committed_and_a_rerun_completes(labelled_pack, tmp_path):
+    db = labelled_pack
+    rows = [export_row(i, "2-planted-res", i % 512, f"concept {i}") for i in range(1100)]  # files of 1024 + 76
+    rows[1030]["description"] = {"text": "not a string"}
+    write_export(tmp_path, {"2-planted-res": rows})
+    with pytest.raises(FlowdbError) as caught:
+        import_labels(db, tmp_path)
+    message = str(caught.value)
+    assert "batch-1.jsonl.gz" in message and f"row {1030 - 1024 + 1}" in message and "description" in message
+    assert "1 earlier file(s) with 1024 explanations" in message
+    assert stored_explanations(db) == 1024
+    rows[1030]["description"] = "fixed"
+    write_export(tmp_path, {"2-planted-res": rows})
+    report = import_labels(db, tmp_path)
+    assert report.explanations == stored_explanations(db) == 1100
+    assert labelled_features(db) == 512
+
+
+# --- fetch ---------------------------------------------------------------------------------
+
+def explained(handler, model, source, index):
+    body = {"modelId": model, "layer": source, "index": index, "explanations": [
+        {"id": f"{source}-{index}-a", "description": f"weak {index}", "typeName": "oai_token-act-pair",
+         "explanationModelName": "gpt-4o-mini", "scores": [{"value": 0.2}]},
+        {"id": f"{source}-{index}-b", "description": f"strong {index}", "typeName": "oai_token-act-pair",
+         "explanationModelName": "claude", "scores": [{"value": 0.9}]},
+    ]}
+    send_body(json.dumps(body).encode())(handler, model, source, index)
+
+
+def send_body(payload: bytes):
+    def answer(handler, *_):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(payload)))
+        handler.end_headers()
+        handler.wfile.write(payload)
+    return answer
+
+
+def status(code, retry_after=None):
+    def answer(handler, *_):
+        handler.send_response(code)
+        if retry_after is not None:
+            handler.send_header("Retry-After", retry_after)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+    return answer
+
+
+def trickle(handler, model, source, index):
+    """A whole, valid answer, one byte a second."""
+    payload = json.dumps({"explanations": [{"id": "slow", "description": "slow"}]}).encode()
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(payload)))
+    handler.end_headers()
+    try:
+        for byte in payload:
+            handler.wfile.write(bytes([byte]))
+            handler.wfile.flush()
+            time.sleep(1.0)
+    except OSError:  # the client gave up
+        pass
 
 
 class FakeNeuronpedia(BaseHTTPRequestHandler):
     """Speaks GET /api/feature/{modelId}/{source}/{index} as Neuronpedia does."""
 
-    seen: list = []
-    throttle_once = True
+    seen: list = []  # (path, x-api-key, monotonic time)
+    plans: dict = {}  # index -> answers given in turn; the last one repeats
 
     def do_GET(self):  # noqa: N802
-        FakeNeuronpedia.seen.append((self.path, self.headers.get("x-api-key")))
+        FakeNeuronpedia.seen.append((self.path, self.headers.get("x-api-key"), time.monotonic()))
         parts = self.path.strip("/").split("/")
-        if FakeNeuronpedia.throttle_once:
-            FakeNeuronpedia.throttle_once = False
-            self.send_response(429)
-            self.send_header("Retry-After", "0")
-            self.end_headers()
-            return
-        if parts[:2] != ["api", "feature"] or len(parts) != 5 or parts[4] == "3":
-            self.send_response(404)
-            self.end_headers()
-            return
-        model, source, index = parts[2:]
-        body = {"modelId": model, "layer": source, "index": index, "explanations": [
-            {"id": f"{source}-{index}-a", "description": f"weak {index}", "typeName": "oai_token-act-pair",
-             "explanationModelName": "gpt-4o-mini", "scores": [{"value": 0.2}]},
-            {"id": f"{source}-{index}-b", "description": f"strong {index}", "typeName": "oai_token-act-pair",
-             "explanationModelName": "claude", "scores": [{"value": 0.9}]},
-        ]}
-        payload = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        if parts[:2] != ["api", "feature"] or len(parts) != 5:
+            return status(404)(self)
+        plan = FakeNeuronpedia.plans.get(parts[4], [explained])
+        answer = plan.pop(0) if len(plan) > 1 else plan[0]
+        answer(self, *parts[2:])
 
     def log_message(self, *args):
         pass
 
 
+def asked(index):
+    """The times feature (layer 0, res, index) was asked for."""
+    return [t for path, _, t in FakeNeuronpedia.seen if path == f"/api/feature/planted-model/0-planted-res/{index}"]
+
+
 @pytest.fixture
 def neuronpedia_server():
-    FakeNeuronpedia.seen, FakeNeuronpedia.throttle_once = [], True
+    FakeNeuronpedia.seen, FakeNeuronpedia.plans = [], {}
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeNeuronpedia)
+    server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/api"
     server.shutdown()
+    server.server_close()
+
+
+def fetch(db, url, **options):
+    return fetch_labels(db, "planted", module="res", api_url=url, requests_per_second=50,
+                        progress=False, **{"limit": 2, **options})
+
+
+def problems(db, indexes):
+    return [(r["fetched"], r["problem"], r["label"]) for r in db.read(
+        "UNWIND $indexes AS i MATCH (f:Feature {key: 'planted/0/res/' + toString(i)}) "
+        "RETURN f.np_fetched IS NOT NULL AS fetched, f.np_problem AS problem, f.label AS label",
+        indexes=indexes)]
 
 
 def test_fetch_fills_labels_politely_and_resumes(labelled_pack, neuronpedia_server, monkeypatch):
     monkeypatch.setenv("NEURONPEDIA_API_KEY", "secret")
+    FakeNeuronpedia.plans = {"0": [status(429, "0"), explained], "3": [status(404)]}
     db = labelled_pack
-    report = fetch_labels(db, "planted", limit=5, module="res", api_url=neuronpedia_server,
-                          requests_per_second=50, progress=False)
-    assert (report.fetched, report.not_found) == (4, 1)  # index 3 is unknown to the server
-    assert all(key == "secret" for _, key in FakeNeuronpedia.seen)
-    assert FakeNeuronpedia.seen[0][0] == FakeNeuronpedia.seen[1][0] == "/api/feature/planted-model/0-planted-res/0"
+    report = fetch(db, neuronpedia_server, limit=5)
+    assert (report.fetched, report.not_found, report.failed) == (4, 1, 0)  # index 3 is unknown to the server
+    assert all(key == "secret" for _, key, _ in FakeNeuronpedia.seen)
+    assert len(asked(0)) == 2
     labels = db.read("MATCH (f:Feature {pack: 'planted', layer: 0, module: 'res'}) WHERE f.index < 5 "
                      "RETURN f.index AS i, f.label AS label ORDER BY i")
     assert [r["label"] for r in labels] == ["strong 0", "strong 1", "strong 2", None, "strong 4"]
-    asked = len(FakeNeuronpedia.seen)
-    second = fetch_labels(db, "planted", limit=2, module="res", api_url=neuronpedia_server,
-                          requests_per_second=50, progress=False)
+    count = len(FakeNeuronpedia.seen)
+    second = fetch(db, neuronpedia_server, limit=2)
     assert second.fetched == 2
-    assert [p for p, _ in FakeNeuronpedia.seen[asked:]] == [
+    assert [p for p, _, _ in FakeNeuronpedia.seen[count:]] == [
         "/api/feature/planted-model/0-planted-res/5", "/api/feature/planted-model/0-planted-res/6"]
+
+
+def test_a_trickling_answer_hits_the_deadline_and_the_run_goes_on(labelled_pack, neuronpedia_server):
+    FakeNeuronpedia.plans = {"0": [trickle]}
+    started = time.monotonic()
+    report = fetch(labelled_pack, neuronpedia_server, request_deadline_s=2)
+    elapsed = time.monotonic() - started
+    assert (report.failed, report.fetched) == (1, 1)
+    assert elapsed < 2 + 3  # the answer alone would take a minute
+    (fetched0, problem0, label0), (fetched1, problem1, label1) = problems(labelled_pack, [0, 1])
+    assert fetched0 and problem0 and "deadline" in problem0 and label0 is None
+    assert fetched1 and problem1 is None and label1 == "strong 1"
+    assert "1 failed" in report.summary()
+
+
+@pytest.mark.parametrize("answer", [b"[1, 2]", b'{"explanations": "none"}', b"<html>busy</html>",
+                                    b'{"explanations": [{"id": "x", "description": 5}]}'])
+def test_an_unusable_answer_is_recorded_and_not_asked_again(labelled_pack, neuronpedia_server, answer):
+    FakeNeuronpedia.plans = {"0": [send_body(answer)]}
+    report = fetch(labelled_pack, neuronpedia_server)
+    assert (report.failed, report.fetched) == (1, 1)
+    (fetched0, problem0, label0), = problems(labelled_pack, [0])
+    assert fetched0 and problem0 and label0 is None
+    assert stored_explanations(labelled_pack) == 2  # feature 1's two
+    second = fetch(labelled_pack, neuronpedia_server)
+    assert (second.failed, second.fetched) == (0, 2)
+    assert len(asked(0)) == 1 and len(asked(2)) == len(asked(3)) == 1
+
+
+def test_429_with_retry_after_is_waited_for_then_answered(labelled_pack, neuronpedia_server):
+    FakeNeuronpedia.plans = {"0": [status(429, "1"), explained]}
+    report = fetch(labelled_pack, neuronpedia_server, limit=1, backoff_s=0)
+    assert (report.fetched, report.failed) == (1, 0)
+    first, second = asked(0)
+    assert second - first >= 1.0 - 0.05  # what Retry-After said
+    assert problems(labelled_pack, [0]) == [(True, None, "strong 0")]
+
+
+def test_a_503_that_never_recovers_ends_after_the_bounded_retries(labelled_pack, neuronpedia_server):
+    FakeNeuronpedia.plans = {"0": [status(503)]}
+    retries, backoff = 3, 0.2
+    # urllib3's documented backoff: none before the first retry, then backoff * 2^n.
+    sleeps = [0.0] + [backoff * 2 ** n for n in range(1, retries)]
+    next_sleep = backoff * 2 ** retries
+    started = time.monotonic()
+    report = fetch(labelled_pack, neuronpedia_server, retries=retries, backoff_s=backoff)
+    elapsed = time.monotonic() - started
+    assert (report.failed, report.fetched) == (1, 1)
+    tries = asked(0)
+    assert len(tries) == retries + 1
+    assert tries[-1] - tries[0] >= sum(sleeps) - 0.05
+    assert asked(1)[0] - tries[-1] < next_sleep / 2  # no sleep after the last try
+    assert elapsed < sum(sleeps) + next_sleep / 2
+    (fetched0, problem0, label0), = problems(labelled_pack, [0])
+    assert fetched0 and "503" in problem0 and label0 is None
+
+
+def test_being_throttled_for_good_stops_the_run_unrecorded(labelled_pack, neuronpedia_server):
+    FakeNeuronpedia.plans = {"0": [status(429, "0")]}
+    with pytest.raises(FlowdbError, match="429"):
+        fetch(labelled_pack, neuronpedia_server, retries=2, backoff_s=0)
+    assert len(asked(0)) == 3 and not asked(1)
+    assert problems(labelled_pack, [0]) == [(False, None, None)]
+
+
+@pytest.mark.parametrize("code", [401, 403])
+def test_a_refused_key_says_to_set_it(labelled_pack, neuronpedia_server, code):
+    FakeNeuronpedia.plans = {"0": [status(code)]}
+    with pytest.raises(FlowdbError, match="NEURONPEDIA_API_KEY"):
+        fetch(labelled_pack, neuronpedia_server)
+    assert problems(labelled_pack, [0]) == [(False, None, None)]
+
+
+def test_an_unreachable_server_stops_the_run_unrecorded(labelled_pack):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    with pytest.raises(FlowdbError, match="cannot reach"):
+        fetch(labelled_pack, f"http://127.0.0.1:{port}/api", retries=1, backoff_s=0)
+    assert problems(labelled_pack, [0]) == [(False, None, None)]
 
 
 def test_fetch_cli_unknown_pack(labelled_pack, neuronpedia_server):
