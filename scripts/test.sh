@@ -3,5 +3,6 @@
 # Neo4j (testcontainers when Docker answers, else flowdb's managed server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh full    # core, model and test extras, and the offline SmolLM2-135M
+.venv/bin/ruff check flowdb tests benchmarks    # lint first: it takes a second
 exec .venv/bin/python -m pytest "$@"
