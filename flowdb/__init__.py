@@ -10,7 +10,6 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 from flowdb.errors import FlowdbError
 
 
-
 def query(name: str, db=None, **params):
     """Run a query template (see `flowdb query --list`); returns a pandas DataFrame.
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import random
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from flowdb.errors import FlowdbError
 
@@ -40,7 +41,7 @@ def texts(name: str, seed: int = 0) -> Iterator[str]:
     return TEXTS[name](seed)
 
 
-def token_windows(tokenizer, name: str, n_windows: int, context: int, seed: int = 0) -> "torch.Tensor":
+def token_windows(tokenizer, name: str, n_windows: int, context: int, seed: int = 0) -> torch.Tensor:
     """n_windows token sequences of length context, one per text, from its start."""
     import torch
 

@@ -57,7 +57,7 @@ class ReferenceGraph:
             self.into.setdefault(edge[1], []).append(edge)
             self.out_of.setdefault(edge[0], []).append(edge)
         top1: dict[tuple[str, str], float] = {}
-        for src, dst, kind, cos, rank in self.edges:
+        for _src, dst, kind, cos, rank in self.edges:
             if rank == 1:
                 top1[(dst, kind)] = cos
         self.category = {}

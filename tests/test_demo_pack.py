@@ -3,12 +3,12 @@ import json
 import torch
 from sae_lens import SAE
 
+from conftest import TINY_DEMO
 from flowdb.demo_pack import DemoPackSpec, build_demo_pack, sae_quality
 from flowdb.hooks import capture
 from flowdb.ingest import ingest
 from flowdb.manifest import parse_manifest
 from flowdb.texts import token_windows
-from conftest import TINY_DEMO
 
 SPEC = DemoPackSpec(**TINY_DEMO)
 

@@ -12,7 +12,7 @@ SPEC = GroupsSpec(samples=12, tokens_per_sample=4, top_k=(1, 3), seed=5)
 def test_groups_match_a_direct_count(ingested, smollm2):
     db = ingested
     table = activation_groups(db, "tiny", SPEC, model_and_tokenizer=smollm2)
-    for (layer, k), part in table.groupby(["layer", "top_k"]):
+    for (_layer, _k), part in table.groupby(["layer", "top_k"]):
         assert part["share"].sum() == pytest.approx(1.0)
         assert list(part["group"]) == list(GROUPS)
     # Independently: feature by feature, token by token, from the stored edges.

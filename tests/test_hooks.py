@@ -8,8 +8,7 @@ N_LAYERS = 3
 
 
 def tiny_model(kind):
-    from transformers import (Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel,
-                              LlamaConfig, LlamaForCausalLM)
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     if kind == "llama":

@@ -5,8 +5,7 @@ import pytest
 from click.testing import CliRunner
 
 from flowdb.cli import cli
-from flowdb.steering import (GenerationSpec, ProxyJudge, Steerer, SteeringSpec, coefficients,
-                             select_features)
+from flowdb.steering import GenerationSpec, ProxyJudge, Steerer, SteeringSpec, coefficients, select_features
 
 GEN = GenerationSpec(prompt="I think ", max_new_tokens=12, seed=3)
 
