@@ -43,8 +43,8 @@ class SteeringSpec:
     s_end: float = 1.0
     r: float = 0.0
     layer: int | None = None
-    t_res: float = 0.5
-    t_mod: float = 0.15
+    t_res: float | None = None  # None: the thresholds stored with the build
+    t_mod: float | None = None
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,8 @@ def grid(steerer: Steerer, base: SteeringSpec, generation: GenerationSpec, theme
     default = steerer.generate(generation)
     reference = judge.perplexity(generation.prompt, default)
     ids = steerer.tokenizer(generation.prompt, return_tensors="pt").input_ids
-    rows = [{"strategy": "none", "s": 0.0, "text": default, **judge.score(generation.prompt, default, theme, reference)}]
+    unsteered = judge.score(generation.prompt, default, theme, reference)
+    rows = [{"strategy": "none", "s": 0.0, "text": default, **unsteered}]
     for strategy in tqdm(strategies, desc="grid", disable=None if progress is None else not progress):
         for s in strengths:
             spec = replace(base, strategy=strategy, s=s)

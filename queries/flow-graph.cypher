@@ -4,19 +4,20 @@
 // answers: attention features feeding each chain step at or above t_mod. Node rows and edge rows
 // answers: in one result (element = node | edge); `flowdb plot flow` draws it.
 // param: feature string required  the seed feature, PACK/LAYER/MODULE/INDEX
-// param: t_res float 0.5  residual chain cut-off
-// param: t_mod float 0.15  MLP/attention cut-off
+// param: t_res float null  residual cut-off (default: the thresholds stored with the build)
+// param: t_mod float null  MLP/attention cut-off (default: the thresholds stored with the build)
 // param: max_rank int 1  use only edges of rank at most max_rank
+// param: every_edge bool false  follow every stored edge, whatever its cosine
 // columns: element, key, layer, module, index, category, label, url, role, source, target, kind, cosine
 MATCH (seed:Feature {key: $feature})
 CALL (seed) {
   MATCH (seed)<-[back:RESIDUAL*0..]-(a:Feature)
-  WHERE all(r IN back WHERE r.cosine >= $t_res AND r.rank <= $max_rank)
+  WHERE all(r IN back WHERE r.rank <= $max_rank AND ($every_edge OR coalesce(r.cosine >= $t_res, r.above)))
   RETURN a AS member
   UNION
   MATCH (seed)-[fwd:RESIDUAL|MLP|ATTENTION*1..]->(d:Feature)
   WHERE all(r IN fwd WHERE r.rank <= $max_rank
-            AND r.cosine >= CASE type(r) WHEN 'RESIDUAL' THEN $t_res ELSE $t_mod END)
+            AND ($every_edge OR CASE type(r) WHEN 'RESIDUAL' THEN coalesce(r.cosine >= $t_res, r.above) ELSE coalesce(r.cosine >= $t_mod, r.above) END))
   RETURN d AS member
 }
 WITH seed, collect(DISTINCT member) AS chain
@@ -24,7 +25,7 @@ CALL (seed, chain) {
   UNWIND chain AS c
   MATCH (p:Feature)-[e:RESIDUAL|MLP|ATTENTION]->(c)
   WHERE e.rank <= $max_rank
-    AND CASE type(e) WHEN 'RESIDUAL' THEN e.cosine >= $t_res AND p IN chain ELSE e.cosine >= $t_mod END
+    AND ($every_edge OR CASE type(e) WHEN 'RESIDUAL' THEN coalesce(e.cosine >= $t_res, e.above) ELSE coalesce(e.cosine >= $t_mod, e.above) END) AND (type(e) <> 'RESIDUAL' OR p IN chain)
   RETURN collect({source: p, target: c, kind: toLower(type(e)), cosine: e.cosine}) AS links
 }
 WITH seed, links, chain + [l IN links | l.source] AS members

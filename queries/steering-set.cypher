@@ -3,19 +3,20 @@
 // answers: MLP/attention inputs, one row per feature, with the layer offset from the seed and the
 // answers: cosine that ties it into the graph (1.0 for the seed), which coefficient schedules read.
 // param: feature string required  the seed feature, PACK/LAYER/MODULE/INDEX
-// param: t_res float 0.5  residual chain cut-off
-// param: t_mod float 0.15  MLP/attention cut-off
+// param: t_res float null  residual cut-off (default: the thresholds stored with the build)
+// param: t_mod float null  MLP/attention cut-off (default: the thresholds stored with the build)
 // param: max_rank int 1  use only edges of rank at most max_rank
+// param: every_edge bool false  follow every stored edge, whatever its cosine
 // columns: layer, offset, key, module, index, role, score, label
 MATCH (seed:Feature {key: $feature})
 CALL (seed) {
   MATCH (seed)<-[back:RESIDUAL*0..]-(a:Feature)
-  WHERE all(r IN back WHERE r.cosine >= $t_res AND r.rank <= $max_rank)
+  WHERE all(r IN back WHERE r.rank <= $max_rank AND ($every_edge OR coalesce(r.cosine >= $t_res, r.above)))
   RETURN a AS member, CASE size(back) WHEN 0 THEN 1.0 ELSE last(back).cosine END AS score
   UNION
   MATCH (seed)-[fwd:RESIDUAL|MLP|ATTENTION*1..]->(d:Feature)
   WHERE all(r IN fwd WHERE r.rank <= $max_rank
-            AND r.cosine >= CASE type(r) WHEN 'RESIDUAL' THEN $t_res ELSE $t_mod END)
+            AND ($every_edge OR CASE type(r) WHEN 'RESIDUAL' THEN coalesce(r.cosine >= $t_res, r.above) ELSE coalesce(r.cosine >= $t_mod, r.above) END))
   RETURN d AS member, last(fwd).cosine AS score
 }
 WITH seed, member, max(score) AS score
@@ -24,7 +25,7 @@ CALL (chain) {
   UNWIND chain AS c
   WITH c.node AS step, [x IN chain | x.node] AS residual
   MATCH (p:Feature)-[e:MLP|ATTENTION]->(step)
-  WHERE e.rank <= $max_rank AND e.cosine >= $t_mod AND NOT p IN residual
+  WHERE e.rank <= $max_rank AND ($every_edge OR coalesce(e.cosine >= $t_mod, e.above)) AND NOT p IN residual
   RETURN p AS member, max(e.cosine) AS score
 }
 WITH seed, chain, collect({node: member, score: score}) AS inputs
