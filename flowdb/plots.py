@@ -1,12 +1,15 @@
 """Pictures of the flow: one feature's flow graph, and a pack's origins per layer.
 
-PNG and SVG are drawn with matplotlib; HTML with plotly (interactive, hover shows
-key, category, label and Neuronpedia URL; the page carries plotly.js itself, so
-it opens offline). The format comes from the output file's suffix.
+PNG and SVG are drawn with matplotlib; HTML with plotly (interactive: hover shows
+key, category, label and Neuronpedia URL, and a click opens the URL; the page
+carries plotly.js itself, so it opens offline). The format comes from the output
+file's suffix.
 """
 
 from __future__ import annotations
 
+import html
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,11 +50,14 @@ def _pyplot():
     return plt
 
 
-def _save(fig, out: Path) -> Path:
+DPI = 130
+
+
+def _save(fig, out: Path, dpi: float = DPI) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(out, dpi=130)
+    fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
 
@@ -83,20 +89,38 @@ def _stacked_shares(table: pd.DataFrame, colours: dict[str, str], out: Path, tit
 
 
 def flow_layout(graph: pd.DataFrame) -> FlowLayout:
-    """Layers along x; residual features in the middle rows, MLP above, attention below."""
+    """Layers along x; residual features in the middle rows, MLP above, attention below.
+
+    Rows are ordered to keep edges from crossing: a layer's residual features by the
+    mean row of their residual predecessors, and its inputs by the mean row of the
+    features they feed (the input of the highest feature highest, above and below).
+    """
     nodes = graph[graph["element"] == "node"].copy()
     edges = graph[graph["element"] == "edge"].copy()
     if nodes.empty:
         raise FlowdbError("the flow graph is empty: is the feature reference right?")
-    positions = {}
+    sources: dict[str, list[str]] = {}
+    targets: dict[str, list[str]] = {}
+    for edge in edges.itertuples():
+        sources.setdefault(edge.target, []).append(edge.source)
+        targets.setdefault(edge.source, []).append(edge.target)
+    positions: dict[str, tuple[float, float]] = {}
+
+    def mean_row(keys: list[str]) -> float:
+        rows = [positions[k][1] for k in keys if k in positions]
+        return sum(rows) / len(rows) if rows else 0.0
+
     for layer, group in nodes.groupby("layer"):
-        residual = sorted(group.loc[group["module"] == "res", "key"])
+        residual = sorted(group.loc[group["module"] == "res", "key"],
+                          key=lambda k: (mean_row(sources.get(k, [])), k))
         for row, key in enumerate(residual):
             positions[key] = (layer, row - (len(residual) - 1) / 2)
         top = (len(residual) - 1) / 2 if residual else 0
-        for row, key in enumerate(sorted(group.loc[group["module"] == "mlp", "key"])):
+        mlp = sorted(group.loc[group["module"] == "mlp", "key"], key=lambda k: (mean_row(targets.get(k, [])), k))
+        for row, key in enumerate(mlp):
             positions[key] = (layer + MODULE_X_OFFSET["mlp"], top + 1 + row)
-        for row, key in enumerate(sorted(group.loc[group["module"] == "att", "key"])):
+        att = sorted(group.loc[group["module"] == "att", "key"], key=lambda k: (-mean_row(targets.get(k, [])), k))
+        for row, key in enumerate(att):
             positions[key] = (layer + MODULE_X_OFFSET["att"], -top - 1 - row)
     nodes["x"] = nodes["key"].map(lambda k: positions[k][0])
     nodes["y"] = nodes["key"].map(lambda k: positions[k][1])
@@ -108,15 +132,38 @@ def flow_layout(graph: pd.DataFrame) -> FlowLayout:
     return FlowLayout(nodes.reset_index(drop=True), edges.reset_index(drop=True))
 
 
-def _short(row) -> str:
-    name = f"{row['layer']}/{row['module']}/{row['index']}"
-    label = row.get("label")
-    if isinstance(label, str) and label:
-        name += "\n" + (label if len(label) <= 28 else label[:27] + "…")
-    return name
+LABEL_WIDTH = 24  # characters per line of a node's label
+LABEL_LINES = 3  # at most this many lines; longer labels end in "…"
+SEED_RING = {"color": "black", "width": 3}
+
+
+def _text(value) -> str:
+    """A string value, or "" for None, NaN and NA (never "nan")."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return ""
+    return str(value)
+
+
+def _wrapped(label: str) -> list[str]:
+    """label in lines of LABEL_WIDTH characters, at most LABEL_LINES of them."""
+    lines = textwrap.wrap(label, LABEL_WIDTH, max_lines=LABEL_LINES, placeholder=" …")
+    return [line if len(line) <= LABEL_WIDTH else line[:LABEL_WIDTH - 1] + "…" for line in lines]
+
+
+def _name(row) -> str:
+    return f"{row['layer']}/{row['module']}/{row['index']}"
+
+
+# Where a node's label goes: an input's to its left, where no edge runs (every input
+# edge leaves to the right, and those of inputs stacked farther from the chain pass
+# just right of the nearer ones); a residual feature's below and to its right, clear
+# of the input edges that come in from the left and of the chain's edge that leaves
+# to the right.
+LABEL_SIDE = {"mlp": "left", "att": "left", "res": "below right"}
 
 
 def plot_flow(graph: pd.DataFrame, out: str | Path, title: str) -> Path:
+    """Draw a flow graph (the flow-graph template's rows); title should name the thresholds applied."""
     out = _target(out)
     layout = flow_layout(graph)
     if out.suffix == ".html":
@@ -130,59 +177,156 @@ def _width(cosine: float) -> float:
     return 0.5 + 5.0 * max(float(cosine), 0.0)
 
 
+def _extent(nodes: pd.DataFrame) -> tuple[int, float]:
+    """The number of layers drawn and the height of the tallest column, in rows."""
+    return int(nodes["layer"].nunique()), float(nodes["y"].max() - nodes["y"].min())
+
+
+SUBTITLE = "arrows: input → feature; edge width and number: cosine"
+
+
+def _label_point(edge) -> tuple[float, float]:
+    """Where an edge's cosine goes: a chain edge's midpoint; an input edge's 30% mark from the input,
+    since its midpoint can fall on a residual row, over the chain's own edges."""
+    t = 0.5 if edge.kind == "residual" else 0.3
+    return edge.x0 + t * (edge.x1 - edge.x0), edge.y0 + t * (edge.y1 - edge.y0)
+
+
+MAX_PIXELS = 30000  # matplotlib refuses pictures above 2**16 pixels a side; keep well below
+
+
 def _flow_static(layout: FlowLayout, out: Path, title: str) -> None:
+    from matplotlib.lines import Line2D
+
     plt = _pyplot()
     nodes, edges = layout.nodes, layout.edges
-    n_layers = nodes["layer"].nunique()
-    fig, ax = plt.subplots(figsize=(max(6.0, 2.2 * n_layers), 2.0 + 1.2 * (nodes["y"].max() - nodes["y"].min())))
+    n_layers, rows = _extent(nodes)
+    size = (max(7.0, 2.6 * n_layers + 2.2), max(4.0, 2.6 + 1.35 * rows))
+    fig, ax = plt.subplots(figsize=size)
     for edge in edges.itertuples():
         ax.annotate("", xy=(edge.x1, edge.y1), xytext=(edge.x0, edge.y0),
                     arrowprops={"arrowstyle": "-|>", "lw": _width(edge.cosine), "alpha": 0.55,
-                                "color": MODULE_COLOUR[KIND_MODULE[edge.kind]],
-                                "shrinkA": 9, "shrinkB": 9})
-        ax.text((edge.x0 + edge.x1) / 2, (edge.y0 + edge.y1) / 2, f"{edge.cosine:.2f}",
-                fontsize=7, color="#444", ha="center", va="bottom")
+                                "color": MODULE_COLOUR[KIND_MODULE[edge.kind]], "mutation_scale": 14,
+                                "shrinkA": 9, "shrinkB": 9}, zorder=1)
+        ax.text(*_label_point(edge), f"{edge.cosine:.2f}", fontsize=7,
+                color="#333", ha="center", va="center", zorder=2,
+                bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.85})
     for module, group in nodes.groupby("module"):
-        ax.scatter(group["x"], group["y"], s=260, c=MODULE_COLOUR[module], label=MODULE_NAME[module],
-                   edgecolors=["black" if r == "seed" else "white" for r in group["role"]],
-                   linewidths=[2.5 if r == "seed" else 1 for r in group["role"]], zorder=3)
+        ax.scatter(group["x"], group["y"], s=260, c=MODULE_COLOUR[module], edgecolors="white", linewidths=1,
+                   zorder=3)
+    seed = nodes[nodes["role"] == "seed"]
+    ax.scatter(seed["x"], seed["y"], s=420, facecolors="none", edgecolors=SEED_RING["color"],
+               linewidths=SEED_RING["width"], zorder=4)
     for row in nodes.to_dict("records"):
-        ax.text(row["x"], row["y"] - 0.28, _short(row), fontsize=7, ha="center", va="top")
+        text = "\n".join([_name(row), *_wrapped(_text(row["label"]))])
+        if LABEL_SIDE[row["module"]] == "left":
+            ax.text(row["x"] - 0.07, row["y"], text, fontsize=7, ha="right", va="center", zorder=5)
+        else:
+            ax.text(row["x"] + 0.05, row["y"] - 0.16, text, fontsize=7, ha="left", va="top", zorder=5,
+                    bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.7})
     layers = sorted(nodes["layer"].unique())
     ax.set_xticks(layers, [f"layer {int(layer)}" for layer in layers])
     ax.set_yticks([])
-    ax.set_xlim(min(layers) - 0.8, max(layers) + 0.5)
-    ax.set_ylim(nodes["y"].min() - 1.0, nodes["y"].max() + 0.6)
+    ax.set_xlim(nodes["x"].min() - 0.6, max(layers) + 0.75)
+    ax.set_ylim(nodes["y"].min() - 0.7, nodes["y"].max() + 0.5)
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
-    ax.set_title(title + "\nedge width and number: cosine")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
-    _save(fig, out)
+    ax.set_title(f"{title}\n{SUBTITLE}", fontsize=10)
+    handles = [Line2D([], [], linestyle="", marker="o", markersize=10, markerfacecolor=MODULE_COLOUR[m],
+                      markeredgecolor="white", label=MODULE_NAME[m]) for m in MODULE_COLOUR
+               if m in set(nodes["module"])]
+    handles.append(Line2D([], [], linestyle="", marker="o", markersize=12, markerfacecolor="none",
+                          markeredgecolor=SEED_RING["color"], markeredgewidth=SEED_RING["width"], label="seed"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    _save(fig, out, dpi=min(DPI, MAX_PIXELS / max(size)))
+
+
+# Opens a node's Neuronpedia page when its marker is clicked (customdata holds the URL).
+_OPEN_ON_CLICK = """
+var plot = document.getElementById('{plot_id}');
+plot.on('plotly_click', function (event) {
+  var url = event.points.length ? event.points[0].customdata : '';
+  if (typeof url === 'string' && /^https?:\\/\\//.test(url)) { window.open(url, '_blank', 'noopener'); }
+});
+"""
+
+
+def _hover(row) -> str:
+    lines = [f"<b>{html.escape(row['key'])}</b>",
+             ", ".join(part for part in (_text(row["role"]), _text(row["category"]),
+                                         MODULE_NAME[row["module"]]) if part)]
+    label, url = _text(row["label"]), _text(row["url"])
+    if label:
+        lines.append(html.escape(label))
+    if url:
+        lines.append(f"{html.escape(url)} (click to open)")
+    return "<br>".join(lines)
+
+
+def _node_text(row) -> str:
+    """A node's annotation: its name (a link to its page where there is one) and its wrapped label."""
+    name, url = _name(row), _text(row["url"])
+    first = f'<a href="{html.escape(url, quote=True)}" target="_blank">{name}</a>' if url else name
+    return "<br>".join([first, *(html.escape(line) for line in _wrapped(_text(row["label"])))])
+
+
+def _html_width(n_layers: int) -> int | None:
+    """Pixels wide enough for every layer's labels; None (fill the window) for short graphs."""
+    needed = 290 * n_layers + 260
+    return needed if needed > 1300 else None
 
 
 def _flow_html(layout: FlowLayout, out: Path, title: str) -> None:
     import plotly.graph_objects as go
 
     nodes, edges = layout.nodes, layout.edges
+    n_layers, rows = _extent(nodes)
     fig = go.Figure()
+    annotations = []
     for edge in edges.itertuples():
+        colour = MODULE_COLOUR[KIND_MODULE[edge.kind]]
+        width = 1.0 + 4.0 * max(float(edge.cosine), 0.0)
+        annotations.append({  # the edge itself: an arrow from the input to the feature
+            "x": edge.x1, "y": edge.y1, "ax": edge.x0, "ay": edge.y0, "xref": "x", "yref": "y",
+            "axref": "x", "ayref": "y", "text": "", "showarrow": True, "arrowhead": 2,
+            "arrowsize": min(1.2, 3.0 / width), "arrowwidth": width, "arrowcolor": colour,
+            "opacity": 0.55, "standoff": 12, "startstandoff": 12})
+        x, y = _label_point(edge)
+        annotations.append({  # its cosine
+            "x": x, "y": y, "xref": "x", "yref": "y",
+            "text": f"{edge.cosine:.2f}", "showarrow": False, "font": {"size": 11, "color": "#333"},
+            "bgcolor": "rgba(255,255,255,0.85)",
+            "hovertext": f"{edge.source} → {edge.target}<br>{edge.kind} cosine {edge.cosine:.3f}"})
+    for module in [m for m in MODULE_COLOUR if m in set(nodes["module"])]:
+        group = nodes[nodes["module"] == module]
+        records = group.to_dict("records")
         fig.add_trace(go.Scatter(
-            x=[edge.x0, edge.x1], y=[edge.y0, edge.y1], mode="lines", showlegend=False,
-            line={"width": _width(edge.cosine),
-                  "color": MODULE_COLOUR[KIND_MODULE[edge.kind]]},
-            opacity=0.55, hoverinfo="text", text=f"{edge.source} → {edge.target}<br>{edge.kind} cosine {edge.cosine:.3f}"))
-    for module, group in nodes.groupby("module"):
-        hover = [f"<b>{r['key']}</b><br>{r['role']}, {r['category'] or module}<br>{r['label'] or '(no label)'}"
-                 f"<br>{r['url'] or ''}" for r in group.to_dict("records")]
-        fig.add_trace(go.Scatter(
-            x=group["x"], y=group["y"], mode="markers+text", name=MODULE_NAME[module],
-            marker={"size": 18, "color": MODULE_COLOUR[module],
-                    "line": {"width": [3 if r == "seed" else 1 for r in group["role"]], "color": "black"}},
-            text=[f"{r['layer']}/{r['module']}/{r['index']}" for r in group.to_dict("records")],
-            textposition="bottom center", hovertext=hover, hoverinfo="text"))
-    fig.update_layout(title=title, xaxis={"title": "layer", "dtick": 1}, yaxis={"visible": False},
-                      plot_bgcolor="white")
-    fig.write_html(out, include_plotlyjs=True)
+            x=group["x"], y=group["y"], mode="markers", name=MODULE_NAME[module],
+            marker={"size": 18, "color": MODULE_COLOUR[module], "line": {"width": 1, "color": "white"}},
+            customdata=[_text(r["url"]) for r in records],
+            hovertext=[_hover(r) for r in records], hoverinfo="text"))
+        for r in records:
+            left = LABEL_SIDE[module] == "left"
+            annotations.append({
+                "x": r["x"], "y": r["y"], "xref": "x", "yref": "y", "text": _node_text(r), "showarrow": False,
+                "font": {"size": 11}, "align": "right" if left else "left", "bgcolor": "rgba(255,255,255,0.7)",
+                "xanchor": "right" if left else "left", "yanchor": "middle" if left else "top",
+                "xshift": -13 if left else 6, "yshift": 0 if left else -12})
+    seed = nodes[nodes["role"] == "seed"]
+    fig.add_trace(go.Scatter(
+        x=seed["x"], y=seed["y"], mode="markers", name="seed", hoverinfo="skip",
+        marker={"size": 26, "symbol": "circle-open", "color": SEED_RING["color"],
+                "line": {"width": SEED_RING["width"]}}))
+    layers = sorted(int(layer) for layer in nodes["layer"].unique())
+    fig.update_layout(
+        title={"text": f"{html.escape(title)}<br><sup>{SUBTITLE}; click a node to open its Neuronpedia page</sup>"},
+        width=_html_width(n_layers), height=max(520, 170 * rows + 330),
+        xaxis={"tickvals": layers, "ticktext": [f"layer {layer}" for layer in layers], "showgrid": False,
+               "zeroline": False, "range": [nodes["x"].min() - 0.6, max(layers) + 0.75]},
+        yaxis={"visible": False, "range": [nodes["y"].min() - 0.7, nodes["y"].max() + 0.5]},
+        plot_bgcolor="white", annotations=annotations, hovermode="closest",
+        legend={"itemsizing": "constant"})
+    fig.write_html(out, include_plotlyjs=True, post_script=_OPEN_ON_CLICK)
 
 
 def plot_origins(origins: pd.DataFrame, out: str | Path, pack: str) -> Path:

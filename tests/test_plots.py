@@ -1,3 +1,7 @@
+import json
+import re
+
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -6,7 +10,7 @@ from flowdb.cli import cli
 from flowdb.errors import FlowdbError
 from flowdb.ingest import ingest
 from flowdb.manifest import load_manifest
-from flowdb.plots import flow_layout
+from flowdb.plots import flow_layout, plot_flow
 from flowdb.queries import run_template
 
 
@@ -47,7 +51,7 @@ def test_plot_errors(stored, tmp_path):
     result = CliRunner().invoke(cli, ["plot", "flow", "planted/3/res/1", "--out", str(tmp_path / "x.jpg")])
     assert result.exit_code == 1 and "pictures are written as .png, .svg, .html" in result.output
     result = CliRunner().invoke(cli, ["plot", "flow", "planted/99/res/1", "--out", str(tmp_path / "x.png")])
-    assert result.exit_code == 1 and "the flow graph is empty" in result.output
+    assert result.exit_code == 1 and "no feature 'planted/99/res/1': pack 'planted' has layers 0-3" in result.output
     with pytest.raises(FlowdbError, match="no residual features"):
         from flowdb.plots import plot_origins
         plot_origins(run_template(stored, "origins", {"pack": "nosuch"}), tmp_path / "o.png", "nosuch")
@@ -63,3 +67,133 @@ def test_cypher_is_read_only_unless_write(stored):
     assert stored.read("MATCH (s:Scratch) RETURN count(s) AS n")[0]["n"] == 0
     assert runner.invoke(cli, ["cypher", "CREATE (:Scratch)", "--write"]).exit_code == 0
     assert stored.read("MATCH (s:Scratch) RETURN count(s) AS n")[0]["n"] == 1
+
+
+# --- what a researcher reads off a flow graph ----------------------------------------------
+
+URL = "https://www.neuronpedia.org/m/{layer}-res-x/{index}"
+COLUMNS = ["element", "key", "layer", "module", "index", "category", "label", "url", "role",
+           "source", "target", "kind", "cosine"]
+
+
+def _graph(nodes, edges) -> pd.DataFrame:
+    """A frame shaped like the flow-graph template's answer (NaN where the database has nothing)."""
+    rows = [["node", key, int(key.split("/")[1]), key.split("/")[2], int(key.split("/")[3]), category, label,
+             url, role, None, None, None, None] for key, category, label, url, role in nodes]
+    rows += [["edge", None, int(target.split("/")[1]), None, None, None, None, None, None, source, target,
+              kind, cosine] for source, target, kind, cosine in edges]
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    frame["index"] = frame["index"].astype("Int64")
+    return frame
+
+
+LONG = "docstrings that describe the return values of functions in the standard library, often over many lines"
+NODES = [
+    ("p/1/res/4", "translated", LONG, URL.format(layer=1, index=4), "ancestor"),
+    ("p/2/res/9", "processed", float("nan"), URL.format(layer=2, index=9), "seed"),
+    ("p/2/mlp/3", float("nan"), None, float("nan"), "input"),
+    ("p/2/att/8", float("nan"), "keywords <def>", None, "input"),
+    ("p/3/res/2", "translated", None, None, "descendant"),
+]
+EDGES = [("p/1/res/4", "p/2/res/9", "residual", 0.93), ("p/2/mlp/3", "p/2/res/9", "mlp", 0.41),
+         ("p/2/att/8", "p/2/res/9", "attention", 0.17), ("p/2/res/9", "p/3/res/2", "residual", 0.66)]
+
+
+def _figure(page: str) -> tuple[list, dict]:
+    """The data and layout that the HTML page hands to Plotly.newPlot."""
+    decoder = json.JSONDecoder()
+    rest = page[page.index("Plotly.newPlot(") + len("Plotly.newPlot("):]
+    _, end = decoder.raw_decode(rest.lstrip())  # the div id
+    rest = rest.lstrip()[end:].lstrip().removeprefix(",").lstrip()
+    data, end = decoder.raw_decode(rest)
+    layout, _ = decoder.raw_decode(rest[end:].lstrip().removeprefix(",").lstrip())
+    return data, layout
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def test_html_flow_graph_shows_cosines_arrows_and_links(tmp_path):
+    out = plot_flow(_graph(NODES, EDGES), tmp_path / "flow.html", "flow graph of p/2/res/9 (t_res 0.5, t_mod 0.15)")
+    page = out.read_text()
+    data, layout = _figure(page)
+    annotations = layout["annotations"]
+    arrows = [a for a in annotations if a.get("showarrow")]
+    assert len(arrows) == len(EDGES)
+    assert {(a["ax"], a["ay"], a["x"], a["y"]) for a in arrows} == {
+        (1.0, 0.0, 2.0, 0.0), (1.6, 1.0, 2.0, 0.0), (1.6, -1.0, 2.0, 0.0), (2.0, 0.0, 3.0, 0.0)}
+    assert all(a["axref"] == "x" and a["arrowhead"] > 0 for a in arrows)
+    texts = [a["text"] for a in annotations]
+    for cosine in ("0.93", "0.41", "0.17", "0.66"):
+        assert cosine in texts
+    # no "nan" anywhere the page's figure says something
+    assert not [s for s in _strings([data, layout]) if re.search(r"\bnan\b", s, re.I)]
+    assert not re.search(r"\bnan\b", page[page.index("Plotly.newPlot("):], re.I)
+    # a node with a URL links to it (its name in the label, and a click on its marker); others do not
+    seed_url, mlp_label = URL.format(layer=2, index=9), next(t for t in texts if t.startswith("2/mlp/3"))
+    assert any(t.startswith(f'<a href="{seed_url}"') and ">2/res/9</a>" in t for t in texts)
+    assert "href" not in mlp_label and "href" not in next(t for t in texts if "2/att/8" in t)
+    markers = {trace["name"]: trace for trace in data}
+    assert seed_url in markers["residual"]["customdata"] and markers["MLP"]["customdata"] == [""]
+    assert "plotly_click" in page and "window.open" in page
+    # labels are wrapped and capped; HTML in them is shown, not interpreted
+    seedless = next(t for t in texts if ">1/res/4</a>" in t)
+    assert seedless.count("<br>") == 3 and seedless.endswith("…") and LONG not in seedless
+    assert "keywords &lt;def&gt;" in next(t for t in texts if "2/att/8" in t)
+    # the seed is a legend entry of its own, a ring, and no module's marker carries it
+    assert markers["seed"]["marker"]["symbol"] == "circle-open" and markers["seed"].get("showlegend", True)
+    assert {m["marker"]["line"]["color"] for name, m in markers.items() if name != "seed"} == {"white"}
+    assert "t_res 0.5, t_mod 0.15" in layout["title"]["text"]
+
+
+def test_layout_keeps_inputs_beside_the_features_they_feed():
+    nodes = [("p/1/res/1", "translated", None, None, "seed"), ("p/1/res/2", "translated", None, None, "ancestor"),
+             ("p/1/mlp/7", None, None, None, "input"), ("p/1/mlp/3", None, None, None, "input"),
+             ("p/1/att/7", None, None, None, "input"), ("p/1/att/3", None, None, None, "input"),
+             ("p/2/res/1", "translated", None, None, "descendant"), ("p/2/res/2", "translated", None, None,
+                                                                    "descendant")]
+    # by key order, res/1 sits below res/2; mlp/7 and att/7 feed res/2, the upper one
+    edges = [("p/1/mlp/7", "p/1/res/2", "mlp", 0.3), ("p/1/mlp/3", "p/1/res/1", "mlp", 0.3),
+             ("p/1/att/7", "p/1/res/2", "attention", 0.3), ("p/1/att/3", "p/1/res/1", "attention", 0.3),
+             ("p/1/res/2", "p/2/res/1", "residual", 0.9), ("p/1/res/1", "p/2/res/2", "residual", 0.9)]
+    y = dict(zip(*(flow_layout(_graph(nodes, edges)).nodes[c] for c in ("key", "y"))))
+    assert y["p/1/res/2"] > y["p/1/res/1"]
+    assert y["p/1/mlp/7"] > y["p/1/mlp/3"] > 0 > y["p/1/att/7"] > y["p/1/att/3"]  # no crossing
+    assert y["p/2/res/1"] > y["p/2/res/2"]  # layer 2 follows its predecessors' rows
+
+
+def test_static_flow_graph_grows_with_the_graph(tmp_path):
+    short = plot_flow(_graph(NODES, EDGES), tmp_path / "short.png", "short")
+    chain = [(f"p/{layer}/res/1", "translated", LONG, None, "seed" if layer == 0 else "descendant")
+             for layer in range(12)]
+    links = [(f"p/{layer}/res/1", f"p/{layer + 1}/res/1", "residual", 0.8) for layer in range(11)]
+    long = plot_flow(_graph(chain, links), tmp_path / "long.png", "long")
+    assert Image.open(long).size[0] > 2.5 * Image.open(short).size[0]
+    for path in (short, long):
+        assert Image.open(path).size[1] > 400
+
+
+def test_flow_graph_from_the_database_has_no_nan_and_links(stored, tmp_path):
+    stored.write("MATCH (s:SAE {module: 'res'}) SET s.np_url = 'https://www.neuronpedia.org/m/' + s.layer + '-res-x/'")
+    stored.write("MATCH (f:Feature {key: 'planted/3/res/1'}) SET f.label = $label", label=LONG)
+    out = tmp_path / "flow.html"
+    result = CliRunner().invoke(cli, ["plot", "flow", "planted/3/res/1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    data, layout = _figure(page)
+    assert not [s for s in _strings([data, layout]) if re.search(r"\bnan\b", s, re.I)]
+    texts = [a["text"] for a in layout["annotations"]]
+    assert any(t.startswith('<a href="https://www.neuronpedia.org/m/3-res-x/1"') for t in texts)
+    assert not any("href" in t for t in texts if "/mlp/" in t or "/att/" in t)  # no URLs for them
+    graph = run_template(stored, "flow-graph", {"feature": "planted/3/res/1"})
+    edges = graph[graph["element"] == "edge"]
+    assert sum(1 for a in layout["annotations"] if a.get("showarrow")) == len(edges)
+    assert {f"{c:.2f}" for c in edges["cosine"]} <= set(texts)
