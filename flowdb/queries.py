@@ -247,7 +247,8 @@ def thresholds_note(db, template: Template, bound: dict[str, Any]) -> str | None
     stored = "; ".join(graph.threshold_rules(db, pack)) if pack else ""
     parts = [f"{name}={value:g} given" for name, value in given.items()]
     if len(given) < len({"t_res", "t_mod"} & names):
-        parts.append(f"otherwise the thresholds stored with the build ({stored or 'none recorded'})")
+        rest = "otherwise the thresholds" if given else "the thresholds"
+        parts.append(f"{rest} stored with the build ({stored or 'none recorded'})")
     return "; ".join(parts)
 
 
