@@ -609,8 +609,10 @@ def plot_flow_command(feature, out, params, settings):
     with _connect(settings) as db:
         feature = resolve_feature(db, feature)
         graph = _flow_graph(db, feature, params)
-    plot_flow(graph, out, f"flow graph of {feature} ({graph.attrs.get('thresholds')}, "
-                          f"max_rank {params['max_rank']})")
+    import textwrap
+
+    title = f"flow graph of {feature}: {graph.attrs.get('thresholds')}, max_rank {params['max_rank']}"
+    plot_flow(graph, out, "\n".join(textwrap.wrap(title, 64)))  # narrow graphs must not cut the title
     click.echo(f"wrote {out}")
 
 
