@@ -83,11 +83,11 @@ def build_layers(plan: BuildPlan, build_id: str, progress=None) -> Iterator[Laye
                 planned = plan.sae(module.predecessor_layer(layer), module.name)
                 bases[module.name] = _load(planned, residual_d_in) if planned else None
         current = LayerBuild(layer, {RESIDUAL.name: res_w.shape[0]})
-        current.saes[RESIDUAL.name] = _provenance(res_info, plan.model)
+        current.saes[RESIDUAL.name] = _provenance(res_info, plan.model, plan.sae(layer, RESIDUAL.name))
         for name, base in bases.items():
             if base is not None and name != RESIDUAL.name:
                 current.widths[name] = base[1].shape[0]
-                current.saes[name] = _provenance(base[0], plan.model)
+                current.saes[name] = _provenance(base[0], plan.model, plan.sae(layer, name))
         for place, base in bases.items():
             if base is not None:
                 current.scores[place], current.indices[place] = _search(res_w, base, plan.k)
@@ -134,10 +134,11 @@ def _search(queries: np.ndarray, base: tuple[SaeInfo, np.ndarray], k: int):
 NEURONPEDIA = "https://www.neuronpedia.org"
 
 
-def _provenance(info: SaeInfo, model: str) -> dict:
+def _provenance(info: SaeInfo, model: str, planned: PlannedSae) -> dict:
     ref = info.ref
     source = ref.neuronpedia or _np_source(info)
-    provenance = {"source": ref.describe(), "kind": ref.kind, "d_in": info.d_in, "d_sae": info.d_sae,
+    provenance = {"source": ref.describe(), "kind": ref.kind, "digest": planned.digest,
+                  "d_in": info.d_in, "d_sae": info.d_sae,
                   "hook_name": info.hook_name, "neuronpedia": source,
                   # A feature's page is this prefix plus its index.
                   "np_url": f"{NEURONPEDIA}/{model}/{source}/" if source else None}

@@ -136,7 +136,8 @@ def synth(out_dir, layers, d_model, width, seed, name):
 @click.option("--t-res", type=float, help="Residual threshold (overrides [classify]).")
 @click.option("--t-mlp", type=float, help="MLP threshold (overrides [classify]).")
 @click.option("--t-att", type=float, help="Attention threshold (overrides [classify]).")
-@click.option("--threshold-rule", type=click.Choice(["fixed", "quantile"]), help="Per-layer threshold rule.")
+@click.option("--threshold-rule", type=click.Choice(["auto", "fixed", "chance", "quantile"]),
+              help="Per-layer threshold rule (default: the manifest's, else auto).")
 @click.option("--replace", is_flag=True, help="Swap a stored build that has other parameters for this one.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal).")
 @connection_options

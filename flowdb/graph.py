@@ -154,7 +154,8 @@ def swap_in(db: Database, name: str) -> None:
     """Make the complete build staged as NAME~next the pack NAME, in one transaction.
 
     The old build becomes NAME~old (deleted afterwards); its labels re-attach to the
-    features of the new build with the same keys.
+    features of the new build with the same keys, where the SAE is the same (content,
+    or Neuronpedia source and width).
     """
     with db.session() as session:
         session.execute_write(_swap_in, name)
@@ -168,11 +169,19 @@ def _swap_in(tx, name: str) -> None:
     if tx.run("MATCH (p:Pack {name: $name}) RETURN p", name=name).single() is not None:
         _rename(tx, name, retired)
     _rename(tx, staged, name)
+    # Only where the SAE at that layer and module is the same file content, or the same
+    # Neuronpedia source of the same width: there the same index is the same feature.
     tx.run(
-        "MATCH (e:Explanation)-[:EXPLAINS]->(old:Feature {pack: $retired}) "
+        "MATCH (old_sae:SAE {pack: $retired}) "
+        "MATCH (new_sae:SAE {pack: $name, layer: old_sae.layer, module: old_sae.module}) "
+        "WHERE new_sae.digest = old_sae.digest OR (old_sae.neuronpedia IS NOT NULL "
+        "      AND new_sae.neuronpedia = old_sae.neuronpedia AND new_sae.n_features = old_sae.n_features) "
+        "MATCH (old:Feature {pack: $retired, layer: old_sae.layer, module: old_sae.module}) "
+        "WHERE old.label IS NOT NULL OR old.np_fetched IS NOT NULL "
         "MATCH (new:Feature {key: $name + substring(old.key, size($retired))}) "
-        "MERGE (e)-[:EXPLAINS]->(new) "
-        "SET new.label = old.label, new.label_by = old.label_by, new.np_fetched = old.np_fetched",
+        "SET new.label = old.label, new.label_by = old.label_by, new.np_fetched = old.np_fetched, "
+        "    new.np_problem = old.np_problem "
+        "WITH old, new MATCH (e:Explanation)-[:EXPLAINS]->(old) MERGE (e)-[:EXPLAINS]->(new)",
         retired=retired, name=name).consume()
 
 
@@ -284,27 +293,24 @@ def acquire_lock(db: Database, name: str, owner: str, lease_s: float,
     rows = db.write(
         # SET first: it write-locks the node, so two takers are serialised.
         "MERGE (l:Lock {name: $name}) ON CREATE SET l.owner = $owner, l.expires = 0 "
-        "SET l.asked = $now WITH l, l.owner AS holder, l.expires AS expires "
-        "CALL (l) { WITH l WHERE l.owner IN [$owner, $stale] OR l.expires < $now "
-        "           SET l.owner = $owner, l.expires = $now + $lease } "
+        "SET l.asked = timestamp() WITH l, l.owner AS holder, l.expires AS expires "
+        "CALL (l) { WITH l WHERE l.owner IN [$owner, $stale] OR l.expires < timestamp() / 1000.0 "
+        "           SET l.owner = $owner, l.expires = timestamp() / 1000.0 + $lease } "
         "RETURN holder, expires, l.owner = $owner AS mine",
-        name=name, owner=owner, stale=stale_owner, now=_now(), lease=lease_s)
+        name=name, owner=owner, stale=stale_owner, lease=lease_s)
     row = rows[0]
     return None if row["mine"] else row["holder"]
 
 
 def renew_lock(db: Database, name: str, owner: str, lease_s: float) -> bool:
-    rows = db.write("MATCH (l:Lock {name: $name, owner: $owner}) SET l.expires = $now + $lease "
-                    "RETURN count(l) AS n", name=name, owner=owner, now=_now(), lease=lease_s)
+    # The server's clock, so hosts whose clocks disagree still agree on the lease.
+    rows = db.write("MATCH (l:Lock {name: $name, owner: $owner}) SET l.expires = timestamp() / 1000.0 + $lease "
+                    "RETURN count(l) AS n", name=name, owner=owner, lease=lease_s)
     return rows[0]["n"] == 1
 
 
 def release_lock(db: Database, name: str, owner: str) -> None:
     db.write("MATCH (l:Lock {name: $name, owner: $owner}) DELETE l", name=name, owner=owner)
-
-
-def _now() -> float:
-    return datetime.now(UTC).timestamp()
 
 
 # --- labels ------------------------------------------------------------------------------

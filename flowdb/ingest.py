@@ -81,16 +81,20 @@ def ingest_plan(plan: BuildPlan, db: Database, replace: bool = False,
                 show_progress: bool | None = None) -> IngestReport:
     build_id = plan.fingerprint()
     db.ensure_schema()
-    with pack_lock(db, plan.name):
+    with pack_lock(db, plan.name) as lease:
         if graph.read_pack(db, plan.name + graph.RETIRED_SUFFIX):  # a swap stopped before its clean-up
             graph.drop_pack(db, plan.name + graph.RETIRED_SUFFIX)
         target = _target(db, plan, build_id, replace)
+        staged = graph.read_pack(db, plan.name + graph.STAGED_SUFFIX)
+        if staged and target != staged.name:  # a replacement abandoned for this build
+            graph.drop_pack(db, staged.name)
         report = IngestReport(plan.name, build_id, "built", threshold_rule=plan.thresholds.rule)
         if target is None:
             report.status = "unchanged"
             return report
-        _write(db, plan, build_id, target, report, show_progress)
+        _write(db, plan, build_id, target, report, show_progress, lease)
         if target != plan.name:
+            lease.check()
             graph.swap_in(db, plan.name)
             graph.drop_pack(db, plan.name + graph.RETIRED_SUFFIX)
             report.status = "replaced"
@@ -100,7 +104,7 @@ def ingest_plan(plan: BuildPlan, db: Database, replace: bool = False,
 def _target(db: Database, plan: BuildPlan, build_id: str, replace: bool) -> str | None:
     """The pack name to write into (the pack, or its staged replacement); None: nothing to do."""
     existing = graph.read_pack(db, plan.name)
-    if existing and existing.status == "dropping":  # an old flowdb stopped mid-delete
+    if existing and existing.status == "dropping":  # a delete that stopped part way: finish it
         graph.drop_pack(db, plan.name)
         existing = None
     if existing is None or existing.fingerprint == build_id:
@@ -117,13 +121,13 @@ def _target(db: Database, plan: BuildPlan, build_id: str, replace: bool) -> str 
             "pass --replace to swap the old build for this one")
     staged = plan.name + graph.STAGED_SUFFIX
     previous = graph.read_pack(db, staged)
-    if previous and previous.fingerprint != build_id:
-        graph.drop_pack(db, staged)  # a replacement by other parameters, never swapped in
+    if previous and (previous.fingerprint != build_id or previous.status == "dropping"):
+        graph.drop_pack(db, staged)  # another replacement, or one half deleted: never resumed
     return staged
 
 
 def _write(db: Database, plan: BuildPlan, build_id: str, target: str, report: IngestReport,
-           show_progress: bool | None) -> None:
+           show_progress: bool | None, lease: Lease) -> None:
     started = time.perf_counter()
     layers = list(build_layers(plan, build_id, progress=_bar(
         len(plan.layers), f"matching {plan.name}", show_progress)))
@@ -141,6 +145,7 @@ def _write(db: Database, plan: BuildPlan, build_id: str, target: str, report: In
                desc=f"writing {plan.name}", disable=_disabled(show_progress))
     for layer in layers:
         if layer.layer not in done:
+            lease.check()
             edges, nowhere = graph.write_layer(db, target, layer)
             report.match_edges += edges
             report.nowhere_marks += nowhere
@@ -157,8 +162,22 @@ def _write(db: Database, plan: BuildPlan, build_id: str, target: str, report: In
         report.above_chance[layer.layer] = layer.above_chance()
 
 
+class Lease:
+    """A held pack lock; check() refuses to go on once another command has taken it."""
+
+    def __init__(self, pack: str):
+        self.pack = pack
+        self.lost = threading.Event()
+
+    def check(self) -> None:
+        if self.lost.is_set():
+            raise BusyError(f"lost the lock on pack {self.pack!r} (its lease ran out while this command "
+                            "could not reach Neo4j, and another command took it); nothing more was "
+                            "written: run again")
+
+
 @contextmanager
-def pack_lock(db: Database, pack: str) -> Iterator[None]:
+def pack_lock(db: Database, pack: str) -> Iterator[Lease]:
     """One writer per pack, across processes and hosts: a lease in Neo4j, renewed while
     held. A holder that died on this host is recognised at once; elsewhere its lease ends."""
     name, owner = f"pack:{pack}", f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -169,23 +188,28 @@ def pack_lock(db: Database, pack: str) -> Iterator[None]:
         host, pid, _ = (holder.split(":") + ["?", "?"])[:3]
         raise BusyError(f"pack {pack!r} is being written by another flowdb command "
                         f"(pid {pid} on {host}); wait for it to finish, then run again")
-    stop = threading.Event()
-    renewer = threading.Thread(target=_renew, args=(db, name, owner, stop), daemon=True)
+    lease, stop = Lease(pack), threading.Event()
+    renewer = threading.Thread(target=_renew, args=(db, name, owner, stop, lease), daemon=True)
     renewer.start()
     try:
-        yield
+        yield lease
     finally:
         stop.set()
         renewer.join()
-        graph.release_lock(db, name, owner)
+        if not lease.lost.is_set():
+            graph.release_lock(db, name, owner)
 
 
-def _renew(db: Database, name: str, owner: str, stop: threading.Event) -> None:
+def _renew(db: Database, name: str, owner: str, stop: threading.Event, lease: Lease) -> None:
+    """Renew every quarter lease; a failed renewal is retried, a lease taken by another
+    command marks this one lost."""
     while not stop.wait(LOCK_LEASE_S / 4):
         try:
-            graph.renew_lock(db, name, owner, LOCK_LEASE_S)
-        except Exception:  # the main thread meets the same fault and reports it
-            return
+            if not graph.renew_lock(db, name, owner, LOCK_LEASE_S):
+                lease.lost.set()
+                return
+        except Exception:  # a blip: the next tick tries again, well inside the lease
+            continue
 
 
 def _dead_here(holder: str) -> bool:

@@ -118,7 +118,8 @@ class BuildPlan:
         manifest = Path(self.manifest)
         if self.manifest_digest and manifest.is_file() and _text_digest(manifest) != self.manifest_digest:
             raise StaleBuildError(f"manifest {manifest} changed since pack {self.name!r} was built; "
-                                  "ingest it again with --replace (or restore it)")
+                                  "run flowdb ingest on it again (an unchanged build only records it; "
+                                  "other SAEs or parameters need --replace)")
         for planned in self.saes:
             if slots is not None and (planned.ref.layer, planned.ref.module) not in slots:
                 continue

@@ -12,12 +12,15 @@ the text. The CLI and the Python API read the same files.
 
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from flowdb.errors import QueryError
 
@@ -40,10 +43,12 @@ class Param:
             return None
         if isinstance(value, str) and self.type != "string":
             return self._parse(value)
-        expected = {"string": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}[self.type]
-        if isinstance(value, bool) != (self.type == "bool") or not isinstance(value, expected):
+        expected = {"string": (str,), "int": (numbers.Integral,), "float": (numbers.Real,),
+                    "bool": (bool, np.bool_)}[self.type]
+        if isinstance(value, (bool, np.bool_)) != (self.type == "bool") or not isinstance(value, expected):
             raise QueryError(f"parameter {self.name} must be {self.type}, got {value!r}")
-        return float(value) if self.type == "float" else value
+        # numpy scalars (a layer read from a DataFrame, say) become plain Python values
+        return {"int": int, "float": float, "bool": bool, "string": str}[self.type](value)
 
     def _parse(self, value: str) -> Any:
         try:
@@ -153,6 +158,10 @@ def run_template(db, name: str, params: dict[str, Any] | None = None):
 
     template = get_template(name)
     bound = resolve_references(db, template.bind(params or {}))
+    if thresholds_note(db, template, bound) == OLD_BUILD:
+        raise QueryError(f"template {name}: pack {_pack_of(bound)!r} was built by an older flowdb that "
+                         "stored no per-edge thresholds; pass t_res/t_mod or every_edge=true, or ingest "
+                         "it again with --replace")
     rows = db.read(template.cypher, **bound)
     if rows and list(rows[0]) != list(template.columns):
         raise QueryError(f"template {name} returned columns {list(rows[0])}, "
@@ -176,7 +185,7 @@ class IncompleteBuildWarning(UserWarning):
 
 # Raw Cypher in read mode: what a read transaction would still allow but a reader
 # must not do (read files or URLs, commit on its own, administer the server).
-_STRINGS_AND_COMMENTS = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|`[^`]*`|//[^\n]*|/\*.*?\*/", re.S)
+_STRINGS_AND_COMMENTS = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|//[^\n]*|/\*.*?\*/", re.S)
 _WRITE_ONLY = (
     (re.compile(r"\bLOAD\s+CSV\b", re.I), "LOAD CSV"),
     (re.compile(r"\bIN\s+(?:\d+\s+)?(?:CONCURRENT\s+)?TRANSACTIONS\b", re.I), "CALL ... IN TRANSACTIONS"),
@@ -186,14 +195,15 @@ _WRITE_ONLY = (
     (re.compile(r"\b(?:CREATE|DROP|ALTER|RENAME|GRANT|DENY|REVOKE|START|STOP|ENABLE|DEALLOCATE|REALLOCATE)"
                 r"\s+(?:OR\s+REPLACE\s+)?(?:COMPOSITE\s+|CURRENT\s+)?"
                 r"(?:USER|ROLE|DATABASE|ALIAS|SERVER|DATABASES|PRIVILEGE)\b", re.I), "administration commands"),
-    (re.compile(r"\bCALL\s+dbms\.", re.I), "dbms procedures"),
-    (re.compile(r"^\s*USE\s+system\b", re.I), "the system database"),
+    (re.compile(r"\bCALL\s+dbms\.(?!components\b)", re.I), "dbms procedures"),
+    (re.compile(r"\bUSE\s+system\b", re.I), "the system database"),
 )
 
 
 def refuse_in_read_mode(statement: str) -> None:
     """Raise QueryError when raw Cypher does what only --write may do."""
-    bare = _STRINGS_AND_COMMENTS.sub(" ", statement)
+    # Literals and comments say nothing; backticked names are read as plain names.
+    bare = _STRINGS_AND_COMMENTS.sub(" ", statement).replace("`", "")
     for pattern, what in _WRITE_ONLY:
         if pattern.search(bare):
             raise QueryError(f"{what} runs only with --write (flowdb cypher reads by default)")
@@ -203,15 +213,20 @@ def records(frame) -> list[dict]:
     """A DataFrame's rows as JSON-ready dicts: missing values (NaN, NA, NaT) become None."""
     import pandas as pd
 
-    return [{column: (None if _missing(value, pd) else value) for column, value in row.items()}
+    return [{column: _json_ready(value, pd) for column, value in row.items()}
             for row in frame.to_dict(orient="records")]
 
 
-def _missing(value, pd) -> bool:
+def _json_ready(value, pd):
+    """Missing values (at any depth of lists and maps) as None."""
+    if isinstance(value, dict):
+        return {key: _json_ready(item, pd) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(item, pd) for item in value]
     try:
-        return bool(pd.isna(value))
-    except (TypeError, ValueError):  # lists and other containers are values, not missing
-        return False
+        return None if pd.isna(value) else value
+    except (TypeError, ValueError):
+        return value
 
 
 FEATURE_PARAMS = ("feature",)  # one feature reference
@@ -242,22 +257,30 @@ def thresholds_note(db, template: Template, bound: dict[str, Any]) -> str | None
     if bound.get("every_edge"):
         return "every stored edge (every_edge): no thresholds applied"
     given = {name: bound[name] for name in ("t_res", "t_mod") if name in names and bound.get(name) is not None}
-    feature = bound.get("feature") or bound.get("source") or ""
-    pack = bound.get("pack") or str(feature).split("/", 1)[0]
-    stored = "; ".join(graph.threshold_rules(db, pack)) if pack else ""
     parts = [f"{name}={value:g} given" for name, value in given.items()]
     if len(given) < len({"t_res", "t_mod"} & names):
+        pack = _pack_of(bound)
+        stored = "; ".join(graph.threshold_rules(db, pack)) if pack else "each pack's own"
+        if not stored:
+            return OLD_BUILD
         rest = "otherwise the thresholds" if given else "the thresholds"
-        parts.append(f"{rest} stored with the build ({stored or 'none recorded'})")
+        parts.append(f"{rest} stored with the build ({stored})")
     return "; ".join(parts)
+
+
+OLD_BUILD = "no thresholds recorded"  # a pack stored before builds recorded per-edge thresholds
+
+
+def _pack_of(bound: dict[str, Any]) -> str:
+    feature = bound.get("feature") or bound.get("source") or ""
+    return bound.get("pack") or str(feature).split("/", 1)[0]
 
 
 def pack_warning(db, params: dict[str, Any]) -> str | None:
     """A note when a query reads a pack that is not completely built."""
     from flowdb import graph
 
-    feature = params.get("feature") or params.get("seed") or params.get("source")
-    pack = params.get("pack") or (str(feature).split("/", 1)[0] if feature else None)
+    pack = _pack_of(params)
     record = graph.read_pack(db, pack) if pack else None
     if record is None or record.complete:
         return None

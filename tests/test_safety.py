@@ -45,10 +45,17 @@ def rewrite_decoder(pack_dir, module, layer, seed):
 def test_changed_sae_weights_are_a_new_build(db, pack_copy):
     manifest = pack_copy / "manifest.toml"
     assert ingest(load_manifest(manifest), db).status == "built"
+    _label(db, "planted/2/res/5", "on the SAE that changes")
+    _label(db, "planted/1/res/5", "on an SAE that stays")
     rewrite_decoder(pack_copy, "res", 2, seed=1)
     with pytest.raises(BuildConflict, match="other SAE files"):
         ingest(load_manifest(manifest), db)
     assert ingest(load_manifest(manifest), db, replace=True).status == "replaced"
+    labels = {row["key"]: row["label"] for row in db.read(
+        "MATCH (f:Feature) WHERE f.key IN ['planted/2/res/5', 'planted/1/res/5'] "
+        "RETURN f.key AS key, f.label AS label")}
+    # A changed SAE's index names another feature: its old label must not follow it.
+    assert labels == {"planted/2/res/5": None, "planted/1/res/5": "on an SAE that stays"}
     stored = sort_edges(run_template(db, "edges", {"pack": "planted"}))
     expected = sort_edges(brute_force_edges(pack_copy, layers=4, k=1))
     np.testing.assert_allclose(stored["cosine"], expected["cosine"], atol=1e-5)
@@ -231,6 +238,8 @@ def test_json_output_is_json(db):
     "SHOW SETTINGS",
     "CREATE USER eve SET PASSWORD 'x'",
     "CALL dbms.listConfig()",
+    "CALL `dbms`.`listConfig`()",
+    "EXPLAIN USE system SHOW USERS",
 ])
 def test_read_mode_refuses_what_only_write_may_do(db, statement):
     result = invoke("cypher", statement)
@@ -241,6 +250,7 @@ def test_read_mode_refuses_what_only_write_may_do(db, statement):
 def test_read_mode_allows_strings_that_look_like_commands(db):
     result = invoke("cypher", "RETURN 'LOAD CSV FROM x' AS text // SHOW USERS", "--format", "csv")
     assert result.exit_code == 0 and "LOAD CSV FROM x" in result.output
+    assert invoke("cypher", "CALL dbms.components() YIELD name RETURN name").exit_code == 0
 
 
 def test_home_files_are_private(flowdb_home, db):
@@ -249,3 +259,51 @@ def test_home_files_are_private(flowdb_home, db):
         for path in cache.rglob("*"):
             assert not path.stat().st_mode & 0o077 or path.is_dir(), path
     assert not os.stat(flowdb_home).st_mode & 0o077
+
+
+def test_a_lost_lease_stops_the_writer(db, monkeypatch):
+    import time
+
+    from flowdb import ingest as ingest_module
+    from flowdb.errors import BusyError
+
+    monkeypatch.setattr(ingest_module, "LOCK_LEASE_S", 0.4)  # renewals every 0.1 s
+    with pack_lock(db, "leased") as lease:
+        lease.check()
+        db.write("MATCH (l:Lock {name: 'pack:leased'}) SET l.owner = 'elsewhere:1:x'")
+        deadline = time.monotonic() + 10
+        while not lease.lost.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(BusyError, match="lost the lock on pack 'leased'"):
+            lease.check()
+    # The thief's lock is left alone.
+    assert db.read("MATCH (l:Lock {name: 'pack:leased'}) RETURN l.owner AS o")[0]["o"] == "elsewhere:1:x"
+
+
+def test_an_abandoned_replacement_is_cleaned_up(db, planted_pack):
+    path = planted_pack[0] / "manifest.toml"
+    ingest(load_manifest(path), db)
+    plan = graph.read_pack(db, "planted").plan
+    graph.begin_pack(db, "planted" + graph.STAGED_SUFFIX, plan, "someotherbuild", "test", "none")
+    assert ingest(load_manifest(path), db).status == "unchanged"
+    assert graph.read_pack(db, "planted" + graph.STAGED_SUFFIX) is None
+    assert "replacement" not in invoke("packs").output
+
+
+def test_a_pack_without_stored_thresholds_says_so(db, planted_pack):
+    ingest(load_manifest(planted_pack[0] / "manifest.toml"), db)
+    db.write("MATCH ()-[e:RESIDUAL|MLP|ATTENTION]->() REMOVE e.above")  # as an older flowdb stored it
+    db.write("MATCH (s:SAE) REMOVE s.threshold_rule")
+    from flowdb.errors import QueryError
+
+    with pytest.raises(QueryError, match="older flowdb"):
+        run_template(db, "lineage", {"feature": "planted/3/res/0"})
+    assert len(run_template(db, "lineage", {"feature": "planted/3/res/0", "every_edge": True}))
+
+
+def test_numpy_numbers_are_parameters(db, planted_pack):
+    import flowdb
+
+    ingest(load_manifest(planted_pack[0] / "manifest.toml"), db)
+    frame = flowdb.query("newborn", db=db, pack="planted", layer=np.int64(2), limit=np.int32(3))
+    assert len(frame) == 3
