@@ -55,6 +55,20 @@ def kill_after(delay: float, *args) -> bool:
         return True
 
 
+def settled(read, timeout=30.0):
+    """A reading once two in a row, 0.5 s apart, agree. A COMMIT the killed client sent
+    just before dying is still applied by the server, and Neo4j (read committed) lets a
+    reader see a commit that is being applied in part: the check waits for it to land."""
+    previous, deadline = read(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        current = read()
+        if current == previous:
+            return current
+        previous = current
+    return previous
+
+
 def layer_counts(db, pack):
     return db.read(
         "MATCH (f:Feature {pack: $pack}) WITH f.layer AS layer, count(f) AS nodes "
@@ -63,7 +77,7 @@ def layer_counts(db, pack):
 
 
 def assert_layers_whole(db, pack, k):
-    for row in layer_counts(db, pack):
+    for row in settled(lambda: layer_counts(db, pack)):
         places = 2 if row["layer"] == 0 else 3
         assert row["nodes"] == 3 * WIDTH, row
         assert row["edges"] == places * WIDTH * k, row
@@ -116,7 +130,7 @@ def test_killed_replace_keeps_one_whole_build_and_its_labels(db, fault_pack):
     run("ingest", manifest, "--k", 1, "--replace", "--no-progress")
     for delay in kill_points(duration):
         kill_after(delay, "ingest", manifest, "--k", 2, "--replace", "--no-progress")
-        state = _pack_state(db)["fault"]
+        state = settled(lambda: _pack_state(db))["fault"]
         assert state["status"] == "complete", state  # users always see a whole build
         assert_layers_whole(db, "fault", k=state["k"])
         assert db.read("MATCH (f:Feature {key: 'fault/2/res/5'}) RETURN f.label AS l")[0]["l"] == "a fault label"
@@ -143,8 +157,9 @@ def test_killed_label_import_is_all_or_nothing(db, fault_pack):
     db.write("MATCH (f:Feature {pack: 'fault'}) REMOVE f.label, f.label_by")
     for delay in kill_points(duration):
         kill_after(delay, "labels", "import", path)
-        stored = db.read("MATCH (e:Explanation) RETURN count(e) AS n")[0]["n"]
-        labelled = db.read("MATCH (f:Feature {pack: 'fault'}) WHERE f.label IS NOT NULL RETURN count(f) AS n")[0]["n"]
+        stored, labelled = settled(lambda: (
+            db.read("MATCH (e:Explanation) RETURN count(e) AS n")[0]["n"],
+            db.read("MATCH (f:Feature {pack: 'fault'}) WHERE f.label IS NOT NULL RETURN count(f) AS n")[0]["n"]))
         assert (stored, labelled) in ((0, 0), (len(rows), len(rows))), (stored, labelled)
     run("labels", "import", path)
     assert db.read("MATCH (e:Explanation) RETURN count(e) AS n")[0]["n"] == len(rows)
