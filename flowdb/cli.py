@@ -6,6 +6,7 @@ Heavy imports (numpy, faiss, neo4j, torch) happen inside commands, so
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -169,12 +170,6 @@ def ingest(manifest, k, t_res, t_mlp, t_att, threshold_rule, replace, progress, 
         click.echo(f"top-1 matches above chance (mean [min-max] over layers): {report.chance_summary()}")
 
 
-def _incomplete(db, pack):
-    from flowdb.queries import pack_warning
-
-    return pack_warning(db, {"pack": pack})
-
-
 def _with_thresholds(manifest, overrides):
     import dataclasses
 
@@ -201,12 +196,10 @@ def export(pack, out, settings):
     """Write every stored match edge of PACK to a CSV or Parquet file."""
     from flowdb.export import export_edges
 
-    with _connect(settings) as db:
-        warning = _incomplete(db, pack)
-        rows = export_edges(db, pack, out)
-    if warning:
-        click.echo(f"Warning: {warning}", err=True)
-    click.echo(f"wrote {rows} edges of {pack} to {out}")
+    with _connect(settings) as db, _notes_said_once():
+        edges = export_edges(db, pack, out)
+    _echo_notes(edges)
+    click.echo(f"wrote {len(edges)} edges of {pack} to {out}")
 
 
 @cli.command()
@@ -244,7 +237,7 @@ def _parse_params(pairs):
 @connection_options
 def query(name, pairs, fmt, list_templates, explain, settings):
     """Run the query template NAME (see --list) with -p key=value parameters."""
-    from flowdb.queries import get_template, run_template, templates
+    from flowdb.queries import get_template, templates
 
     if list_templates:
         for template in templates().values():
@@ -259,26 +252,39 @@ def query(name, pairs, fmt, list_templates, explain, settings):
     params = _parse_params(pairs)
     template.bind(params)  # bad parameters fail before any connection is made
     with _connect(settings) as db:
-        frame = _quietly(run_template, db, name, params)
+        frame = _template(db, name, params)
     _echo_frame(frame, fmt)
 
 
-def _quietly(function, *args):
-    """Call function with flowdb's warnings kept for _echo_frame, not printed by Python."""
+def _template(db, name, params):
+    """Run a query template; its notes (incomplete pack, thresholds applied) go to stderr."""
+    from flowdb.queries import run_template
+
+    with _notes_said_once():
+        frame = run_template(db, name, params)
+    _echo_notes(frame)
+    return frame
+
+
+@contextlib.contextmanager
+def _notes_said_once():
+    """flowdb's warnings are said by _echo_notes in one line, not again by Python."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return function(*args)
+        yield
+
+
+def _echo_notes(frame) -> None:
+    for label, key in (("Warning", "warning"), ("Thresholds", "thresholds")):
+        if frame.attrs.get(key):
+            click.echo(f"{label}: {frame.attrs[key]}", err=True)
 
 
 def _echo_frame(frame, fmt: str) -> None:
     from flowdb.queries import records
 
-    if frame.attrs.get("warning"):
-        click.echo(f"Warning: {frame.attrs['warning']}", err=True)
-    if frame.attrs.get("thresholds"):
-        click.echo(f"Thresholds: {frame.attrs['thresholds']}", err=True)
     if fmt == "csv":
         click.echo(frame.to_csv(index=False), nl=False)
     elif fmt == "json":
@@ -555,17 +561,6 @@ def flow_graph_options(command):
     return wrapper
 
 
-def _flow_graph(db, feature, params):
-    from flowdb.queries import run_template
-
-    graph = _quietly(run_template, db, "flow-graph", {"feature": feature, **params})
-    if graph.attrs.get("thresholds"):
-        click.echo(f"Thresholds: {graph.attrs['thresholds']}", err=True)
-    if graph.attrs.get("warning"):
-        click.echo(f"Warning: {graph.attrs['warning']}", err=True)
-    return graph
-
-
 @cli.command("export-graph")
 @click.argument("feature")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="A .json file.")
@@ -584,7 +579,7 @@ def export_graph(feature, out, params, slug, settings):
     with _connect(settings) as db:
         feature = resolve_feature(db, feature)
         model = stored.require_pack(db, feature.split("/", 1)[0]).model
-        graph = _flow_graph(db, feature, params)
+        graph = _template(db, "flow-graph", {"feature": feature, **params})
     settings_used = {**params, "thresholds": graph.attrs.get("thresholds")}
     document = flow_graph_json(graph, model, slug=slug, settings=settings_used, created_ms=int(time.time() * 1000))
     write_graph_json(document, out)
@@ -609,7 +604,7 @@ def plot_flow_command(feature, out, params, settings):
 
     with _connect(settings) as db:
         feature = resolve_feature(db, feature)
-        graph = _flow_graph(db, feature, params)
+        graph = _template(db, "flow-graph", {"feature": feature, **params})
     import textwrap
 
     title = f"flow graph of {feature}: {graph.attrs.get('thresholds')}, max_rank {params['max_rank']}"
@@ -624,10 +619,9 @@ def plot_flow_command(feature, out, params, settings):
 def plot_origins_command(pack, out, settings):
     """Draw the per-layer shares of translated/processed/newborn/from-nowhere features."""
     from flowdb.plots import plot_origins
-    from flowdb.queries import run_template
 
     with _connect(settings) as db:
-        origins = _quietly(run_template, db, "origins", {"pack": pack})
+        origins = _template(db, "origins", {"pack": pack})
     plot_origins(origins, out, pack)
     click.echo(f"wrote {out}")
 

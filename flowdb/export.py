@@ -13,8 +13,9 @@ from flowdb.queries import run_template
 FORMATS = (".csv", ".parquet")
 
 
-def export_edges(db: Database, pack: str, out: str | Path) -> int:
-    """Write the pack's edges to out (format from its suffix); returns the row count."""
+def export_edges(db: Database, pack: str, out: str | Path):
+    """Write the pack's edges to out (format from its suffix); returns them as written
+    (a DataFrame whose attrs say when the pack is incomplete)."""
     out = Path(out)
     if out.suffix not in FORMATS:
         raise FlowdbError(f"{out}: export writes {' or '.join(FORMATS)} files")
@@ -31,4 +32,4 @@ def export_edges(db: Database, pack: str, out: str | Path) -> int:
         os.replace(partial, out)
     finally:
         partial.unlink(missing_ok=True)
-    return len(edges)
+    return edges

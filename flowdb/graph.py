@@ -132,6 +132,10 @@ def begin_pack(db: Database, name: str, plan: dict, fingerprint: str, version: s
         now=datetime.now(UTC).isoformat())
 
 
+def record_plan(db: Database, name: str, plan: dict) -> None:
+    db.write("MATCH (p:Pack {name: $name}) SET p.plan = $plan", name=name, plan=json.dumps(plan))
+
+
 def finish_pack(db: Database, name: str) -> None:
     db.write("MATCH (p:Pack {name: $name}) SET p.status = 'complete', "
              "p.completed_at = datetime()", name=name)

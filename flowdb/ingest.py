@@ -13,7 +13,6 @@ whole, and the next run resumes the replacement.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
@@ -109,9 +108,7 @@ def _target(db: Database, plan: BuildPlan, build_id: str, replace: bool) -> str 
         existing = None
     if existing is None or existing.fingerprint == build_id:
         if existing and existing.complete:
-            # Same content: only where the files lie may have changed.
-            db.write("MATCH (p:Pack {name: $name}) SET p.plan = $plan",
-                     name=plan.name, plan=json.dumps(plan.to_json()))
+            graph.record_plan(db, plan.name, plan.to_json())  # only where the files lie may have changed
             return None
         return plan.name
     if not replace:

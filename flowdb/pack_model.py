@@ -34,7 +34,6 @@ class LoadedPack:
             planned = self.plan.sae(layer, module)
             if planned is None:
                 raise FlowdbError(f"pack {self.name} has no {module} SAE at layer {layer}")
-            self.plan.verify({(layer, module)})
             self.saes[(layer, module)] = load_sae(planned.ref).eval()
         return self.saes[(layer, module)]
 

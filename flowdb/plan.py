@@ -111,7 +111,7 @@ class BuildPlan:
                    Thresholds.from_mapping(data["thresholds"]), data["manifest"],
                    tuple(PlannedSae.from_json(row) for row in data["saes"]), data.get("manifest_digest", ""))
 
-    def verify(self, slots=None) -> None:
+    def verify(self) -> None:
         """Refuse, naming the file, when an SAE's content differs from what was matched, or
         the manifest (where it still is) says something else now. A manifest that is gone
         is no obstacle: the plan holds everything the SAEs are reloaded from."""
@@ -121,8 +121,6 @@ class BuildPlan:
                                   "run flowdb ingest on it again (an unchanged build only records it; "
                                   "other SAEs or parameters need --replace)")
         for planned in self.saes:
-            if slots is not None and (planned.ref.layer, planned.ref.module) not in slots:
-                continue
             try:
                 found = content_digest(planned.ref)
             except PackError as exc:

@@ -158,7 +158,8 @@ def run_template(db, name: str, params: dict[str, Any] | None = None):
 
     template = get_template(name)
     bound = resolve_references(db, template.bind(params or {}))
-    if thresholds_note(db, template, bound) == OLD_BUILD:
+    note = thresholds_note(db, template, bound)
+    if note == OLD_BUILD:
         raise QueryError(f"template {name}: pack {_pack_of(bound)!r} was built by an older flowdb that "
                          "stored no per-edge thresholds; pass t_res/t_mod or every_edge=true, or ingest "
                          "it again with --replace")
@@ -172,7 +173,7 @@ def run_template(db, name: str, params: dict[str, Any] | None = None):
         integers = all(isinstance(r[column], int) for r in rows if r[column] is not None)
         if len(values) and frame[column].dtype == float and integers:
             frame[column] = frame[column].astype("Int64")
-    frame.attrs["thresholds"] = thresholds_note(db, template, bound)
+    frame.attrs["thresholds"] = note
     warning = pack_warning(db, bound)
     if warning:
         frame.attrs["warning"] = warning
