@@ -138,3 +138,22 @@ def capture(model, hook_names: list[str]) -> Iterator[dict]:
 
     with intervene(model, {name: recorder(name) for name in hook_names}):
         yield recorded
+
+
+class _StopForward(Exception):
+    pass
+
+
+def forward_until(model, ids, last_layer: int) -> None:
+    """Run the model on ids only as far as block last_layer (what a capture of hooks
+    up to that layer needs): the later blocks and the unembedding are skipped."""
+    def stop(_module, _args, _output):
+        raise _StopForward
+
+    handle = blocks(model)[last_layer].register_forward_hook(stop)
+    try:
+        model(ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()

@@ -1,11 +1,17 @@
 """Real text that exists offline, named for the CLI's --texts option.
 
-python-stdlib: the source (code, comments and docstrings) of the Python standard
-library this interpreter ships, one sample per module file, in a seeded order.
+python-stdlib  the source (code, comments and docstrings) of the Python standard
+               library this interpreter ships, one sample per module file
+python-docs    English prose: the Python language reference and library topics
+               that ship with the interpreter (pydoc_data.topics, about 110k tokens)
+mixed          the two above, alternating (code and prose, as the paper mixed
+               web text and Python code)
+Every source yields its texts in a seeded order.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 import sysconfig
 from collections.abc import Iterator
@@ -32,7 +38,31 @@ def python_stdlib(seed: int) -> Iterator[str]:
             yield text
 
 
-TEXTS = {"python-stdlib": python_stdlib}
+def python_docs(seed: int) -> Iterator[str]:
+    from pydoc_data.topics import topics
+
+    # Topics run to 40k characters; pieces of about 3k keep one long topic from
+    # filling many consecutive windows.
+    pieces = []
+    for name in sorted(topics):
+        paragraphs, piece = topics[name].split("\n\n"), ""
+        for paragraph in paragraphs:
+            piece += paragraph + "\n\n"
+            if len(piece) > 3000:
+                pieces.append(piece)
+                piece = ""
+        if len(piece) > 2000:
+            pieces.append(piece)
+    random.Random(seed).shuffle(pieces)
+    yield from pieces
+
+
+def mixed(seed: int) -> Iterator[str]:
+    for pair in itertools.zip_longest(python_stdlib(seed), python_docs(seed)):
+        yield from (text for text in pair if text is not None)
+
+
+TEXTS = {"python-stdlib": python_stdlib, "python-docs": python_docs, "mixed": mixed}
 
 
 def texts(name: str, seed: int = 0) -> Iterator[str]:
@@ -41,19 +71,21 @@ def texts(name: str, seed: int = 0) -> Iterator[str]:
     return TEXTS[name](seed)
 
 
-def token_windows(tokenizer, name: str, n_windows: int, context: int, seed: int = 0) -> torch.Tensor:
-    """n_windows token sequences of length context, one per text, from its start."""
+def token_windows(tokenizer, name: str, n_windows: int, context: int, seed: int = 0,
+                  per_text: int = 1) -> torch.Tensor:
+    """n_windows token sequences of length context: up to per_text consecutive ones
+    from the start of each text."""
     import torch
 
     windows = []
     for text in texts(name, seed):
         ids = tokenizer(text, add_special_tokens=False).input_ids
-        if len(ids) >= context:
-            windows.append(ids[:context])
-        if len(windows) == n_windows:
-            return torch.tensor(windows)
-    raise FlowdbError(f"text source {name} has only {len(windows)} texts of {context}+ tokens")
-
+        for start in range(0, min(len(ids) - context + 1, per_text * context), context):
+            windows.append(ids[start:start + context])
+            if len(windows) == n_windows:
+                return torch.tensor(windows)
+    raise FlowdbError(f"text source {name} gives only {len(windows)} windows of {context} tokens "
+                      f"({per_text} per text)")
 
 
 def sample_tokens(tokenizer, name: str, samples: int, context: int, per_sample: int, seed: int, rng):

@@ -101,15 +101,12 @@ def smollm2():
     return load_model("smollm2-135m")
 
 
-TINY_DEMO = dict(first_layer=2, last_layer=3, width=256, k=16, train_windows=24, eval_windows=8, steps=60)
-
-
 @pytest.fixture(scope="session")
 def tiny_pack(smollm2, flowdb_home):
-    """A two-layer demo pack for SmolLM2 (layers 2-3, width 256), trained once."""
-    from flowdb.demo_pack import DemoPackSpec, build_demo_pack
+    """The `--budget tiny` demo pack for SmolLM2 (layers 2-4, width 512), trained once."""
+    from flowdb.demo_pack import budget_spec, build_demo_pack
 
-    return build_demo_pack(DemoPackSpec(**TINY_DEMO), model_and_tokenizer=smollm2, show_progress=False)
+    return build_demo_pack(budget_spec("tiny"), model_and_tokenizer=smollm2, show_progress=False)
 
 
 @pytest.fixture
@@ -119,8 +116,8 @@ def ingested(tiny_pack, db, tmp_path):
     from flowdb.manifest import load_manifest
 
     manifest = tmp_path / "tiny.toml"
-    manifest.write_text('name = "tiny"\nmodel = "smollm2-135m"\nlayers = [2, 3]\n[match]\nk = 5\n' + "".join(
-        f'[modules.{m}]\npath = "{{flowdb_home}}/packs/smollm2-135m-demo/saes/{m}/layer_{{layer}}"\n'
+    manifest.write_text('name = "tiny"\nmodel = "smollm2-135m"\nlayers = [2, 4]\n[match]\nk = 5\n' + "".join(
+        f'[modules.{m}]\npath = "{{flowdb_home}}/packs/smollm2-135m-demo-tiny/saes/{m}/layer_{{layer}}"\n'
         for m in ("res", "mlp", "att")))
     ingest(load_manifest(manifest), db, show_progress=False)
     return db

@@ -1,28 +1,41 @@
 import json
 
+import pytest
 import torch
 from sae_lens import SAE
 
-from conftest import TINY_DEMO
-from flowdb.demo_pack import DemoPackSpec, build_demo_pack, sae_quality
+from flowdb.demo_pack import BUDGETS, budget_spec, build_demo_pack, manifest_text, sae_quality
+from flowdb.errors import FlowdbError
 from flowdb.hooks import capture
 from flowdb.ingest import ingest
-from flowdb.manifest import parse_manifest
+from flowdb.manifest import load_manifest
 from flowdb.texts import token_windows
 
-SPEC = DemoPackSpec(**TINY_DEMO)
+SPEC = BUDGETS["tiny"]
 
 
 def test_pack_is_saelens_format_with_quality(tiny_pack):
     out, quality = tiny_pack
-    assert len(quality) == 6 and set(quality["module"]) == {"res", "mlp", "att"}
-    assert (quality["l0"] <= SPEC.k).all() and (quality["dead_fraction"] < 0.9).all()
-    assert (quality["explained_variance"] > 0.3).all(), quality
+    assert len(quality) == 9 and set(quality["module"]) == {"res", "mlp", "att"}
+    assert (quality["dead_fraction"] < 0.9).all() and (quality["l0"] < SPEC.width / 2).all()
+    assert (quality["explained_variance"] > 0.5).all(), quality
     sae = SAE.load_from_disk(str(out / "saes" / "mlp" / "layer_3"))
-    assert sae.cfg.metadata.hook_name == "blocks.3.hook_mlp_out" and sae.W_dec.shape == (256, 576)
-    assert json.loads((out / "spec.json").read_text())["width"] == 256
+    assert type(sae).__name__ == "JumpReLUSAE" and (sae.threshold > 0).all()  # Gemma Scope's architecture
+    assert sae.cfg.metadata.hook_name == "blocks.3.hook_mlp_out" and sae.W_dec.shape == (512, 576)
+    assert json.loads((out / "spec.json").read_text())["width"] == 512
+    assert (out / "manifest.toml").read_text() == manifest_text(SPEC)
+    assert not (out / "activations").exists() and not list(out.parent.glob(".*partial*"))
     again_out, again = build_demo_pack(SPEC, show_progress=False)  # cached: no model needed
     assert again.equals(quality)
+
+
+def test_a_built_pack_is_never_overwritten(tiny_pack):
+    """Other settings under the same name are refused, and the pack's files stay as they were."""
+    out, _ = tiny_pack
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(FlowdbError, match="another --name"):
+        build_demo_pack(budget_spec("tiny", width=256), show_progress=False)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
 def test_each_sae_reconstructs_its_own_hook_best(tiny_pack, smollm2):
@@ -30,7 +43,7 @@ def test_each_sae_reconstructs_its_own_hook_best(tiny_pack, smollm2):
     neighbouring hook points of the same layer."""
     out, _ = tiny_pack
     model, tokenizer = smollm2
-    windows = token_windows(tokenizer, "python-stdlib", 6, 64, seed=99)  # texts not trained on
+    windows = token_windows(tokenizer, "python-docs", 6, 64, seed=99)  # texts not trained on
     points = {"res": "blocks.3.hook_resid_post", "mlp": "blocks.3.hook_mlp_out",
               "att": "blocks.3.hook_attn_out", "pre": "blocks.3.hook_resid_pre"}
     with torch.no_grad(), capture(model, list(points.values())) as acts:
@@ -46,14 +59,17 @@ def test_each_sae_reconstructs_its_own_hook_best(tiny_pack, smollm2):
         assert scores[own] > max(others) + 0.2, (module, scores)
 
 
-def test_demo_pack_ingests(tiny_pack, db, tmp_path):
-    manifest_text = (
-        'name = "smollm2-tiny"\nmodel = "smollm2-135m"\nlayers = [2, 3]\n[match]\nk = 5\n'
-        + "".join(f'[modules.{m}]\npath = "{{flowdb_home}}/packs/smollm2-135m-demo/saes/{m}/layer_{{layer}}"\n'
-                  for m in ("res", "mlp", "att")))
-    import tomllib
-
-    manifest = parse_manifest(tomllib.loads(manifest_text), tmp_path / "m.toml")
+def test_demo_pack_ingests_from_its_own_manifest(tiny_pack, db):
+    out, _ = tiny_pack
+    manifest = load_manifest(out / "manifest.toml")
     report = ingest(manifest, db, show_progress=False)
-    assert report.match_edges == 256 * 5 * 5  # layer 2: mlp, att; layer 3: res, mlp, att
-    assert sum(report.categories.values()) == 2 * 256
+    assert report.match_edges == 512 * 5 * 8  # layer 2: mlp, att; layers 3 and 4: res, mlp, att
+    assert sum(report.categories.values()) == 3 * 512
+
+
+def test_shipped_manifest_is_the_default_budgets():
+    import tomllib
+    from pathlib import Path
+
+    shipped = Path(__file__).parents[1] / "ingest" / "smollm2-135m-demo.toml"
+    assert tomllib.loads(shipped.read_text()) == tomllib.loads(manifest_text(BUDGETS["default"]))
