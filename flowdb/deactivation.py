@@ -1,120 +1,340 @@
-"""The deactivation experiment (Laptev et al., section 4; method.md).
+"""The deactivation experiment (Laptev et al., section 4 and Table 1; method.md).
 
-For a residual feature f at layer L that is active on a token, and a place P in
-{R_{L-1}, M_L, A_L} where f's top-1 match is active on that token too, remove the
-matched predecessor(s) at that token only (h_P <- h_P - a·v, with a the
-predecessor's activation and v its decoder row) and read f again at R_L.
+For a residual feature f at layer L active on a token, and a place P in
+{R_{L-1}, M_L, A_L}, remove a predecessor chosen by a matcher at that token only
+(h_P <- h_P - a·v, with a its activation and v what it adds to the SAE's
+reconstruction) and read f again at R_L.
 success: f's activation falls to zero; activation change: 1 - z_new / z_old.
-Matchers: top-1 (remove the best match), top-5 (remove every active one of the
-five best), random-top-5 (remove one of the five best, picked at random: the control).
+A matcher's trial counts when its chosen predecessor is active on the token.
+
+Matchers:
+  top-1          the best cosine match (flowdb's stored rank-1 edge)
+  top-5          every active one of the five best cosine matches, removed together
+  random-top-5   one of the five best cosine matches, picked at random (a control)
+  random-active  a uniformly random active feature of P (a control)
+  permutation    SAE Match: one-to-one assignment on threshold-folded decoders (R only)
+  pearson        the feature of P whose activations correlate best with f's over the
+                 sampled windows (data-based)
+  exhaustive     the active feature of P whose removal lowers f most (the upper bound)
+
+Speed: a removal at a token of layer L changes nothing before block L, and R_L at
+that token depends only on block L's inputs. So the model runs once to block L on
+the clean windows, and every removal is a row of one batched call of block L alone
+on the recorded inputs (checked against the clean pass on every run).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from flowdb.database import Database
+from flowdb.errors import FlowdbError
 from flowdb.modules import MODULES, RESIDUAL
 
-MATCHERS = ("top-1", "top-5", "random-top-5")
+MATCHERS = ("top-1", "top-5", "random-top-5", "random-active", "permutation", "pearson", "exhaustive")
 PLACE_NAME = {"res": "RES", "mlp": "MLP", "att": "ATT"}
-PAPER = {"top-1": {"success_rate": 0.65, "activation_change": 0.75}}  # Laptev et al., top-1 cosine
+# Laptev et al., Table 1 (Gemma 2 2B, Gemma Scope, 1,894 features over two layers).
+PAPER = {"top-1": {"success_rate": 0.65, "activation_change": 0.75},
+         "pearson": {"success_rate": 0.65, "activation_change": 0.74},
+         "exhaustive": {"success_rate": 0.73, "activation_change": 0.83}}
 
 
 @dataclass(frozen=True)
 class DeactivationSpec:
-    layers: tuple[int, ...] = (6, 12, 18)
-    texts: str = "python-stdlib"
-    samples: int = 40
-    tokens_per_sample: int = 3
+    layers: tuple[int, ...] | None = None  # None: two layers, at a third and two thirds of the pack
+    texts: str = "mixed"
+    samples: int = 64  # windows
+    tokens_per_sample: int = 4
     context: int = 64
-    max_trials: int = 150  # per layer, over all places
+    max_targets: int = 200  # active (token, target feature) pairs per layer
+    batch_rows: int = 128  # removals per call of the block
     seed: int = 0
 
 
-def _trials(codes, preds, layer, spec, rng):
-    """(token, feature, place, matcher, [(predecessor, activation)]) for eligible pairs."""
-    target = codes[(layer, "res")]
+def default_layers(layers: range) -> tuple[int, ...]:
+    usable = [layer for layer in layers if layer - 1 in layers]  # R_{L-1} must be in the pack
+    if not usable:
+        raise FlowdbError("the deactivation experiment needs a pack of at least two consecutive layers")
+    picks = {usable[len(usable) // 3], usable[(2 * len(usable)) // 3]}
+    return tuple(sorted(picks))
+
+
+def _select_rows(value, index, batch: int):
+    """value with every tensor whose first dimension is the clean batch indexed by index."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value[index] if value.dim() and value.shape[0] == batch and batch > 1 else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_select_rows(v, index, batch) for v in value)
+    if isinstance(value, dict):
+        return {k: _select_rows(v, index, batch) for k, v in value.items()}
+    return value
+
+
+class BlockReplay:
+    """Block L of the model, run again on recorded inputs with per-row removals."""
+
+    def __init__(self, model, layer: int, windows):
+        import torch
+
+        from flowdb.hooks import blocks, capture, forward_until, hook_point
+
+        self.model, self.layer, self.block = model, layer, blocks(model)[layer]
+        recorded = {}
+
+        def record(_module, args, kwargs):
+            recorded["args"], recorded["kwargs"] = args, kwargs
+
+        self.hooks = {name: hook_point(name, layer if name != RESIDUAL.name else layer - 1) for name in MODULES}
+        self.target_hook = hook_point(RESIDUAL.name, layer)
+        handle = self.block.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            with torch.no_grad(), capture(model, [*self.hooks.values(), self.target_hook]) as acts:
+                forward_until(model, windows, layer)
+        finally:
+            handle.remove()
+        self.activations = dict(acts)  # hook -> [windows, T, d]
+        self.args, self.kwargs = recorded["args"], recorded["kwargs"]
+        self.batch = windows.shape[0]
+
+    def run(self, window, position, deltas: dict[str, np.ndarray]):
+        """R_L at (window[n], position[n]) after subtracting deltas[place][n] there, per row n."""
+        import torch
+
+        from flowdb.hooks import intervene
+
+        index = torch.as_tensor(window)
+        rows = torch.arange(len(index))
+        pos = torch.as_tensor(position)
+        hidden = self.args[0][index].clone()
+        edits = {}
+        for place, delta in deltas.items():
+            delta = torch.as_tensor(delta, dtype=hidden.dtype)
+            if place == RESIDUAL.name:
+                hidden[rows, pos] -= delta
+            else:
+                def edit(h, delta=delta):
+                    h = h.clone()
+                    h[rows, pos] -= delta
+                    return h
+                edits[self.hooks[place]] = edit
+        args = (hidden, *_select_rows(self.args[1:], index, self.batch))
+        kwargs = _select_rows(self.kwargs, index, self.batch)
+        with torch.no_grad(), intervene(self.model, edits):
+            out = self.block(*args, **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        return out[rows, pos]
+
+
+def _directions(sae) -> np.ndarray:
+    """[width, d]: what each feature adds to the reconstruction per unit of activation."""
+    import torch
+
+    with torch.no_grad():
+        width = sae.cfg.d_sae
+        decoded = sae.decode(torch.cat([torch.eye(width), torch.zeros(1, width)]))
+    return (decoded[:-1] - decoded[-1]).numpy()
+
+
+def _encode(sae, activations) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return sae.encode(activations).numpy()
+
+
+def _layer_trials(db, pack_name, pack, model, layer, windows, positions, spec, rng, progress) -> tuple[list, dict]:
+    from flowdb.matchers import folded_decoder, pearson_top1, sae_match
+    from flowdb.pack_model import predecessor_table
+
+    replay = BlockReplay(model, layer, windows)
+    places = [m.name for m in MODULES.values() if pack.has(m.predecessor_layer(layer), m.name)]
+    saes = {place: pack.sae(MODULES[place].predecessor_layer(layer), place) for place in places}
+    target_sae = pack.sae(layer, RESIDUAL.name)
+    acts = replay.activations
+    # Codes at every non-sink token (Pearson) and at the sampled tokens (trials).
+    d_model = acts[replay.target_hook].shape[-1]
+    every = {place: _encode(saes[place], acts[replay.hooks[place]][:, 1:].reshape(-1, d_model)) for place in places}
+    target_every = _encode(target_sae, acts[replay.target_hook][:, 1:].reshape(-1, d_model))
+    width = target_every.shape[1]
+    preds = predecessor_table(db, pack_name, layer, width, min(5, pack.k))
+    picks = {("pearson", place): pearson_top1(target_every, every[place]) for place in places}
+    if RESIDUAL.name in places:
+        picks[("permutation", RESIDUAL.name)] = sae_match(folded_decoder(target_sae),
+                                                          folded_decoder(saes[RESIDUAL.name]))
+    directions = {place: _directions(saes[place]) for place in places}
+
+    t_minus_1 = windows.shape[1] - 1
+    def at(codes, w, p):  # row of the flattened non-sink codes
+        return codes[w * t_minus_1 + p - 1]
+
+    occurrences = [(w, int(p), int(f)) for w in range(len(windows)) for p in positions[w]
+                   for f in np.flatnonzero(at(target_every, w, p) > 0)]
+    if len(occurrences) > spec.max_targets:
+        occurrences = [occurrences[i] for i in sorted(rng.choice(len(occurrences), spec.max_targets, replace=False))]
+
+    # One removal row per active source feature (the exhaustive search's candidates, which
+    # include every single-feature matcher's pick) and one per top-5 set of two or more.
+    rows = []  # (occurrence, place, removed features)
+    for o, (w, p, f) in enumerate(occurrences):
+        for place in places:
+            active = np.flatnonzero(at(every[place], w, p) > 0)
+            rows += [(o, place, (int(j),)) for j in active]
+            top = [int(j) for j in preds[place][f] if j >= 0]
+            together = tuple(j for j in top if at(every[place], w, p)[j] > 0)
+            if len(together) > 1:
+                rows.append((o, place, together))
+    z_new = np.empty(len(rows))
+    started = time.perf_counter()
+    for start in progress(range(0, len(rows), spec.batch_rows)):
+        chunk = rows[start:start + spec.batch_rows]
+        deltas = {place: np.zeros((len(chunk), d_model), dtype=np.float32) for place in places}
+        for n, (o, place, removed) in enumerate(chunk):
+            w, p, _ = occurrences[o]
+            codes = at(every[place], w, p)
+            for j in removed:
+                deltas[place][n] += codes[j] * directions[place][j]
+        out = replay.run([occurrences[o][0] for o, _, _ in chunk], [occurrences[o][1] for o, _, _ in chunk], deltas)
+        encoded = _encode(target_sae, out)
+        z_new[start:start + len(chunk)] = [encoded[n, occurrences[o][2]] for n, (o, _, _) in enumerate(chunk)]
+    seconds = time.perf_counter() - started
+    _check_replay(replay, target_sae, occurrences, target_every, at)
+
+    results: dict = {}
+    for (o, place, removed), z in zip(rows, z_new):
+        results[(o, place, removed)] = float(z)
     trials = []
-    for token, feature in zip(*np.nonzero(target > 0)):
-        for module in MODULES.values():
-            place = module.name
-            source = codes.get((module.predecessor_layer(layer), place))
-            if source is None:
+    for o, (w, p, f) in enumerate(occurrences):
+        z_old = float(at(target_every, w, p)[f])
+        group = sum(bit for bit, place in zip((1, 2, 4), ("res", "mlp", "att"))
+                    if place in places and preds[place][f, 0] >= 0 and at(every[place], w, p)[preds[place][f, 0]] > 0)
+        for place in places:
+            codes = at(every[place], w, p)
+            active = [int(j) for j in np.flatnonzero(codes > 0)]
+            if not active:
                 continue
-            top = [int(p) for p in preds[place][feature, :5] if p >= 0]
-            if not top or source[token, top[0]] <= 0:
-                continue  # eligible only when the top-1 match is active on this token
-            choices = {"top-1": [top[0]], "top-5": [p for p in top if source[token, p] > 0],
-                       "random-top-5": [top[int(rng.integers(len(top)))]]}
+            top = [int(j) for j in preds[place][f] if j >= 0]
+            singles = {j: results[(o, place, (j,))] for j in active}
+            chosen = {
+                "top-1": top[:1],
+                "top-5": [j for j in top if codes[j] > 0],
+                "random-top-5": [top[int(rng.integers(len(top)))]] if top else [],
+                "random-active": [active[int(rng.integers(len(active)))]],
+                "exhaustive": [min(singles, key=singles.get)],
+            }
+            for matcher in ("permutation", "pearson"):
+                pick = picks.get((matcher, place))
+                chosen[matcher] = [int(pick[f])] if pick is not None and pick[f] >= 0 else []
             for matcher in MATCHERS:
-                removed = [(p, float(source[token, p])) for p in choices[matcher]]
-                trials.append((int(token), int(feature), place, matcher, removed))
-    return trials
+                removed = tuple(j for j in chosen.get(matcher, []) if codes[j] > 0)
+                if not removed:
+                    continue  # the matcher's predecessor is not active here: not a trial
+                z = singles[removed[0]] if len(removed) == 1 else results[(o, place, removed)]
+                trials.append({"layer": layer, "place": PLACE_NAME[place], "matcher": matcher, "feature": f,
+                               "window": w, "position": p, "removed": removed, "group": group,
+                               "z_old": z_old, "z_new": z, "success": z <= 0, "activation_change": 1 - z / z_old})
+    return trials, {"layer": layer, "targets": len(occurrences), "removals": len(rows), "seconds": seconds}
+
+
+def _check_replay(replay, target_sae, occurrences, target_every, at) -> None:
+    """Block L alone on the recorded inputs, with nothing removed, must give the clean
+    pass's target activations: else the replay does not stand for the model."""
+    sample = occurrences[:64]
+    if not sample:
+        return
+    zeros = {}
+    out = replay.run([w for w, _, _ in sample], [p for _, p, _ in sample], zeros)
+    encoded = _encode(target_sae, out)
+    again = np.array([encoded[n, f] for n, (_, _, f) in enumerate(sample)])
+    clean = np.array([at(target_every, w, p)[f] for w, p, f in sample])
+    if not np.allclose(again, clean, rtol=1e-3, atol=1e-3):
+        raise FlowdbError(f"replaying block {replay.layer} does not reproduce the model's own forward pass "
+                          f"(largest difference {np.abs(again - clean).max():.3g}); the deactivation figures "
+                          "would be wrong for this architecture")
 
 
 def deactivation_experiment(db: Database, pack_name: str, spec: DeactivationSpec = DeactivationSpec(),
-                            model_and_tokenizer=None, progress=None) -> pd.DataFrame:
-    """One row per trial: layer, place, matcher, z_old, z_new, success, activation_change."""
-    import torch
+                            model_and_tokenizer=None, progress=None, timings: list | None = None) -> pd.DataFrame:
+    """One row per trial: layer, place, matcher, feature, window, position, removed (the
+    predecessors removed), group, z_old, z_new, success, activation_change.
+    `timings`, when given, receives per layer the number of removals and the seconds they took."""
     from tqdm.auto import tqdm
 
-    from flowdb.groups import group_codes
-    from flowdb.hooks import capture, hook_point, intervene
     from flowdb.models import load_model
-    from flowdb.pack_model import feature_codes, feature_direction, open_pack, predecessor_table
+    from flowdb.pack_model import open_pack
     from flowdb.texts import sample_tokens
 
     pack = open_pack(db, pack_name)
+    layers = spec.layers or default_layers(pack.layers)
+    for layer in layers:
+        if not (pack.has(layer, RESIDUAL.name) and layer - 1 in pack.layers):
+            raise FlowdbError(f"layer {layer}: pack {pack_name} needs layers {layer - 1} and {layer} "
+                              f"(it has {pack.layers.start}-{pack.layers.stop - 1})")
     model, tokenizer = model_and_tokenizer or load_model(pack.model)
     rng = np.random.default_rng(spec.seed)
     windows, positions = sample_tokens(tokenizer, spec.texts, spec.samples, spec.context,
                                        spec.tokens_per_sample, spec.seed, rng)
-    needed = {(src, m) for layer in spec.layers
-              for src, m in [(layer, RESIDUAL.name)] + [(mod.predecessor_layer(layer), mod.name)
-                                                        for mod in MODULES.values()]
-              if pack.has(src, m)}
-    all_codes = feature_codes(pack, model, windows, positions, sorted(needed))  # one pass for every layer
     rows = []
-    for layer in spec.layers:
-        codes = {slot: c for slot, c in all_codes.items() if slot[0] in (layer - 1, layer)}
-        width = codes[(layer, "res")].shape[1]
-        preds = predecessor_table(db, pack_name, layer, width, min(5, pack.k))
-        groups = group_codes({slot: c > 0 for slot, c in codes.items()}, preds, layer, 1)
-        trials = _trials(codes, preds, layer, spec, rng)
-        eligible = sorted({(t, f, p) for t, f, p, _, _ in trials})
-        if len(eligible) > spec.max_trials:
-            keep = {eligible[i] for i in rng.choice(len(eligible), spec.max_trials, replace=False)}
-            trials = [trial for trial in trials if trial[:3] in keep]
-        target_sae = pack.sae(layer, "res")
-        for token, feature, place, matcher, removed in tqdm(
-                trials, desc=f"layer {layer}", disable=None if progress is None else not progress):
-            sample, position = divmod(token, spec.tokens_per_sample)
-            position = int(positions[sample, position])
-            source_sae = pack.sae(layer - 1 if place == "res" else layer, place)
-            delta = sum(a * feature_direction(source_sae, p) for p, a in removed)
-
-            def remove(h, delta=delta, position=position):
-                h = h.clone()
-                h[:, position] -= delta
-                return h
-
-            hook = hook_point(place, layer - 1 if place == "res" else layer)
-            window = windows[sample:sample + 1, :position + 1]  # later tokens cannot matter
-            with torch.no_grad(), intervene(model, {hook: remove}), \
-                    capture(model, [hook_point("res", layer)]) as acts:
-                model(window)
-                z_new = float(target_sae.encode(acts[hook_point("res", layer)][:, position])[0, feature])
-            z_old = float(codes[(layer, "res")][token, feature])
-            rows.append({"layer": layer, "place": PLACE_NAME[place], "matcher": matcher,
-                         "group": int(groups[token, feature]), "z_old": z_old, "z_new": z_new,
-                         "success": z_new <= 0, "activation_change": 1 - z_new / z_old})
+    for layer in layers:
+        bar = lambda it, layer=layer: tqdm(it, desc=f"layer {layer} removals",  # noqa: E731
+                                           disable=None if progress is None else not progress)
+        trials, timing = _layer_trials(db, pack_name, pack, model, layer, windows, positions, spec, rng, bar)
+        rows += trials
+        if timings is not None:
+            timings.append(timing)
     return pd.DataFrame(rows)
 
 
-def summarise(trials: pd.DataFrame, by=("layer", "matcher")) -> pd.DataFrame:
-    return (trials.groupby(list(by)).agg(trials=("success", "size"), success_rate=("success", "mean"),
-                                         activation_change=("activation_change", "mean")).reset_index())
+def summarise(trials: pd.DataFrame, by=("layer", "matcher"), seed: int = 0) -> pd.DataFrame:
+    """Trials, success rate and activation change with 95% bootstrap intervals per group."""
+    from flowdb.stats import mean_interval
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for keys, part in trials.groupby(list(by), sort=True):
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        success = part["success"].to_numpy(dtype=float)
+        change = part["activation_change"].to_numpy(dtype=float)
+        s_lo, s_hi = mean_interval(success, rng)
+        c_lo, c_hi = mean_interval(change, rng)
+        rows.append({**dict(zip(by, keys)), "trials": len(part), "success_rate": success.mean(),
+                     "success_lo": s_lo, "success_hi": s_hi, "activation_change": change.mean(),
+                     "change_lo": c_lo, "change_hi": c_hi})
+    table = pd.DataFrame(rows)
+    if "matcher" in table:
+        table["matcher"] = pd.Categorical(table["matcher"], MATCHERS, ordered=True)
+        table = table.sort_values([*[b for b in by if b != "matcher"], "matcher"]).reset_index(drop=True)
+        table["matcher"] = table["matcher"].astype(str)
+    return table
+
+
+def with_paper(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary with the paper's figures beside each matcher it reports."""
+    return summary.assign(
+        paper_success=summary["matcher"].map(lambda m: PAPER.get(m, {}).get("success_rate", np.nan)),
+        paper_change=summary["matcher"].map(lambda m: PAPER.get(m, {}).get("activation_change", np.nan)))
+
+
+def pack_facts(db: Database, pack_name: str) -> dict:
+    """Training tokens and mean residual explained variance of a demo pack (from the
+    spec.json and quality.csv beside its SAEs); NaN for packs trained elsewhere."""
+    import json
+    from pathlib import Path
+
+    from flowdb.pack_model import open_pack
+
+    pack = open_pack(db, pack_name)
+    planted = pack.plan.sae(pack.layers.start, RESIDUAL.name)
+    home = Path(planted.ref.location).parents[2] if planted is not None and planted.ref.kind == "path" else None
+    facts = {"train_tokens": np.nan, "residual_ev": np.nan, "architecture": ""}
+    if home is not None and (home / "spec.json").exists() and (home / "quality.csv").exists():
+        spec = json.loads((home / "spec.json").read_text())
+        quality = pd.read_csv(home / "quality.csv")
+        facts.update(train_tokens=spec["train_tokens"], architecture=spec["architecture"],
+                     residual_ev=float(quality.loc[quality["module"] == "res", "explained_variance"].mean()))
+    return facts

@@ -1,50 +1,121 @@
+"""The deactivation experiment (Table 1) on the tiny demo pack."""
+
 import numpy as np
+import pandas as pd
+import pytest
 import torch
 from click.testing import CliRunner
+from scipy.optimize import linear_sum_assignment
+from scipy.spatial.distance import cdist
 
 from flowdb.cli import cli
-from flowdb.deactivation import MATCHERS, DeactivationSpec, deactivation_experiment, summarise
-from flowdb.hooks import capture
+from flowdb.deactivation import MATCHERS, BlockReplay, DeactivationSpec, deactivation_experiment, summarise
+from flowdb.hooks import capture, hook_point, intervene
 from flowdb.pack_model import open_pack
+from flowdb.texts import token_windows
 
-SPEC = DeactivationSpec(layers=(3,), samples=6, tokens_per_sample=3, context=48, max_trials=12, seed=1)
+SPEC = DeactivationSpec(layers=(3,), samples=8, tokens_per_sample=3, context=40, max_targets=25, seed=1)
 
 
-def test_deactivation_trials(ingested, smollm2):
+def test_block_replay_is_the_whole_model(ingested, smollm2):
+    """Removals replayed through block 3 alone give R_3 as the whole model does with the
+    same edit made by a hook (computed window by window, no batching)."""
+    model, tokenizer = smollm2
+    windows = token_windows(tokenizer, "mixed", 3, 24, seed=2)
+    replay = BlockReplay(model, 3, windows)
+    rng = np.random.default_rng(0)
+    rows = [(0, 5, "res"), (1, 9, "att"), (2, 23, "mlp"), (2, 4, "res"), (0, 17, "att")]
+    deltas = {place: np.zeros((len(rows), 576), dtype=np.float32) for place in ("res", "mlp", "att")}
+    for n, (_, _, place) in enumerate(rows):
+        deltas[place][n] = rng.normal(scale=2.0, size=576)
+    replayed = replay.run([w for w, _, _ in rows], [p for _, p, _ in rows], deltas)
+    for n, (w, p, place) in enumerate(rows):
+        hook = hook_point(place, 2 if place == "res" else 3)
+        delta = torch.as_tensor(deltas[place][n])
+
+        def edit(h, p=p, delta=delta):
+            h = h.clone()
+            h[:, p] -= delta
+            return h
+
+        with torch.no_grad(), intervene(model, {hook: edit}), capture(model, ["blocks.3.hook_resid_post"]) as acts:
+            model(windows[w:w + 1])
+        torch.testing.assert_close(replayed[n], acts["blocks.3.hook_resid_post"][0, p], rtol=1e-4, atol=1e-4)
+
+
+def test_table1_trials(ingested, smollm2):
+    """One run of the experiment, checked four ways (helpers below)."""
     trials = deactivation_experiment(ingested, "tiny", SPEC, model_and_tokenizer=smollm2)
+    _consistent(trials)
+    _exhaustive_is_the_upper_bound(trials)
+    _top1_and_permutation_picks_from_the_sae_files(trials, ingested)
+    _summary_intervals(trials)
+
+
+def _consistent(trials):
     assert not trials.empty and set(trials["matcher"]) == set(MATCHERS)
+    assert set(trials.loc[trials["matcher"] == "permutation", "place"]) == {"RES"}
     assert (trials["z_old"] > 0).all()
     assert (trials["success"] == (trials["z_new"] <= 0)).all()
     np.testing.assert_allclose(trials["activation_change"], 1 - trials["z_new"] / trials["z_old"])
-    summary = summarise(trials)
+
+
+def _exhaustive_is_the_upper_bound(trials):
+    """No single removal lowers a target more than the exhaustive search's."""
+    keys = ["window", "position", "feature", "place"]
+    best = trials[trials["matcher"] == "exhaustive"].set_index(keys)["z_new"]
+    singles = trials[(trials["matcher"] != "exhaustive") & (trials["removed"].map(len) == 1)]
+    joined = singles.join(best.rename("z_best"), on=keys)
+    assert joined["z_best"].notna().all()
+    assert (joined["z_best"] <= joined["z_new"] + 1e-6).all()
+
+
+def _top1_and_permutation_picks_from_the_sae_files(trials, db):
+    """top-1 removes the best cosine match of unit decoder rows; permutation removes the
+    partner of scipy's assignment on threshold-folded decoders (computed here from the SAEs)."""
+    pack = open_pack(db, "tiny")
+    target = pack.sae(3, "res").W_dec.detach().numpy()
+    unit = lambda w: w / np.linalg.norm(w, axis=1, keepdims=True)  # noqa: E731
+    for place, layer in (("RES", 2), ("MLP", 3), ("ATT", 3)):
+        source = pack.sae(layer, place.lower()).W_dec.detach().numpy()
+        best = (unit(target) @ unit(source).T).argmax(1)
+        top1 = trials[(trials["matcher"] == "top-1") & (trials["place"] == place)]
+        assert len(top1) and all(removed == (best[f],) for f, removed in zip(top1["feature"], top1["removed"]))
+    res_target, res_source = pack.sae(3, "res"), pack.sae(2, "res")
+    fold = lambda sae: sae.W_dec.detach().numpy() * sae.threshold.detach().numpy()[:, None]  # noqa: E731
+    rows, cols = linear_sum_assignment(cdist(fold(res_target), fold(res_source), "sqeuclidean"))
+    partner = dict(zip(rows, cols))
+    perm = trials[trials["matcher"] == "permutation"]
+    assert len(perm) and all(removed == (partner[f],) for f, removed in zip(perm["feature"], perm["removed"]))
+
+
+def _summary_intervals(trials):
+    summary = summarise(trials, ("matcher",))
     assert summary["trials"].sum() == len(trials)
-    assert ((summary["success_rate"] >= 0) & (summary["success_rate"] <= 1)).all()
+    assert list(summary["matcher"]) == [m for m in MATCHERS if m in set(trials["matcher"])]
+    assert (summary["success_lo"] <= summary["success_rate"]).all()
+    assert (summary["success_rate"] <= summary["success_hi"]).all()
+    top1 = trials[trials["matcher"] == "top-1"]
+    assert summary.set_index("matcher").loc["top-1", "success_rate"] == pytest.approx(top1["success"].mean())
 
 
-def test_removing_nothing_changes_nothing(ingested, smollm2):
-    """The no-edit forward pass on a cut window reproduces the recorded activation, so every
-    change measured comes from the removal itself."""
-    model, tokenizer = smollm2
-    pack = open_pack(ingested, "tiny")
-    from flowdb.texts import token_windows
-
-    window = token_windows(tokenizer, "python-stdlib", 1, 48, seed=1)
-    with torch.no_grad(), capture(model, ["blocks.3.hook_resid_post"]) as full:
-        model(window)
-    with torch.no_grad(), capture(model, ["blocks.3.hook_resid_post"]) as cut:
-        model(window[:, :21])
-    sae = pack.sae(3, "res")
-    torch.testing.assert_close(sae.encode(cut["blocks.3.hook_resid_post"][:, 20]),
-                               sae.encode(full["blocks.3.hook_resid_post"][:, 20]), rtol=1e-4, atol=1e-4)
-
-
-def test_deactivation_cli(ingested, tmp_path):
-    out = tmp_path / "deact.png"
+def test_deactivation_and_curve_cli(ingested, tmp_path):
+    out, table = tmp_path / "table1.png", tmp_path / "table1.csv"
     result = CliRunner().invoke(cli, ["validate", "deactivation", "tiny", "--layers", "3", "--samples", "4",
-                                      "--max-trials", "6", "--out", str(out)])
+                                      "--max-targets", "6", "--csv", str(table), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "success_rate" in result.output and "paper (Gemma 2 2B" in result.output and out.exists()
-    assert "by activation group of the target" in result.output and "From " in result.output
+    assert "paper_success" in result.output and "removals in" in result.output and out.exists()
+    written = pd.read_csv(table)
+    assert set(written["matcher"]) <= set(MATCHERS) and written["train_tokens"].iloc[0] == 12_000
+    curve = tmp_path / "curve.png"
+    result = CliRunner().invoke(cli, ["validate", "curve", str(table), "--out", str(curve)])
+    assert result.exit_code == 0, result.output
+    assert curve.exists()
+
+
+def test_a_layer_without_its_predecessor_is_refused(ingested):
+    result = CliRunner().invoke(cli, ["validate", "deactivation", "tiny", "--layers", "2"])
+    assert result.exit_code == 1 and "needs layers 1 and 2" in result.output
 
 
 def test_feature_direction_is_what_decode_adds(ingested):
@@ -53,7 +124,6 @@ def test_feature_direction_is_what_decode_adds(ingested):
     from flowdb.pack_model import feature_direction
 
     sae = open_pack(ingested, "tiny").sae(3, "res")
-    assert sae.cfg.rescale_acts_by_decoder_norm  # the case where a * W_dec[i] would be wrong
     codes = sae.encode(torch.randn(2, 576) * 10).detach()
     recon = sae.decode(codes).detach()
     for row in range(2):
