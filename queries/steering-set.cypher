@@ -26,9 +26,10 @@ CALL (chain) {
   WITH c.node AS step, [x IN chain | x.node] AS residual
   MATCH (p:Feature)-[e:MLP|ATTENTION]->(step)
   WHERE e.rank <= $max_rank AND ($every_edge OR coalesce(e.cosine >= $t_mod, e.above)) AND NOT p IN residual
-  RETURN p AS member, max(e.cosine) AS score
+  WITH p, max(e.cosine) AS score
+  // An aggregate answers one row even when no input qualifies, so the chain is kept.
+  RETURN collect({node: p, score: score}) AS inputs
 }
-WITH seed, chain, collect({node: member, score: score}) AS inputs
 WITH seed, chain + inputs AS members
 UNWIND members AS m
 WITH seed, m.node AS n, max(m.score) AS score
