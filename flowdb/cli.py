@@ -324,28 +324,42 @@ def demo_pack():
 
 
 @demo_pack.command("build")
-@click.option("--layers", default="0-29", show_default=True, help="Contiguous layer range FIRST-LAST.")
-@click.option("--width", default=2048, show_default=True, type=click.IntRange(16))
-@click.option("--k", default=32, show_default=True, type=click.IntRange(1), help="TopK active features.")
-@click.option("--steps", default=120, show_default=True, type=click.IntRange(1), help="Training steps per SAE.")
-@click.option("--windows", default=128, show_default=True, type=click.IntRange(8),
-              help="Training windows of 128 tokens.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--force", is_flag=True, help="Train again even when a cached pack has these settings.")
+@click.option("--budget", type=click.Choice(["tiny", "default", "large"]), default="default", show_default=True,
+              help="tiny: tests (about a minute); default: about 20 minutes on 2 CPU cores; large: a CUDA GPU.")
+@click.option("--name", help="Pack name (default: per budget; a built pack is never overwritten).")
+@click.option("--layers", help="Contiguous layer range FIRST-LAST (default: per budget).")
+@click.option("--architecture", type=click.Choice(["jumprelu", "topk"]), help="Default: jumprelu.")
+@click.option("--width", type=click.IntRange(16), help="Features per SAE.")
+@click.option("--l0", type=click.IntRange(1), help="Target L0 (JumpReLU) or k (TopK).")
+@click.option("--tokens", type=click.IntRange(1000), help="Training tokens per hook point.")
+@click.option("--samples", type=click.IntRange(1000), help="Training samples per SAE (steps x batch).")
+@click.option("--texts", type=click.Choice(["mixed", "python-stdlib", "python-docs"]), help="Default: mixed.")
+@click.option("--device", help="cpu, cuda, ... (default: per budget).")
+@click.option("--seed", type=int)
 @click.option("--progress/--no-progress", default=None)
-def demo_pack_build(layers, width, k, steps, windows, seed, force, progress):
-    """Train (or reuse) the demo pack and print each SAE's quality."""
-    from flowdb.demo_pack import DemoPackSpec, build_demo_pack
+def demo_pack_build(budget, name, layers, architecture, width, l0, tokens, samples, texts, device, seed, progress):
+    """Train (or reuse) a demo pack and print each SAE's quality."""
+    from flowdb.demo_pack import budget_spec, build_demo_pack, pack_dir
 
-    first, _, last = layers.partition("-")
-    last = last or first
-    if not (first.isdigit() and last.isdigit()) or int(first) > int(last) or int(last) > 29:
-        raise click.BadParameter("give a range FIRST-LAST within 0-29", param_hint="--layers")
-    spec = DemoPackSpec(first_layer=int(first), last_layer=int(last or first), width=width, k=k,
-                        steps=steps, train_windows=windows, seed=seed)
-    out, quality = build_demo_pack(spec, force=force, show_progress=progress)
+    first = last = None
+    if layers:
+        first, _, last = layers.partition("-")
+        last = last or first
+        if not (first.isdigit() and last.isdigit()) or int(first) > int(last) or int(last) > 29:
+            raise click.BadParameter("give a range FIRST-LAST within 0-29", param_hint="--layers")
+        first, last = int(first), int(last)
+    spec = budget_spec(budget, name=name, first_layer=first, last_layer=last, architecture=architecture,
+                       width=width, l0=l0, train_tokens=tokens, samples=samples, texts=texts, device=device,
+                       seed=seed)
+    out, quality = build_demo_pack(spec, show_progress=progress)
     click.echo(quality.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    click.echo(f"pack: {out} (mean explained variance {quality['explained_variance'].mean():.3f})")
+    residual = quality[quality["module"] == "res"]
+    click.echo(f"explained variance: mean {quality['explained_variance'].mean():.3f}, residual mean "
+               f"{residual['explained_variance'].mean():.3f}, lowest {quality['explained_variance'].min():.3f}; "
+               f"dead fraction at most {quality['dead_fraction'].max():.3f}")
+    seconds = (out / "build_seconds.txt").read_text().strip() if (out / "build_seconds.txt").exists() else "?"
+    click.echo(f"pack: {out} (built in {seconds} s)")
+    click.echo(f"ingest it with: flowdb ingest {pack_dir(spec) / 'manifest.toml'}")
 
 
 @cli.command()
@@ -390,42 +404,143 @@ def validate():
 
 @validate.command("deactivation")
 @click.argument("pack")
-@click.option("--layers", default="6,12,18", show_default=True, help="Comma-separated layers.")
-@click.option("--samples", default=40, show_default=True, type=click.IntRange(1))
-@click.option("--max-trials", default=150, show_default=True, type=click.IntRange(1), help="Per layer.")
+@click.option("--layers", help="Comma-separated target layers (default: two, at a third and two thirds of the pack).")
+@click.option("--texts", type=click.Choice(["mixed", "python-stdlib", "python-docs"]), default="mixed",
+              show_default=True)
+@click.option("--samples", default=64, show_default=True, type=click.IntRange(1), help="Windows of 64 tokens.")
+@click.option("--max-targets", default=200, show_default=True, type=click.IntRange(1),
+              help="Active (token, target feature) pairs per layer.")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False),
+              help="Also write the summary, with the pack's training tokens and quality (input of `validate curve`).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Also draw the results (.png, .svg, .html).")
 @click.option("--progress/--no-progress", default=None)
 @connection_options
-def validate_deactivation(pack, layers, samples, max_trials, seed, out, progress, settings):
-    """Remove matched predecessors at a token and measure whether the target turns off."""
-    from flowdb.deactivation import PAPER, DeactivationSpec, deactivation_experiment, summarise
+def validate_deactivation(pack, layers, texts, samples, max_targets, seed, csv_path, out, progress, settings):
+    """Table 1 of the paper: remove each matcher's predecessor at a token; does the target turn off?"""
+    import time
 
-    try:
-        layer_list = tuple(int(x) for x in layers.split(","))
-    except ValueError:
-        raise click.BadParameter("comma-separated integers", param_hint="--layers") from None
-    spec = DeactivationSpec(layers=layer_list, samples=samples, max_trials=max_trials, seed=seed)
-    with _connect(settings) as db:
-        trials = deactivation_experiment(db, pack, spec, progress=progress)
-    if trials.empty:
-        raise click.ClickException("no eligible (target, active predecessor) pairs at these layers")
-    summary = summarise(trials)
-    click.echo(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    click.echo("by place (all layers):")
-    click.echo(summarise(trials, ("place", "matcher")).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    from flowdb.deactivation import DeactivationSpec, deactivation_experiment, pack_facts, summarise, with_paper
     from flowdb.groups import GROUPS
 
-    click.echo("by activation group of the target (top-1, all layers):")
-    named = trials.assign(group=trials["group"].map(lambda code: GROUPS[code]))
-    click.echo(summarise(named, ("group", "matcher")).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    paper = PAPER["top-1"]
-    click.echo(f"paper (Gemma 2 2B, Gemma Scope, top-1 cosine): success {paper['success_rate']:.2f}, "
-               f"activation change {paper['activation_change']:.2f}")
+    layer_list = None
+    if layers:
+        try:
+            layer_list = tuple(int(x) for x in layers.split(","))
+        except ValueError:
+            raise click.BadParameter("comma-separated integers", param_hint="--layers") from None
+    spec = DeactivationSpec(layers=layer_list, texts=texts, samples=samples, max_targets=max_targets, seed=seed)
+    timings: list = []
+    started = time.perf_counter()
+    with _connect(settings) as db:
+        trials = deactivation_experiment(db, pack, spec, progress=progress, timings=timings)
+        facts = pack_facts(db, pack)
+    if trials.empty:
+        raise click.ClickException("no eligible (target, active predecessor) pairs at these layers")
+    fmt = lambda v: f"{v:.3f}"  # noqa: E731
+    click.echo("per layer, place and matcher (95% bootstrap intervals):")
+    click.echo(summarise(trials, ("layer", "place", "matcher")).to_string(index=False, float_format=fmt))
+    overall = with_paper(summarise(trials, ("matcher",)))
+    click.echo("all layers and places, beside the paper (Gemma 2 2B, Gemma Scope; Table 1):")
+    click.echo(overall.to_string(index=False, float_format=fmt, na_rep="-"))
+    click.echo("by activation group of the target (top-1):")
+    named = trials[trials["matcher"] == "top-1"].assign(group=lambda t: t["group"].map(lambda code: GROUPS[code]))
+    click.echo(summarise(named, ("group",)).to_string(index=False, float_format=fmt))
+    removals = sum(t["removals"] for t in timings)
+    seconds = sum(t["seconds"] for t in timings)
+    click.echo(f"{removals} removals in {seconds:.1f} s ({removals / max(seconds, 1e-9):.0f} per second, batched); "
+               f"{len(trials)} matcher trials; {time.perf_counter() - started:.0f} s in all")
+    if csv_path:
+        overall.assign(pack=pack, **facts).to_csv(csv_path, index=False)
+        click.echo(f"wrote {csv_path}")
     if out:
         from flowdb.plots import plot_deactivation
 
-        plot_deactivation(summary, out, pack)
+        plot_deactivation(overall, out, pack)
+        click.echo(f"wrote {out}")
+
+
+@validate.command("curve")
+@click.argument("tables", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Picture (.png, .svg, .html).")
+def validate_curve(tables, out):
+    """Success and activation change against training tokens and SAE quality, one point per
+    `validate deactivation --csv` table (one per budget)."""
+    import pandas as pd
+
+    from flowdb.plots import plot_budget_curve
+
+    table = pd.concat([pd.read_csv(path) for path in tables], ignore_index=True)
+    shown = table[table["matcher"].isin(["top-1", "random-active", "exhaustive"])]
+    click.echo(shown[["pack", "train_tokens", "residual_ev", "matcher", "trials", "success_rate", "success_lo",
+                      "success_hi", "activation_change"]].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    plot_budget_curve(table, out)
+    click.echo(f"wrote {out}")
+
+
+@validate.command("steering")
+@click.argument("pack")
+@click.option("--seeds", default="10", show_default=True,
+              help="How many seed features to pick (clear themes, multi-layer flow graphs), or comma-separated keys.")
+@click.option("--method", type=click.Choice(["activation", "deactivation"]), default="activation", show_default=True)
+@click.option("--strengths", default="1,2,4,8,16", show_default=True,
+              help="Comma-separated s (activation) or r (deactivation) values.")
+@click.option("--generations", default=4, show_default=True, type=click.IntRange(1), help="Samples per grid point.")
+@click.option("--max-new-tokens", default=24, show_default=True, type=click.IntRange(1, 256))
+@click.option("--prompt", default="I think ", show_default=True)
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write every generation and score.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Plot score against strength per strategy.")
+@click.option("--progress/--no-progress", default=None)
+@connection_options
+def validate_steering(pack, seeds, method, strengths, generations, max_new_tokens, prompt, csv_path, out, progress,
+                      settings):
+    """The paper's steering comparison: the initial feature against single-layer and cumulative
+    flow-graph sets, over a strength grid, scored by an offline proxy judge."""
+    from flowdb.steering import (
+        GenerationSpec,
+        Steerer,
+        SteeringSpec,
+        compare,
+        compare_summary,
+        compare_verdict,
+        pick_seeds,
+    )
+
+    try:
+        grid_values = [float(x) for x in strengths.split(",")]
+    except ValueError:
+        raise click.BadParameter("comma-separated numbers", param_hint="--strengths") from None
+    with _connect(settings) as db:
+        if seeds.isdigit():
+            chosen = pick_seeds(db, pack, int(seeds))
+        else:
+            from flowdb.features import resolve_feature
+            from flowdb.graph import feature_label
+            from flowdb.top_contexts import theme
+
+            keys = [resolve_feature(db, key.strip()) for key in seeds.split(",")]
+            chosen = [(key, theme(feature_label(db, key) or "")) for key in keys]
+            if any(not t for _, t in chosen):
+                raise click.UsageError("every seed needs a label to take its theme from")
+        click.echo(f"{len(chosen)} seeds: " + "; ".join(f"{key} ({t})" for key, t in chosen))
+        steerer = Steerer(db, pack)
+        base = SteeringSpec(seed_feature=chosen[0][0], method=method)
+        generation = GenerationSpec(prompt=prompt, max_new_tokens=max_new_tokens)
+        table = compare(steerer, chosen, base, generation, grid_values, generations, progress=progress)
+    summary = compare_summary(table)
+    fmt = lambda v: f"{v:.3f}"  # noqa: E731
+    click.echo("proxy score (behaviour x coherence; a proxy for the paper's LLM judge), 95% bootstrap intervals:")
+    click.echo(summary.to_string(index=False, float_format=fmt))
+    click.echo("best score at mean coherence >= 0.5, and grid points within half of each strategy's peak:")
+    click.echo(compare_verdict(summary).to_string(index=False, float_format=fmt))
+    if csv_path:
+        table.to_csv(csv_path, index=False)
+        click.echo(f"wrote {csv_path}")
+    if out:
+        from flowdb.plots import plot_steering_comparison
+
+        plot_steering_comparison(summary, out, f"{pack}: {method} steering, {len(chosen)} seeds x {generations} "
+                                               "generations (proxy judge)")
         click.echo(f"wrote {out}")
 
 
@@ -520,6 +635,25 @@ def labels_import(path, pack, settings):
         db.ensure_schema()
         report = import_labels(db, path, pack)
     click.echo(report.summary())
+
+
+@labels.command("contexts")
+@click.argument("pack")
+@click.option("--texts", type=click.Choice(["mixed", "python-stdlib", "python-docs"]), default="mixed",
+              show_default=True)
+@click.option("--windows", default=192, show_default=True, type=click.IntRange(1), help="Windows of 64 tokens.")
+@click.option("--top", default=12, show_default=True, type=click.IntRange(1), help="Contexts kept per feature.")
+@click.option("--progress/--no-progress", default=None)
+@connection_options
+def labels_contexts(pack, texts, windows, top, progress, settings):
+    """Label every feature of PACK offline by its top-activating contexts (typeName "top-contexts")."""
+    from flowdb.top_contexts import ContextsSpec, label_with_contexts
+
+    with _connect(settings) as db:
+        report = label_with_contexts(db, pack, ContextsSpec(texts=texts, windows=windows, top=top),
+                                     progress=progress)
+    click.echo(f"{report.explanations} top-contexts explanations over {report.saes} SAEs of {pack}; "
+               f"{report.silent} features never fired on the {windows} windows")
 
 
 @labels.command("fetch")

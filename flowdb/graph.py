@@ -393,6 +393,29 @@ def threshold_rules(db: Database, pack: str) -> list[str]:
     return [row["rule"] for row in rows]
 
 
+def store_explanations(db: Database, rows: list[dict]) -> None:
+    """Explanations and their features' best labels, in one transaction."""
+    keys = sorted({row["key"] for row in rows})
+
+    def write(tx):
+        for start in range(0, len(rows), 2000):
+            write_explanations(tx, rows[start:start + 2000])
+        for start in range(0, len(keys), 2000):
+            set_best_labels(tx, keys[start:start + 2000])
+
+    if rows:
+        with db.session() as session:
+            session.execute_write(write)
+
+
+def best_explanations(db: Database, keys: list[str], type_name: str) -> list[dict]:
+    """Per feature key: its label and the score of its best explanation of this type."""
+    return db.read(
+        "UNWIND $keys AS key MATCH (f:Feature {key: key})<-[:EXPLAINS]-(e:Explanation {typeName: $type}) "
+        "WITH f, max(e.score) AS score RETURN f.key AS key, f.layer AS layer, f.label AS label, score",
+        keys=keys, type=type_name)
+
+
 def feature_label(db: Database, key: str) -> str | None:
     rows = db.read("MATCH (f:Feature {key: $key}) RETURN f.label AS label", key=key)
     return rows[0]["label"] if rows else None

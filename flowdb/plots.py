@@ -356,38 +356,71 @@ def plot_groups(groups: pd.DataFrame, out: str | Path, pack: str) -> Path:
 
 
 def plot_deactivation(summary: pd.DataFrame, out: str | Path, pack: str) -> Path:
-    """Success rate and mean activation change per layer, one bar per matcher."""
+    """Success rate and mean activation change per matcher with 95% intervals, the paper's
+    Table 1 figures as reference marks (summary: `deactivation.with_paper(summarise(...))`)."""
     out = _target(out)
-    matchers = list(dict.fromkeys(summary["matcher"]))
-    layers = sorted(summary["layer"].unique())
+    import numpy as np
+
+    x = np.arange(len(summary))
+    panels = (("success_rate", "success_lo", "success_hi", "paper_success", "success rate"),
+              ("activation_change", "change_lo", "change_hi", "paper_change", "mean activation change"))
     if out.suffix == ".html":
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
-        fig = make_subplots(rows=1, cols=2, subplot_titles=("success rate", "mean activation change"))
-        for matcher in matchers:
-            part = summary[summary["matcher"] == matcher]
-            for col, metric in ((1, "success_rate"), (2, "activation_change")):
-                fig.add_trace(go.Bar(x=part["layer"], y=part[metric], name=matcher, showlegend=col == 1,
-                                     legendgroup=matcher), row=1, col=col)
-        fig.update_layout(title=f"{pack}: deactivating matched predecessors", barmode="group")
+        fig = make_subplots(rows=1, cols=2, subplot_titles=[p[-1] for p in panels])
+        for col, (metric, lo, hi, paper, _) in enumerate(panels, start=1):
+            fig.add_trace(go.Bar(x=summary["matcher"], y=summary[metric], name="flowdb", showlegend=col == 1,
+                                 error_y=dict(type="data", array=summary[hi] - summary[metric],
+                                              arrayminus=summary[metric] - summary[lo])), row=1, col=col)
+            fig.add_trace(go.Scatter(x=summary["matcher"], y=summary[paper], mode="markers", name="paper",
+                                     marker=dict(symbol="diamond", size=11, color="black"), showlegend=col == 1),
+                          row=1, col=col)
+        fig.update_layout(title=f"{pack}: removing each matcher's predecessor (Table 1)")
         fig.write_html(out, include_plotlyjs=True)
         return out
-    import numpy as np
-
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    width = 0.8 / len(matchers)
-    for axis, metric, title in ((axes[0], "success_rate", "success rate"),
-                                (axes[1], "activation_change", "mean activation change")):
-        for i, matcher in enumerate(matchers):
-            part = summary[summary["matcher"] == matcher].set_index("layer").reindex(layers)
-            axis.bar(np.arange(len(layers)) + i * width, part[metric], width, label=matcher)
-        axis.set_xticks(np.arange(len(layers)) + width * (len(matchers) - 1) / 2, [f"layer {x}" for x in layers])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours = plt.get_cmap("tab10")(np.arange(len(summary)) % 10)
+    for axis, (metric, lo, hi, paper, title) in zip(axes, panels):
+        errors = np.vstack([summary[metric] - summary[lo], summary[hi] - summary[metric]])
+        axis.bar(x, summary[metric], 0.7, color=colours, yerr=errors, capsize=3, label="flowdb (95% interval)")
+        marks = summary[paper].notna()
+        axis.scatter(x[marks], summary.loc[marks, paper], marker="D", s=45, color="black", zorder=3,
+                     label="paper (Gemma 2 2B)")
+        for xi, value, high, n in zip(x, summary[metric], summary[hi], summary["trials"]):
+            axis.annotate(f"{value:.2f}\nn={n}", (xi, max(value, high) + 0.02), ha="center", fontsize=7)
+        axis.set_xticks(x, summary["matcher"], rotation=30, ha="right")
+        axis.set_ylim(min(0, float(summary[lo].min()) * 1.1), 1)
         axis.set_title(title)
-        axis.set_ylim(min(0, summary[metric].min() * 1.1), 1)
-    axes[1].legend(frameon=False)
-    fig.suptitle(f"{pack}: deactivating matched predecessors (paper, top-1: 65% success, 0.75 change)")
+    axes[0].legend(frameon=False, fontsize=8, loc="upper left")
+    fig.suptitle(f"{pack}: removing each matcher's predecessor at a token (paper's Table 1)")
+    return _save(fig, out)
+
+
+def plot_budget_curve(table: pd.DataFrame, out: str | Path) -> Path:
+    """Success rate against training tokens and against residual SAE quality, one point per
+    pack (budget), for top-1 cosine and the controls; the paper's top-1 as a line."""
+    out = _target(out)
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for matcher, part in table.groupby("matcher"):
+        if matcher not in ("top-1", "random-active", "exhaustive", "random-top-5"):
+            continue
+        for axis, x in zip(axes, ("train_tokens", "residual_ev")):
+            part = part.sort_values(x)
+            errors = [part["success_rate"] - part["success_lo"], part["success_hi"] - part["success_rate"]]
+            axis.errorbar(part[x], part["success_rate"], yerr=errors, marker="o", capsize=3, label=matcher)
+    for axis, xlabel in zip(axes, ("training tokens per SAE", "mean residual explained variance")):
+        axis.axhline(0.65, color="black", linestyle="--", linewidth=1, label="paper, top-1 (65%)")
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel("success rate")
+        axis.set_ylim(0, 1)
+    axes[0].set_xscale("log")
+    axes[1].legend(frameon=False, fontsize=8)
+    for _, row in table.drop_duplicates("pack").iterrows():
+        axes[0].annotate(row["pack"], (row["train_tokens"], 0.03), fontsize=7, rotation=90)
+    fig.suptitle("Deactivation success against the demo SAEs' training budget")
     return _save(fig, out)
 
 
@@ -414,4 +447,30 @@ def plot_steering_grid(table: pd.DataFrame, out: str | Path, title: str) -> Path
     ax.set_ylabel("proxy score (behaviour x coherence)")
     ax.set_title(title, fontsize=10)
     ax.legend(frameon=False)
+    return _save(fig, out)
+
+
+def plot_steering_comparison(summary: pd.DataFrame, out: str | Path, title: str) -> Path:
+    """Mean proxy score against strength (log axis) per strategy, with 95% interval bands;
+    coherence beneath."""
+    out = _target(out)
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
+    steered = summary[summary["strategy"] != "none"]
+    for strategy, part in steered.groupby("strategy"):
+        part = part.sort_values("strength")
+        x = part["strength"].abs()
+        line, = top.plot(x, part["score"], marker="o", label=strategy)
+        top.fill_between(x, part["score_lo"], part["score_hi"], color=line.get_color(), alpha=0.15)
+        bottom.plot(x, part["coherence"], marker=".", color=line.get_color())
+    unsteered = summary[summary["strategy"] == "none"]
+    if len(unsteered):
+        top.axhline(float(unsteered["score"].iloc[0]), color="grey", linestyle="--", label="unsteered")
+    top.set_xscale("log")
+    top.set_ylabel("proxy score")
+    top.legend(frameon=False, fontsize=8)
+    top.set_title(title, fontsize=9)
+    bottom.set_ylabel("coherence")
+    bottom.set_xlabel("strength |s| or |r| (log)")
+    bottom.set_ylim(0, 1.05)
     return _save(fig, out)

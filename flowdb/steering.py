@@ -23,6 +23,7 @@ import math
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 
+import numpy as np
 import pandas as pd
 
 from flowdb.errors import FlowdbError
@@ -133,6 +134,10 @@ class Steerer:
         return edits
 
     def generate(self, generation: GenerationSpec, edits: dict | None = None) -> str:
+        return self.generate_many(generation, edits, 1)[0]
+
+    def generate_many(self, generation: GenerationSpec, edits: dict | None = None, n: int = 1) -> list[str]:
+        """n samples in one batched call (seeded once per call)."""
         import torch
 
         from flowdb.hooks import intervene
@@ -144,8 +149,8 @@ class Steerer:
                 stack.enter_context(intervene(self.model, edits))
             out = self.model.generate(ids, do_sample=True, top_p=generation.top_p,
                                       temperature=generation.temperature, max_new_tokens=generation.max_new_tokens,
-                                      pad_token_id=self.tokenizer.eos_token_id)
-        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+                                      pad_token_id=self.tokenizer.eos_token_id, num_return_sequences=n)
+        return [self.tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out]
 
     def steer(self, spec: SteeringSpec, generation: GenerationSpec) -> dict:
         ids = self.tokenizer(generation.prompt, return_tensors="pt").input_ids
@@ -218,3 +223,107 @@ def grid(steerer: Steerer, base: SteeringSpec, generation: GenerationSpec, theme
             rows.append({"strategy": strategy, "s": s, "text": text,
                          **judge.score(generation.prompt, text, theme, reference)})
     return pd.DataFrame(rows)
+
+
+def compare(steerer: Steerer, seeds: list[tuple[str, str]], base: SteeringSpec, generation: GenerationSpec,
+            strengths: list[float], generations: int = 4, strategies=STRATEGIES, progress=None) -> pd.DataFrame:
+    """The paper's section 3.5 comparison: for each (seed feature, theme), every strategy at
+    every strength, `generations` samples per point, scored by the proxy judge. Strength is s
+    for activation steering and r for deactivation. For deactivation the behaviour is
+    1 - theme similarity (the theme should go). One row per generated text."""
+    from tqdm.auto import tqdm
+
+    judge = ProxyJudge(steerer)
+    ids = steerer.tokenizer(generation.prompt, return_tensors="pt").input_ids
+    field = "s" if base.method == "activation" else "r"
+    rows = []
+    jobs = [(seed, theme, strategy, strength) for seed, theme in seeds for strategy in strategies
+            for strength in strengths]
+    unsteered = steerer.generate_many(generation, None, generations)
+    references = [judge.perplexity(generation.prompt, text) for text in unsteered]
+    reference = float(np.median(references))
+    for seed, theme in seeds:
+        for text in unsteered:
+            rows.append({"seed_feature": seed, "theme": theme, "strategy": "none", "strength": 0.0, "features": 0,
+                         "layers": 0, "text": text, **_judged(judge, generation.prompt, text, theme, reference,
+                                                              base.method)})
+    bar = tqdm(jobs, desc="steering", disable=None if progress is None else not progress)
+    for seed, theme, strategy, strength in bar:
+        spec = replace(base, seed_feature=seed, strategy=strategy, **{field: strength})
+        chosen = steerer.features(spec)
+        edits = steerer.edits(spec, ids, chosen)
+        for text in steerer.generate_many(generation, edits, generations):
+            rows.append({"seed_feature": seed, "theme": theme, "strategy": strategy, "strength": strength,
+                         "features": len(chosen), "layers": chosen["layer"].nunique(), "text": text,
+                         **_judged(judge, generation.prompt, text, theme, reference, base.method)})
+    return pd.DataFrame(rows)
+
+
+def _judged(judge: ProxyJudge, prompt: str, text: str, theme: str, reference: float, method: str) -> dict:
+    scores = judge.score(prompt, text, theme, reference)
+    if method == "deactivation":
+        scores["behaviour"] = 1 - scores["behaviour"]
+        scores["score"] = scores["behaviour"] * scores["coherence"]
+    return scores
+
+
+def compare_summary(table: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Mean proxy score, behaviour and coherence per strategy and strength, with 95%
+    bootstrap intervals of the score over seeds and generations."""
+    from flowdb.stats import mean_interval
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for (strategy, strength), part in table.groupby(["strategy", "strength"], sort=True):
+        lo, hi = mean_interval(part["score"].to_numpy(dtype=float), rng)
+        rows.append({"strategy": strategy, "strength": strength, "n": len(part), "score": part["score"].mean(),
+                     "score_lo": lo, "score_hi": hi, "behaviour": part["behaviour"].mean(),
+                     "coherence": part["coherence"].mean()})
+    return pd.DataFrame(rows)
+
+
+def compare_verdict(summary: pd.DataFrame, min_coherence: float = 0.5) -> pd.DataFrame:
+    """Per strategy: the best mean score among strengths whose mean coherence is at least
+    min_coherence (matched coherence), and the sensitivity to strength: how many grid
+    points keep at least half of the strategy's best score."""
+    rows = []
+    for strategy, part in summary[summary["strategy"] != "none"].groupby("strategy"):
+        coherent = part[part["coherence"] >= min_coherence]
+        best = coherent.loc[coherent["score"].idxmax()] if len(coherent) else None
+        peak = part["score"].max()
+        rows.append({"strategy": strategy,
+                     "best_score_coherent": float(best["score"]) if best is not None else np.nan,
+                     "at_strength": float(best["strength"]) if best is not None else np.nan,
+                     "interval": f"[{best['score_lo']:.3f}, {best['score_hi']:.3f}]" if best is not None else "",
+                     "points_within_half_of_peak": int((part["score"] >= peak / 2).sum()),
+                     "grid_points": len(part)})
+    return pd.DataFrame(rows)
+
+
+def pick_seeds(db, pack: str, n: int) -> list[tuple[str, str]]:
+    """Seed features with a clear theme and a multi-layer flow graph: along the pack's
+    longest translated chains (the `chains` query), the latest feature whose top-contexts
+    label names one word, one seed per word. Returns (feature key, theme) pairs."""
+    from flowdb.graph import best_explanations
+    from flowdb.queries import run_template
+    from flowdb.top_contexts import TYPE_NAME, clear_theme, theme
+
+    chains = run_template(db, "chains", {"pack": pack, "limit": 400})
+    seen_words, seeds = set(), []
+    for keys in chains["keys"]:
+        labelled = {row["key"]: row for row in best_explanations(db, list(keys[1:]), TYPE_NAME)}
+        for key in reversed(keys[1:]):  # latest first: the most ancestors
+            row = labelled.get(key)
+            if row is None or not clear_theme(row["label"], row["score"]):
+                continue
+            word = theme(row["label"]).split(",")[0].strip().lower()
+            if word not in seen_words:
+                seen_words.add(word)
+                seeds.append((key, theme(row["label"])))
+            break
+        if len(seeds) == n:
+            break
+    if not seeds:
+        raise FlowdbError(f"no chain of pack {pack} ends in a feature with a clear top-contexts label; "
+                          f"run `flowdb labels contexts {pack}` first")
+    return seeds

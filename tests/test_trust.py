@@ -135,6 +135,7 @@ EXPERIMENTS = [
     ("groups", "tinycopy", "--samples", "2", "--no-progress"),
     ("validate", "deactivation", "tinycopy", "--layers", "3", "--samples", "2", "--no-progress"),
     ("steer", "tinycopy", "--seed-feature", "tinycopy/3/res/0", "--max-new-tokens", "2"),
+    ("labels", "contexts", "tinycopy", "--windows", "2", "--no-progress"),
 ]
 
 
