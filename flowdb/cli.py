@@ -410,13 +410,16 @@ def validate():
 @click.option("--samples", default=64, show_default=True, type=click.IntRange(1), help="Windows of 64 tokens.")
 @click.option("--max-targets", default=200, show_default=True, type=click.IntRange(1),
               help="Active (token, target feature) pairs per layer.")
+@click.option("--exhaustive/--no-exhaustive", default=True, show_default=True,
+              help="Also run the exhaustive search (one replay per active feature of each place).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False),
               help="Also write the summary, with the pack's training tokens and quality (input of `validate curve`).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Also draw the results (.png, .svg, .html).")
 @click.option("--progress/--no-progress", default=None)
 @connection_options
-def validate_deactivation(pack, layers, texts, samples, max_targets, seed, csv_path, out, progress, settings):
+def validate_deactivation(pack, layers, texts, samples, max_targets, exhaustive, seed, csv_path, out, progress,
+                          settings):
     """Table 1 of the paper: remove each matcher's predecessor at a token; does the target turn off?"""
     import time
 
@@ -429,7 +432,8 @@ def validate_deactivation(pack, layers, texts, samples, max_targets, seed, csv_p
             layer_list = tuple(int(x) for x in layers.split(","))
         except ValueError:
             raise click.BadParameter("comma-separated integers", param_hint="--layers") from None
-    spec = DeactivationSpec(layers=layer_list, texts=texts, samples=samples, max_targets=max_targets, seed=seed)
+    spec = DeactivationSpec(layers=layer_list, texts=texts, samples=samples, max_targets=max_targets,
+                            exhaustive=exhaustive, seed=seed)
     timings: list = []
     started = time.perf_counter()
     with _connect(settings) as db:
@@ -472,8 +476,9 @@ def validate_curve(tables, out):
 
     table = pd.concat([pd.read_csv(path) for path in tables], ignore_index=True)
     shown = table[table["matcher"].isin(["top-1", "random-active", "exhaustive"])]
-    click.echo(shown[["pack", "train_tokens", "residual_ev", "matcher", "trials", "success_rate", "success_lo",
-                      "success_hi", "activation_change"]].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    columns = ["pack", "train_tokens", "residual_ev", "residual_l0", "matcher", "trials", "success_rate",
+               "success_lo", "success_hi", "activation_change"]
+    click.echo(shown[[c for c in columns if c in shown]].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     plot_budget_curve(table, out)
     click.echo(f"wrote {out}")
 

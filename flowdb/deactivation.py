@@ -52,6 +52,7 @@ class DeactivationSpec:
     context: int = 64
     max_targets: int = 200  # active (token, target feature) pairs per layer
     batch_rows: int = 128  # removals per call of the block
+    exhaustive: bool = True  # costs a replay per active feature: off for dense SAEs when only the matchers matter
     seed: int = 0
 
 
@@ -178,17 +179,30 @@ def _layer_trials(db, pack_name, pack, model, layer, windows, positions, spec, r
     if len(occurrences) > spec.max_targets:
         occurrences = [occurrences[i] for i in sorted(rng.choice(len(occurrences), spec.max_targets, replace=False))]
 
-    # One removal row per active source feature (the exhaustive search's candidates, which
-    # include every single-feature matcher's pick) and one per top-5 set of two or more.
-    rows = []  # (occurrence, place, removed features)
+    # Each matcher's removal, and (for the exhaustive search) every active feature of P alone:
+    # each distinct removal is one row of the batched replay.
+    plans = []  # (occurrence, place, {matcher: removed features}, active features)
+    needed: dict = {}  # (occurrence, place, removed) -> row
     for o, (w, p, f) in enumerate(occurrences):
         for place in places:
-            active = np.flatnonzero(at(every[place], w, p) > 0)
-            rows += [(o, place, (int(j),)) for j in active]
+            codes = at(every[place], w, p)
+            active = [int(j) for j in np.flatnonzero(codes > 0)]
+            if not active:
+                continue
             top = [int(j) for j in preds[place][f] if j >= 0]
-            together = tuple(j for j in top if at(every[place], w, p)[j] > 0)
-            if len(together) > 1:
-                rows.append((o, place, together))
+            chosen = {"top-1": top[:1], "top-5": top,
+                      "random-top-5": [top[int(rng.integers(len(top)))]] if top else [],
+                      "random-active": [active[int(rng.integers(len(active)))]]}
+            for matcher in ("permutation", "pearson"):
+                pick = picks.get((matcher, place))
+                chosen[matcher] = [int(pick[f])] if pick is not None and pick[f] >= 0 else []
+            # A matcher whose predecessor is not active here has no trial.
+            removals = {m: tuple(j for j in js if codes[j] > 0) for m, js in chosen.items()}
+            removals = {m: r for m, r in removals.items() if r}
+            for removed in [*removals.values(), *([(j,) for j in active] if spec.exhaustive else [])]:
+                needed.setdefault((o, place, removed), len(needed))
+            plans.append((o, place, removals, active))
+    rows = list(needed)
     z_new = np.empty(len(rows))
     started = time.perf_counter()
     for start in progress(range(0, len(rows), spec.batch_rows)):
@@ -209,32 +223,17 @@ def _layer_trials(db, pack_name, pack, model, layer, windows, positions, spec, r
     for (o, place, removed), z in zip(rows, z_new):
         results[(o, place, removed)] = float(z)
     trials = []
-    for o, (w, p, f) in enumerate(occurrences):
+    for o, place, removals, active in plans:
+        w, p, f = occurrences[o]
+        if spec.exhaustive:
+            removals["exhaustive"] = (min(active, key=lambda j: results[(o, place, (j,))]),)
         z_old = float(at(target_every, w, p)[f])
-        group = sum(bit for bit, place in zip((1, 2, 4), ("res", "mlp", "att"))
-                    if place in places and preds[place][f, 0] >= 0 and at(every[place], w, p)[preds[place][f, 0]] > 0)
-        for place in places:
-            codes = at(every[place], w, p)
-            active = [int(j) for j in np.flatnonzero(codes > 0)]
-            if not active:
-                continue
-            top = [int(j) for j in preds[place][f] if j >= 0]
-            singles = {j: results[(o, place, (j,))] for j in active}
-            chosen = {
-                "top-1": top[:1],
-                "top-5": [j for j in top if codes[j] > 0],
-                "random-top-5": [top[int(rng.integers(len(top)))]] if top else [],
-                "random-active": [active[int(rng.integers(len(active)))]],
-                "exhaustive": [min(singles, key=singles.get)],
-            }
-            for matcher in ("permutation", "pearson"):
-                pick = picks.get((matcher, place))
-                chosen[matcher] = [int(pick[f])] if pick is not None and pick[f] >= 0 else []
-            for matcher in MATCHERS:
-                removed = tuple(j for j in chosen.get(matcher, []) if codes[j] > 0)
-                if not removed:
-                    continue  # the matcher's predecessor is not active here: not a trial
-                z = singles[removed[0]] if len(removed) == 1 else results[(o, place, removed)]
+        group = sum(bit for bit, name in zip((1, 2, 4), ("res", "mlp", "att"))
+                    if name in places and preds[name][f, 0] >= 0 and at(every[name], w, p)[preds[name][f, 0]] > 0)
+        for matcher in MATCHERS:
+            removed = removals.get(matcher)
+            if removed:
+                z = results[(o, place, removed)]
                 trials.append({"layer": layer, "place": PLACE_NAME[place], "matcher": matcher, "feature": f,
                                "window": w, "position": p, "removed": removed, "group": group,
                                "z_old": z_old, "z_new": z, "success": z <= 0, "activation_change": 1 - z / z_old})
@@ -321,7 +320,7 @@ def with_paper(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def pack_facts(db: Database, pack_name: str) -> dict:
-    """Training tokens and mean residual explained variance of a demo pack (from the
+    """Training tokens, mean residual explained variance and L0 of a demo pack (from the
     spec.json and quality.csv beside its SAEs); NaN for packs trained elsewhere."""
     import json
     from pathlib import Path
@@ -331,10 +330,10 @@ def pack_facts(db: Database, pack_name: str) -> dict:
     pack = open_pack(db, pack_name)
     planted = pack.plan.sae(pack.layers.start, RESIDUAL.name)
     home = Path(planted.ref.location).parents[2] if planted is not None and planted.ref.kind == "path" else None
-    facts = {"train_tokens": np.nan, "residual_ev": np.nan, "architecture": ""}
+    facts = {"train_tokens": np.nan, "residual_ev": np.nan, "residual_l0": np.nan, "architecture": ""}
     if home is not None and (home / "spec.json").exists() and (home / "quality.csv").exists():
         spec = json.loads((home / "spec.json").read_text())
-        quality = pd.read_csv(home / "quality.csv")
+        residual = pd.read_csv(home / "quality.csv").query("module == 'res'")
         facts.update(train_tokens=spec["train_tokens"], architecture=spec["architecture"],
-                     residual_ev=float(quality.loc[quality["module"] == "res", "explained_variance"].mean()))
+                     residual_ev=float(residual["explained_variance"].mean()), residual_l0=float(residual["l0"].mean()))
     return facts

@@ -72,8 +72,8 @@ BUDGETS = {
                          per_text=2, train_tokens=12_000, eval_tokens=2_000, samples=60_000, batch=512),
     "default": DemoPackSpec(),
     "large": DemoPackSpec(name="smollm2-135m-demo-large", first_layer=0, last_layer=29, width=8192, l0=64,
-                          per_text=16, train_tokens=20_000_000, eval_tokens=50_000, samples=50_000_000,
-                          batch=4096, group_layers=2, device="cuda"),
+                          per_text=16, train_tokens=8_000_000, eval_tokens=50_000, samples=40_000_000,
+                          batch=4096, group_layers=1, device="cuda"),  # shards: 3 x 9 GB on disk at once
 }
 
 

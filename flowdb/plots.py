@@ -399,28 +399,34 @@ def plot_deactivation(summary: pd.DataFrame, out: str | Path, pack: str) -> Path
 
 
 def plot_budget_curve(table: pd.DataFrame, out: str | Path) -> Path:
-    """Success rate against training tokens and against residual SAE quality, one point per
-    pack (budget), for top-1 cosine and the controls; the paper's top-1 as a line."""
+    """Success rate against training tokens and against SAE quality (mean residual L0, the
+    sparsity; explained variance in each point's note), one point per pack, for top-1 cosine
+    and the controls; the paper's top-1 as a line."""
     out = _target(out)
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    quality = "residual_l0" if "residual_l0" in table and table["residual_l0"].notna().any() else "residual_ev"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for matcher, part in table.groupby("matcher"):
         if matcher not in ("top-1", "random-active", "exhaustive", "random-top-5"):
             continue
-        for axis, x in zip(axes, ("train_tokens", "residual_ev")):
+        for axis, x in zip(axes, ("train_tokens", quality)):
             part = part.sort_values(x)
             errors = [part["success_rate"] - part["success_lo"], part["success_hi"] - part["success_rate"]]
             axis.errorbar(part[x], part["success_rate"], yerr=errors, marker="o", capsize=3, label=matcher)
-    for axis, xlabel in zip(axes, ("training tokens per SAE", "mean residual explained variance")):
+    labels = {"train_tokens": "training tokens per SAE", "residual_l0": "mean residual L0 (log)",
+              "residual_ev": "mean residual explained variance"}
+    for axis, x in zip(axes, ("train_tokens", quality)):
         axis.axhline(0.65, color="black", linestyle="--", linewidth=1, label="paper, top-1 (65%)")
-        axis.set_xlabel(xlabel)
+        axis.set_xlabel(labels[x])
         axis.set_ylabel("success rate")
         axis.set_ylim(0, 1)
-    axes[0].set_xscale("log")
-    axes[1].legend(frameon=False, fontsize=8)
-    for _, row in table.drop_duplicates("pack").iterrows():
-        axes[0].annotate(row["pack"], (row["train_tokens"], 0.03), fontsize=7, rotation=90)
-    fig.suptitle("Deactivation success against the demo SAEs' training budget")
+        if x != "residual_ev":
+            axis.set_xscale("log")
+        for _, row in table.drop_duplicates("pack").iterrows():
+            axis.annotate(f"{row['pack']}\nEV {row['residual_ev']:.3f}", (row[x], 0.55), fontsize=7,
+                          rotation=90, va="top")
+    axes[0].legend(frameon=False, fontsize=8, loc="upper left", ncol=2)
+    fig.suptitle("Deactivation success against the demo SAEs' training budget and sparsity")
     return _save(fig, out)
 
 
@@ -457,16 +463,23 @@ def plot_steering_comparison(summary: pd.DataFrame, out: str | Path, title: str)
     plt = _pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
     steered = summary[summary["strategy"] != "none"]
+    # Distinct line styles keep two strategies with identical sets both visible.
+    styles = {"initial": ("-", "o"), "single-layer": (":", "s"), "cumulative": ("--", "^")}
     for strategy, part in steered.groupby("strategy"):
         part = part.sort_values("strength")
         x = part["strength"].abs()
-        line, = top.plot(x, part["score"], marker="o", label=strategy)
+        style, marker = styles.get(strategy, ("-", "o"))
+        line, = top.plot(x, part["score"], linestyle=style, marker=marker, markerfacecolor="none", label=strategy)
         top.fill_between(x, part["score_lo"], part["score_hi"], color=line.get_color(), alpha=0.15)
-        bottom.plot(x, part["coherence"], marker=".", color=line.get_color())
+        bottom.plot(x, part["coherence"], linestyle=style, marker=marker, markerfacecolor="none",
+                    color=line.get_color())
     unsteered = summary[summary["strategy"] == "none"]
     if len(unsteered):
         top.axhline(float(unsteered["score"].iloc[0]), color="grey", linestyle="--", label="unsteered")
     top.set_xscale("log")
+    grid_values = sorted(steered["strength"].abs().unique())
+    bottom.set_xticks(grid_values, [f"{v:g}" for v in grid_values])
+    bottom.minorticks_off()
     top.set_ylabel("proxy score")
     top.legend(frameon=False, fontsize=8)
     top.set_title(title, fontsize=9)

@@ -73,3 +73,17 @@ def test_shipped_manifest_is_the_default_budgets():
 
     shipped = Path(__file__).parents[1] / "ingest" / "smollm2-135m-demo.toml"
     assert tomllib.loads(shipped.read_text()) == tomllib.loads(manifest_text(BUDGETS["default"]))
+
+
+def test_build_cli_reuses_the_pack_and_refuses_other_settings(tiny_pack):
+    from click.testing import CliRunner
+
+    from flowdb.cli import cli
+
+    out, quality = tiny_pack
+    result = CliRunner().invoke(cli, ["demo-pack", "build", "--budget", "tiny", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    residual = quality.loc[quality["module"] == "res", "explained_variance"].mean()
+    assert f"residual mean {residual:.3f}" in result.output and str(out / "manifest.toml") in result.output
+    result = CliRunner().invoke(cli, ["demo-pack", "build", "--budget", "tiny", "--l0", "8"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "another --name" in result.output

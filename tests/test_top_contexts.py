@@ -17,6 +17,11 @@ SPEC = ContextsSpec(windows=8, top=6)
 
 
 def test_labels_are_the_top_activating_tokens(ingested, smollm2):
+    from flowdb.errors import FlowdbError
+    from flowdb.steering import pick_seeds
+
+    with pytest.raises(FlowdbError, match="labels contexts tiny"):
+        pick_seeds(ingested, "tiny", 3)  # no labels yet: no seed has a theme
     report = label_with_contexts(ingested, "tiny", SPEC, model_and_tokenizer=smollm2)
     assert report.saes == 9 and report.explanations + report.silent == 9 * 512
     model, tokenizer = smollm2
