@@ -73,6 +73,15 @@ def test_steering_comparison(ingested, smollm2, tmp_path):
     assert len(summary) == 1 + 3 * 2 and (summary["score_lo"] <= summary["score"]).all()
     verdict = compare_verdict(summary)
     assert set(verdict["strategy"]) == {"initial", "single-layer", "cumulative"}
+    # Removal: r = 1 changes nothing, so the texts are the unsteered ones and behaviour is
+    # 1 - the theme similarity those texts scored above.
+    removal = compare(steerer, [(seed["key"], theme(seed["label"]))], SteeringSpec(seed["key"], method="deactivation"),
+                      GenerationSpec(prompt="I think ", max_new_tokens=4), [1.0], generations=2,
+                      strategies=("cumulative",))
+    unsteered = table[table["strategy"] == "none"].reset_index(drop=True)
+    kept = removal[removal["strategy"] == "cumulative"].reset_index(drop=True)
+    assert list(kept["text"]) == list(unsteered["text"])
+    assert kept["behaviour"].to_numpy() == pytest.approx(1 - unsteered["behaviour"].to_numpy(), abs=1e-6)
     out = tmp_path / "steering.png"
     result = CliRunner().invoke(cli, ["validate", "steering", "tiny", "--seeds", seed["key"], "--strengths", "2,8",
                                       "--generations", "2", "--max-new-tokens", "3", "--out", str(out),
