@@ -25,10 +25,10 @@ def main() -> None:
     import torch
 
     from flowdb.database import connect
-    from flowdb.deactivation import BlockReplay, _directions
+    from flowdb.deactivation import BlockReplay
     from flowdb.hooks import capture, hook_point, intervene
     from flowdb.models import load_model
-    from flowdb.pack_model import open_pack
+    from flowdb.pack_model import feature_directions, open_pack
     from flowdb.texts import sample_tokens
 
     parser = argparse.ArgumentParser()
@@ -47,7 +47,7 @@ def main() -> None:
     clean_s = time.perf_counter() - started
     places = ["res", "mlp", "att"]
     saes = {p: pack.sae(args.layer - 1 if p == "res" else args.layer, p) for p in places}
-    directions = {p: _directions(sae) for p, sae in saes.items()}
+    directions = {p: feature_directions(sae).numpy() for p, sae in saes.items()}
     rows = []  # (window, position, place, delta)
     while len(rows) < args.trials:
         w = int(rng.integers(len(windows)))

@@ -132,16 +132,6 @@ class BlockReplay:
         return out[rows, pos]
 
 
-def _directions(sae) -> np.ndarray:
-    """[width, d]: what each feature adds to the reconstruction per unit of activation."""
-    import torch
-
-    with torch.no_grad():
-        width = sae.cfg.d_sae
-        decoded = sae.decode(torch.cat([torch.eye(width), torch.zeros(1, width)]))
-    return (decoded[:-1] - decoded[-1]).numpy()
-
-
 def _encode(sae, activations) -> np.ndarray:
     import torch
 
@@ -150,8 +140,9 @@ def _encode(sae, activations) -> np.ndarray:
 
 
 def _layer_trials(db, pack_name, pack, model, layer, windows, positions, spec, rng, progress) -> tuple[list, dict]:
+    from flowdb.groups import group_codes
     from flowdb.matchers import folded_decoder, pearson_top1, sae_match
-    from flowdb.pack_model import predecessor_table
+    from flowdb.pack_model import feature_directions, predecessor_table
 
     replay = BlockReplay(model, layer, windows)
     places = [m.name for m in MODULES.values() if pack.has(m.predecessor_layer(layer), m.name)]
@@ -168,7 +159,10 @@ def _layer_trials(db, pack_name, pack, model, layer, windows, positions, spec, r
     if RESIDUAL.name in places:
         picks[("permutation", RESIDUAL.name)] = sae_match(folded_decoder(target_sae),
                                                           folded_decoder(saes[RESIDUAL.name]))
-    directions = {place: _directions(saes[place]) for place in places}
+    directions = {place: feature_directions(saes[place]).numpy() for place in places}
+    # The target's activation group (top-1 predecessors active on the token) at every token.
+    groups = group_codes({(MODULES[place].predecessor_layer(layer), place): every[place] > 0 for place in places}
+                         | {(layer, RESIDUAL.name): target_every > 0}, preds, layer, 1)
 
     t_minus_1 = windows.shape[1] - 1
     def at(codes, w, p):  # row of the flattened non-sink codes
@@ -219,17 +213,14 @@ def _layer_trials(db, pack_name, pack, model, layer, windows, positions, spec, r
     seconds = time.perf_counter() - started
     _check_replay(replay, target_sae, occurrences, target_every, at)
 
-    results: dict = {}
-    for (o, place, removed), z in zip(rows, z_new):
-        results[(o, place, removed)] = float(z)
+    results = {row: float(z) for row, z in zip(rows, z_new)}
     trials = []
     for o, place, removals, active in plans:
         w, p, f = occurrences[o]
         if spec.exhaustive:
             removals["exhaustive"] = (min(active, key=lambda j: results[(o, place, (j,))]),)
         z_old = float(at(target_every, w, p)[f])
-        group = sum(bit for bit, name in zip((1, 2, 4), ("res", "mlp", "att"))
-                    if name in places and preds[name][f, 0] >= 0 and at(every[name], w, p)[preds[name][f, 0]] > 0)
+        group = int(at(groups, w, p)[f])
         for matcher in MATCHERS:
             removed = removals.get(matcher)
             if removed:
@@ -246,8 +237,7 @@ def _check_replay(replay, target_sae, occurrences, target_every, at) -> None:
     sample = occurrences[:64]
     if not sample:
         return
-    zeros = {}
-    out = replay.run([w for w, _, _ in sample], [p for _, p, _ in sample], zeros)
+    out = replay.run([w for w, _, _ in sample], [p for _, p, _ in sample], {})
     encoded = _encode(target_sae, out)
     again = np.array([encoded[n, f] for n, (_, _, f) in enumerate(sample)])
     clean = np.array([at(target_every, w, p)[f] for w, p, f in sample])

@@ -232,7 +232,7 @@ def _build(spec: DemoPackSpec, work: Path, model_and_tokenizer, show_progress) -
     # Evaluation windows come first in the seeded order, training windows after them.
     windows = token_windows(tokenizer, spec.texts, n_eval + n_train, spec.context, spec.seed, spec.per_text)
     held_out_rows = n_eval * tokens_per_window
-    rows, jobs_done = [], 0
+    rows = []
     total_jobs = len(spec.layers) * len(MODULE_HOOKS)
     groups = [spec.layers[i:i + spec.group_layers] for i in range(0, len(spec.layers), spec.group_layers)]
     training = tqdm(total=total_jobs, desc="training SAEs", disable=disable, position=1)
@@ -255,7 +255,6 @@ def _build(spec: DemoPackSpec, work: Path, model_and_tokenizer, show_progress) -
                 cfg_path.write_text(json.dumps(cfg, indent=2))
                 sae = SAE.load_from_disk(str(directory), device=spec.device)  # measure what users will load
                 rows.append({"module": module, "layer": layer, **sae_quality(sae, shard[:held_out_rows])})
-                jobs_done += 1
                 training.update()
         del shards
         shutil.rmtree(shards_dir)

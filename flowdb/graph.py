@@ -412,7 +412,7 @@ def best_explanations(db: Database, keys: list[str], type_name: str) -> list[dic
     """Per feature key: its label and the score of its best explanation of this type."""
     return db.read(
         "UNWIND $keys AS key MATCH (f:Feature {key: key})<-[:EXPLAINS]-(e:Explanation {typeName: $type}) "
-        "WITH f, max(e.score) AS score RETURN f.key AS key, f.layer AS layer, f.label AS label, score",
+        "WITH f, max(e.score) AS score RETURN f.key AS key, f.label AS label, score",
         keys=keys, type=type_name)
 
 

@@ -69,7 +69,14 @@ def feature_codes(pack: LoadedPack, model, windows, positions, slots, progress=l
 
 
 def feature_direction(sae, index: int):
-    """What feature `index` adds to the reconstruction per unit of activation.
+    """What feature `index` adds to the reconstruction per unit of activation (see
+    feature_directions)."""
+    return feature_directions(sae, [index])[0]
+
+
+def feature_directions(sae, indices=None):
+    """[len(indices), d] (every feature by default): what each feature adds to the
+    reconstruction per unit of activation.
 
     Taken from the SAE's own decode (decode(e_i) - decode(0)), so it is right for
     every sae-lens architecture: TopK SAEs trained with rescale_acts_by_decoder_norm,
@@ -77,11 +84,12 @@ def feature_direction(sae, index: int):
     """
     import torch
 
+    indices = torch.arange(sae.cfg.d_sae) if indices is None else torch.as_tensor(indices)
     with torch.no_grad():
-        unit = torch.zeros(2, sae.cfg.d_sae, dtype=sae.W_dec.dtype)
-        unit[0, index] = 1.0
-        decoded = sae.decode(unit)
-    return decoded[0] - decoded[1]
+        units = torch.zeros(len(indices) + 1, sae.cfg.d_sae, dtype=sae.W_dec.dtype)
+        units[torch.arange(len(indices)), indices] = 1.0
+        decoded = sae.decode(units)
+    return decoded[:-1] - decoded[-1]
 
 
 def open_pack(db: Database, name: str) -> LoadedPack:

@@ -309,9 +309,10 @@ def pick_seeds(db, pack: str, n: int) -> list[tuple[str, str]]:
     from flowdb.top_contexts import TYPE_NAME, clear_theme, theme
 
     chains = run_template(db, "chains", {"pack": pack, "limit": 400})
+    candidates = sorted({key for keys in chains["keys"] for key in keys[1:]})
+    labelled = {row["key"]: row for row in best_explanations(db, candidates, TYPE_NAME)}
     seen_words, seeds = set(), []
     for keys in chains["keys"]:
-        labelled = {row["key"]: row for row in best_explanations(db, list(keys[1:]), TYPE_NAME)}
         for key in reversed(keys[1:]):  # latest first: the most ancestors
             row = labelled.get(key)
             if row is None or not clear_theme(row["label"], row["score"]):

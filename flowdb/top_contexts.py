@@ -37,7 +37,7 @@ class ContextsReport:
     silent: int = 0  # features that never fired on the corpus
 
 
-def _describe(tokenizer, windows, hits: list[tuple[float, int, int]]) -> tuple[str, float, list[str]]:
+def _describe(tokenizer, windows, hits: list[tuple[float, int, int]]) -> tuple[str, float]:
     words = [tokenizer.decode([int(windows[w, p])]).strip() or repr(tokenizer.decode([int(windows[w, p])]))
              for _, w, p in hits]
     counts = Counter(words)
@@ -47,7 +47,7 @@ def _describe(tokenizer, windows, hits: list[tuple[float, int, int]]) -> tuple[s
     after = tokenizer.decode(windows[w, p + 1:p + 3].tolist())
     example = f"{before}[{tokenizer.decode([int(windows[w, p])])}]{after}".replace("\n", "\\n")
     score = counts.most_common(1)[0][1] / len(hits)
-    return f'{", ".join(top_words)} | "{example.strip()}"', score, words
+    return f'{", ".join(top_words)} | "{example.strip()}"', score
 
 
 def label_with_contexts(db: Database, pack_name: str, spec: ContextsSpec = ContextsSpec(),
@@ -98,7 +98,7 @@ def label_with_contexts(db: Database, pack_name: str, spec: ContextsSpec = Conte
                 continue
             hits = [(float(v), int(t) // spec.context, int(t) % spec.context)
                     for v, t in zip(values[fired, index], tokens[fired, index])]
-            description, score, _ = _describe(tokenizer, flat, hits)
+            description, score = _describe(tokenizer, flat, hits)
             key = graph.feature_key(pack_name, layer, module, index)
             rows.append({"key": key, "id": f"flowdb-contexts/{key}", "description": description,
                          "modelId": pack.model, "source": f"{layer}-{pack_name}-{module}", "index": index,
