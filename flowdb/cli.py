@@ -20,7 +20,8 @@ from flowdb.errors import FlowdbError
 class FlowdbGroup(click.Group):
     """The one place where errors meet the user: one line on stderr, never a traceback.
 
-    flowdb's own errors exit 1; an interrupt exits 130; anything unforeseen is named
+    flowdb's own errors exit 1; an interrupt exits 130; a closed output pipe exits 141
+    quietly; anything unforeseen is named
     in one line too (FLOWDB_DEBUG=1 shows its traceback)."""
 
     def invoke(self, ctx):
@@ -32,6 +33,11 @@ class FlowdbGroup(click.Group):
             _fail(str(exc), 1)
         except KeyboardInterrupt:
             _fail("interrupted; a stopped ingest resumes where it ended when run again", 130)
+        except BrokenPipeError:
+            # The reader went away (`flowdb ... | head`): stop quietly, as Unix tools do, and
+            # point stdout at /dev/null so the interpreter's last flush has nowhere to fail.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
         except MemoryError:
             _fail("out of memory", 1)
         except Exception as exc:

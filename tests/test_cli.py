@@ -123,3 +123,19 @@ def test_neo4j_status(runner, neo4j_settings, monkeypatch):
     monkeypatch.setenv("FLOWDB_NEO4J_PORT", str(_free_port()))
     result = invoke(runner, "neo4j", "status")
     assert result.exit_code == 1 and "not answering" in result.output
+
+
+def test_a_closed_output_pipe_ends_quietly():
+    """`flowdb ... | head` closes the pipe early: no error line, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-m", "flowdb.cli", "query", "--list"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141 and done.stderr == "", done.stderr
