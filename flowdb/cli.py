@@ -472,7 +472,7 @@ def validate_deactivation(pack, layers, texts, samples, max_targets, exhaustive,
 
 @validate.command("curve")
 @click.argument("tables", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Picture (.png, .svg, .html).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Picture (.png, .svg).")
 def validate_curve(tables, out):
     """Success and activation change against training tokens and SAE quality, one point per
     `validate deactivation --csv` table (one per budget)."""
@@ -500,7 +500,7 @@ def validate_curve(tables, out):
 @click.option("--max-new-tokens", default=24, show_default=True, type=click.IntRange(1, 256))
 @click.option("--prompt", default="I think ", show_default=True)
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write every generation and score.")
-@click.option("--out", type=click.Path(dir_okay=False), help="Plot score against strength per strategy.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Plot score against strength per strategy (.png, .svg).")
 @click.option("--progress/--no-progress", default=None)
 @connection_options
 def validate_steering(pack, seeds, method, strengths, generations, max_new_tokens, prompt, csv_path, out, progress,

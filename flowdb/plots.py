@@ -32,11 +32,14 @@ class FlowLayout:
     edges: pd.DataFrame  # with x0, y0, x1, y1
 
 
-def _target(out: str | Path) -> Path:
-    """The output path, checked for a picture suffix, with its folder made."""
+STATIC = (".png", ".svg")  # pictures drawn with matplotlib only
+
+
+def _target(out: str | Path, formats: tuple[str, ...] = FORMATS) -> Path:
+    """The output path, checked for a suffix this picture is drawn in, with its folder made."""
     out = Path(out)
-    if out.suffix not in FORMATS:
-        raise FlowdbError(f"{out}: pictures are written as {', '.join(FORMATS)}")
+    if out.suffix not in formats:
+        raise FlowdbError(f"{out}: pictures are written as {', '.join(formats)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -402,7 +405,7 @@ def plot_budget_curve(table: pd.DataFrame, out: str | Path) -> Path:
     """Success rate against training tokens and against SAE quality (mean residual L0, the
     sparsity; explained variance in each point's note), one point per pack, for top-1 cosine
     and the controls; the paper's top-1 as a line."""
-    out = _target(out)
+    out = _target(out, STATIC)
     plt = _pyplot()
     quality = "residual_l0" if "residual_l0" in table and table["residual_l0"].notna().any() else "residual_ev"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -459,7 +462,7 @@ def plot_steering_grid(table: pd.DataFrame, out: str | Path, title: str) -> Path
 def plot_steering_comparison(summary: pd.DataFrame, out: str | Path, title: str) -> Path:
     """Mean proxy score against strength (log axis) per strategy, with 95% interval bands;
     coherence beneath."""
-    out = _target(out)
+    out = _target(out, STATIC)
     plt = _pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
     steered = summary[summary["strategy"] != "none"]

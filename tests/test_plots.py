@@ -197,3 +197,15 @@ def test_flow_graph_from_the_database_has_no_nan_and_links(stored, tmp_path):
     edges = graph[graph["element"] == "edge"]
     assert sum(1 for a in layout["annotations"] if a.get("showarrow")) == len(edges)
     assert {f"{c:.2f}" for c in edges["cosine"]} <= set(texts)
+
+
+def test_matplotlib_only_pictures_refuse_html(tmp_path):
+    import pandas as pd
+
+    from flowdb.errors import FlowdbError
+    from flowdb.plots import plot_budget_curve, plot_steering_comparison
+
+    with pytest.raises(FlowdbError, match=r"pictures are written as \.png, \.svg$"):
+        plot_budget_curve(pd.DataFrame(), tmp_path / "curve.html")
+    with pytest.raises(FlowdbError, match=r"pictures are written as \.png, \.svg$"):
+        plot_steering_comparison(pd.DataFrame(), tmp_path / "steering.html", "t")
