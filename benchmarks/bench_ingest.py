@@ -77,13 +77,13 @@ def main() -> None:
     parser.add_argument("--ingest-width", type=int, default=16384)
     args = parser.parse_args()
 
-    from flowdb.matching import backend
+    from flowdb.matching import choose_backend
 
     chunk = min(args.width, 8192)
     gemm = gemm_gflops(chunk, args.width, args.d_model)
     print(f"fp32 GEMM (numpy, {chunk}x{args.d_model} @ {args.d_model}x{args.width}): {gemm:,.1f} GFLOP/s")
     rate, seconds = matching_gflops(args.width, args.d_model)
-    print(f"matching ({backend()}, top-1 of {args.width} x {args.width}, d={args.d_model}): "
+    print(f"matching ({choose_backend()}, top-1 of {args.width} x {args.width}, d={args.d_model}): "
           f"{rate:,.1f} GFLOP/s in {seconds:.2f}s = {rate / gemm:.0%} of GEMM (target >= 70%)")
     # A fresh JVM writes slowly until its JIT has compiled the write path: warm up
     # with a small, untimed ingest so k=1 and k=5 are measured alike.
