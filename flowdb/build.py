@@ -1,29 +1,22 @@
-"""A build of a pack: every source checked, every layer matched and classified.
+"""One layer of a build: its SAEs loaded, searched and classified.
 
-Nothing here touches the database, so a pack that fails any check has written
-nothing. Layers are streamed: at any time only R_{L-1}, R_L, M_L and A_L are in
-memory. Each layer's matches are cached on disk under the build's fingerprint,
-so a resumed ingest does not search again.
+Nothing here touches the database or the disk beyond reading SAEs: a layer in
+memory holds only R_{L-1}, R_L, M_L and A_L. flowdb.atlas stores layers (so a
+resumed build does not search again) and flowdb.ingest writes them to Neo4j.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
 from flowdb.classify import LayerThresholds, classify
 from flowdb.errors import PackError
-from flowdb.matching import normalise, top_k
+from flowdb.matching import Matcher, normalise
 from flowdb.modules import MODULES, NAMES, RESIDUAL
 from flowdb.plan import BuildPlan, PlannedSae
-from flowdb.settings import flowdb_home
 from flowdb.sources import SaeInfo, check_decoder, check_same_space, load_decoder
 
 
@@ -39,6 +32,7 @@ class LayerBuild:
     searched: dict[str, tuple[int, int]] = field(default_factory=dict)  # place -> (width, d_in) searched
     thresholds: LayerThresholds | None = None
     categories: np.ndarray | None = None
+    matcher: str = ""  # the backend that searched this layer
 
     def above(self, place: str) -> np.ndarray:
         """Which stored matches [n_res, k] reach the layer's threshold for their place."""
@@ -60,43 +54,28 @@ class LayerBuild:
         return sum(int(v.size) for v in self.indices.values())
 
 
-def build_layers(plan: BuildPlan, build_id: str, progress=None) -> Iterator[LayerBuild]:
-    """Match and classify layer by layer (cached), yielding each layer in order."""
-    cache_dir = flowdb_home() / "cache" / "matches" / f"{plan.name}-{build_id}"
-    previous_res: tuple[SaeInfo, np.ndarray] | None = None
-    residual_d_in: int | None = None
-    for layer in plan.layers:
-        cached = _load_cached(cache_dir / f"layer_{layer}.npz", layer)
-        if cached is not None:
-            previous_res = None  # reloaded only if the next layer is not cached
-            yield _classified(cached, plan)
-            if progress:
-                progress(layer)
+def match_layer(plan: BuildPlan, layer: int, matcher: Matcher) -> LayerBuild:
+    """One layer's searches: R_L against R_{L-1}, M_L and A_L (where the pack has them).
+
+    Self-contained (it loads its own SAEs), so layers can run in any order, in other
+    processes or on other machines, and give the same result."""
+    res_info, res_w = _load(plan.sae(layer, RESIDUAL.name), None)
+    current = LayerBuild(layer, {RESIDUAL.name: res_w.shape[0]}, matcher=matcher.backend)
+    current.saes[RESIDUAL.name] = _provenance(res_info, plan.model, plan.sae(layer, RESIDUAL.name))
+    for module in MODULES.values():
+        planned = plan.sae(module.predecessor_layer(layer), module.name)
+        if planned is None:
             continue
-        if previous_res is None and layer > plan.first_layer:
-            previous_res = _load(plan.sae(RESIDUAL.predecessor_layer(layer), RESIDUAL.name), residual_d_in)
-        res_info, res_w = _load(plan.sae(layer, RESIDUAL.name), residual_d_in)
-        residual_d_in = res_info.d_in
-        bases = {RESIDUAL.name: previous_res}
-        for module in MODULES.values():
-            if module is not RESIDUAL:
-                planned = plan.sae(module.predecessor_layer(layer), module.name)
-                bases[module.name] = _load(planned, residual_d_in) if planned else None
-        current = LayerBuild(layer, {RESIDUAL.name: res_w.shape[0]})
-        current.saes[RESIDUAL.name] = _provenance(res_info, plan.model, plan.sae(layer, RESIDUAL.name))
-        for name, base in bases.items():
-            if base is not None and name != RESIDUAL.name:
-                current.widths[name] = base[1].shape[0]
-                current.saes[name] = _provenance(base[0], plan.model, plan.sae(layer, name))
-        for place, base in bases.items():
-            if base is not None:
-                current.scores[place], current.indices[place] = _search(res_w, base, plan.k)
-                current.searched[place] = tuple(base[1].shape)
-        _store_cached(cache_dir / f"layer_{layer}.npz", current)
-        previous_res = (res_info, res_w)
-        yield _classified(current, plan)
-        if progress:
-            progress(layer)
+        info, base = _load(planned, res_info.d_in)
+        if module is not RESIDUAL:
+            current.widths[module.name] = base.shape[0]
+            current.saes[module.name] = _provenance(info, plan.model, plan.sae(layer, module.name))
+        if plan.k > base.shape[0]:
+            raise PackError(f"{info.where()}: k={plan.k} exceeds its {base.shape[0]} features")
+        scores, indices = matcher.search(res_w, base, plan.k)
+        current.scores[module.name], current.indices[module.name] = scores, indices.astype(np.int32)
+        current.searched[module.name] = tuple(base.shape)
+    return current
 
 
 def _load(planned: PlannedSae, residual_d_in: int | None) -> tuple[SaeInfo, np.ndarray]:
@@ -123,14 +102,6 @@ def _attention_output(model: str, layer: int):
     return load_attention_output(model, layer)
 
 
-def _search(queries: np.ndarray, base: tuple[SaeInfo, np.ndarray], k: int):
-    info, vectors = base
-    if k > vectors.shape[0]:
-        raise PackError(f"{info.where()}: k={k} exceeds its {vectors.shape[0]} features")
-    scores, indices = top_k(queries, vectors, k)
-    return scores, indices.astype(np.int32)
-
-
 NEURONPEDIA = "https://www.neuronpedia.org"
 
 
@@ -155,37 +126,9 @@ def _np_source(info: SaeInfo) -> str | None:
     return info.neuronpedia_id.split("/", 1)[1] if info.neuronpedia_id and "/" in info.neuronpedia_id else None
 
 
-def _classified(layer: LayerBuild, plan: BuildPlan) -> LayerBuild:
+def classified(layer: LayerBuild, plan: BuildPlan) -> LayerBuild:
+    """The layer with its thresholds and categories, from its top-1 scores."""
     s = {place: layer.top1(place) for place in NAMES}
     layer.thresholds = plan.thresholds.for_layer(layer.layer, s, layer.searched)
     layer.categories = classify(*(s[place] for place in NAMES), layer.thresholds)
     return layer
-
-
-def _store_cached(path: Path, layer: LayerBuild) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {f"scores_{p}": v for p, v in layer.scores.items()}
-    arrays.update({f"indices_{p}": v for p, v in layer.indices.items()})
-    meta = json.dumps({"widths": layer.widths, "saes": layer.saes, "searched": layer.searched})
-    # A private temporary file per process, then an atomic rename: a killed run never
-    # leaves a half-written entry, and two runs never write the same file.
-    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".npz")
-    with os.fdopen(fd, "wb") as handle:
-        np.savez(handle, meta=np.array(meta), **arrays)
-    os.replace(partial, path)
-
-
-def _load_cached(path: Path, layer: int) -> LayerBuild | None:
-    if not path.exists():
-        return None
-    with np.load(path) as data:
-        meta = json.loads(str(data["meta"]))
-        built = LayerBuild(layer, meta["widths"], saes=meta["saes"],
-                           searched={p: tuple(v) for p, v in meta["searched"].items()})
-        for place in NAMES:
-            if f"scores_{place}" in data:
-                built.scores[place] = data[f"scores_{place}"]
-                built.indices[place] = data[f"indices_{place}"]
-    return built
-
-

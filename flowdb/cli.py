@@ -136,35 +136,98 @@ def synth(out_dir, layers, d_model, width, seed, name):
                f"{width} features, planted {counts}")
 
 
+def build_options(command):
+    """What a build is made of beyond the manifest: k, thresholds, and where to search."""
+    @click.option("--k", type=click.IntRange(1, 10),
+                  help="Top-k predecessors per module (default: the manifest's, else 1).")
+    @click.option("--t-res", type=float, help="Residual threshold (overrides [classify]).")
+    @click.option("--t-mlp", type=float, help="MLP threshold (overrides [classify]).")
+    @click.option("--t-att", type=float, help="Attention threshold (overrides [classify]).")
+    @click.option("--threshold-rule", type=click.Choice(["auto", "fixed", "chance", "quantile"]),
+                  help="Per-layer threshold rule (default: the manifest's, else auto).")
+    @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                  help="Where to search: auto takes a CUDA GPU when one is visible.")
+    @functools.wraps(command)
+    def wrapper(*args, manifest, k, t_res, t_mlp, t_att, threshold_rule, **kwargs):
+        from flowdb.manifest import load_manifest
+
+        parsed = load_manifest(manifest, k=k)
+        overrides = {key: value for key, value in (("t_res", t_res), ("t_mlp", t_mlp), ("t_att", t_att),
+                                                   ("rule", threshold_rule)) if value is not None}
+        if overrides:
+            parsed = _with_thresholds(parsed, overrides)
+        return command(*args, manifest=parsed, **kwargs)
+
+    return wrapper
+
+
 @cli.command()
 @click.argument("manifest", type=click.Path(dir_okay=False))
-@click.option("--k", type=click.IntRange(1, 10),
-              help="Top-k predecessors per module (default: the manifest's, else 1).")
-@click.option("--t-res", type=float, help="Residual threshold (overrides [classify]).")
-@click.option("--t-mlp", type=float, help="MLP threshold (overrides [classify]).")
-@click.option("--t-att", type=float, help="Attention threshold (overrides [classify]).")
-@click.option("--threshold-rule", type=click.Choice(["auto", "fixed", "chance", "quantile"]),
-              help="Per-layer threshold rule (default: the manifest's, else auto).")
+@build_options
 @click.option("--replace", is_flag=True, help="Swap a stored build that has other parameters for this one.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal).")
 @connection_options
-def ingest(manifest, k, t_res, t_mlp, t_att, threshold_rule, replace, progress, settings):
-    """Match, classify and write the pack described by MANIFEST into Neo4j."""
+def ingest(manifest, device, replace, progress, settings):
+    """Match, classify and write the pack described by MANIFEST into Neo4j (match + load)."""
     from flowdb.ingest import ingest as run_ingest
-    from flowdb.manifest import load_manifest
+    from flowdb.matching import Matcher
 
-    parsed = load_manifest(manifest, k=k)
-    overrides = {key: value for key, value in (("t_res", t_res), ("t_mlp", t_mlp), ("t_att", t_att),
-                                               ("rule", threshold_rule)) if value is not None}
-    if overrides:
-        parsed = _with_thresholds(parsed, overrides)
+    matcher = Matcher.for_device(device)
     with _connect(settings) as db:
-        report = run_ingest(parsed, db, replace=replace, show_progress=progress)
+        report = run_ingest(manifest, db, replace=replace, show_progress=progress, matcher=matcher)
+    _echo_stored(report)
+
+
+@cli.command()
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The atlas directory.")
+@build_options
+@click.option("--ray", "ray_address", help="Search each layer as a Ray task on this cluster (ADDRESS or auto).")
+@click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal).")
+def match(manifest, out, device, ray_address, progress):
+    """Match and classify the pack of MANIFEST into a Parquet flow atlas in OUT (no Neo4j needed)."""
+    import time
+
+    from flowdb.atlas import match as run_match
+    from flowdb.ingest import layer_bar
+    from flowdb.plan import layer_ranges, make_plan
+
+    plan = make_plan(manifest)
+    started = time.perf_counter()
+    atlas = run_match(plan, out, device=device, ray_address=ray_address,
+                      progress=layer_bar(len(plan.layers), f"matching {plan.name}", progress))
+    click.echo(f"{plan.name}: atlas of build {atlas.fingerprint} in {atlas.root}; layers "
+               f"{layer_ranges(atlas.layers_done())}, {atlas.n_edges()} edges, matched by {atlas.matchers()} "
+               f"({time.perf_counter() - started:.1f}s this run)")
+    click.echo(f"read it with pandas.read_parquet('{atlas.root}/edges'); load it with flowdb load {atlas.root}")
+
+
+@cli.command()
+@click.argument("atlases", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--replace", is_flag=True, help="Swap a stored build that has other parameters for this one.")
+@click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal).")
+@connection_options
+def load(atlases, replace, progress, settings):
+    """Write one or more flow atlases (from flowdb match) into Neo4j over Bolt."""
+    from flowdb.atlas import Atlas
+    from flowdb.ingest import load as run_load
+
+    opened = [Atlas.open(path) for path in atlases]
+    for atlas in opened:
+        atlas.require_complete()
+    with _connect(settings) as db:
+        for atlas in opened:
+            _echo_stored(run_load(atlas, db, replace=replace, show_progress=progress))
+
+
+def _echo_stored(report) -> None:
+    from flowdb.plan import layer_ranges
+
     if report.status == "unchanged":
         click.echo(f"{report.pack}: already stored with these parameters (build {report.fingerprint}); nothing to do")
         return
     click.echo(f"{report.pack}: {report.status} build {report.fingerprint}; "
-               f"layers {_ranges(report.layers_written)}, {report.features} features, "
+               f"layers {layer_ranges(report.layers_written)}, {report.features} features, "
                f"{report.match_edges} match edges + {report.nowhere_marks} from-nowhere marks "
                f"(match {report.match_seconds:.1f}s, write {report.write_seconds:.1f}s, "
                f"{report.write_rate:,.0f} rel/s)")
@@ -186,12 +249,6 @@ def _with_thresholds(manifest, overrides):
     except ValueError as exc:
         raise ManifestError(f"threshold option: {exc}") from None
     return dataclasses.replace(manifest, thresholds=thresholds)
-
-
-def _ranges(layers: list[int]) -> str:
-    if not layers:
-        return "none"
-    return f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else str(layers)
 
 
 @cli.command()

@@ -1,10 +1,13 @@
-"""`flowdb ingest`: a manifest into Neo4j, idempotent, resumable and atomic per layer.
+"""`flowdb ingest` and `flowdb load`: a build into Neo4j, idempotent, resumable and
+atomic per layer.
 
-Order of work: resolve the manifest into a build plan (every source checked and
-hashed); take the pack's lock; ask the database whether the pack exists (refusing
-other parameters unless replace=True); match and classify every layer; only then
-write, layer by layer. A re-run with the same content resumes after the last
-committed layer, or does nothing if complete.
+ingest is match + load: resolve the manifest into a build plan (every source
+checked and hashed); take the pack's lock; ask the database whether the pack
+exists (refusing other parameters unless replace=True); match and classify every
+layer into the build's atlas (flowdb.atlas, kept under FLOWDB_HOME/atlas); only
+then write, layer by layer. load does the same from an atlas someone matched
+before. A re-run with the same content resumes after the last committed layer,
+or does nothing if complete.
 
 A replacement is written beside the stored build, as NAME~next, and swapped in by
 one transaction only once complete: a kill at any point leaves the old build
@@ -25,11 +28,11 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
 from flowdb import __version__, graph
-from flowdb.build import build_layers
+from flowdb.atlas import Atlas, default_dir, match
 from flowdb.database import Database
 from flowdb.errors import BuildConflict, BusyError
 from flowdb.manifest import Manifest
-from flowdb.matching import backend
+from flowdb.matching import Matcher
 from flowdb.plan import BuildPlan, make_plan
 
 LOCK_LEASE_S = 60.0  # a dead holder's lock is free after this long (at once on this host)
@@ -71,13 +74,30 @@ class IngestReport:
 
 
 def ingest(manifest: Manifest, db: Database, replace: bool = False,
-           show_progress: bool | None = None) -> IngestReport:
+           show_progress: bool | None = None, matcher: Matcher | None = None) -> IngestReport:
     plan = make_plan(manifest)
-    return ingest_plan(plan, db, replace=replace, show_progress=show_progress)
+    return ingest_plan(plan, db, replace=replace, show_progress=show_progress, matcher=matcher)
 
 
 def ingest_plan(plan: BuildPlan, db: Database, replace: bool = False,
-                show_progress: bool | None = None) -> IngestReport:
+                show_progress: bool | None = None, matcher: Matcher | None = None) -> IngestReport:
+    """Match the plan into its atlas (what is not there yet), then load that."""
+    def matched() -> Atlas:
+        return match(plan, default_dir(plan), matcher, progress=layer_bar(
+            len(plan.layers), f"matching {plan.name}", show_progress))
+
+    return _store(plan, db, matched, replace, show_progress)
+
+
+def load(atlas: Atlas, db: Database, replace: bool = False,
+         show_progress: bool | None = None) -> IngestReport:
+    """Put a complete atlas into Neo4j, as ingest would have."""
+    atlas.require_complete()
+    return _store(atlas.plan, db, lambda: atlas, replace, show_progress)
+
+
+def _store(plan: BuildPlan, db: Database, matched, replace: bool,
+           show_progress: bool | None) -> IngestReport:
     build_id = plan.fingerprint()
     db.ensure_schema()
     with pack_lock(db, plan.name) as lease:
@@ -91,7 +111,10 @@ def ingest_plan(plan: BuildPlan, db: Database, replace: bool = False,
         if target is None:
             report.status = "unchanged"
             return report
-        _write(db, plan, build_id, target, report, show_progress, lease)
+        started = time.perf_counter()
+        atlas = matched()
+        report.match_seconds = time.perf_counter() - started
+        _write(db, plan, atlas, target, report, show_progress, lease)
         if target != plan.name:
             lease.check()
             graph.swap_in(db, plan.name)
@@ -123,24 +146,18 @@ def _target(db: Database, plan: BuildPlan, build_id: str, replace: bool) -> str 
     return staged
 
 
-def _write(db: Database, plan: BuildPlan, build_id: str, target: str, report: IngestReport,
+def _write(db: Database, plan: BuildPlan, atlas: Atlas, target: str, report: IngestReport,
            show_progress: bool | None, lease: Lease) -> None:
-    started = time.perf_counter()
-    layers = list(build_layers(plan, build_id, progress=_bar(
-        len(plan.layers), f"matching {plan.name}", show_progress)))
-    report.match_seconds = time.perf_counter() - started
-
     # Everything is checked and matched: from here on the database changes.
     stored = graph.read_pack(db, target)
     done = set(stored.layers_done) if stored else set()
     if stored:
         report.status = "resumed"
     else:
-        graph.begin_pack(db, target, plan.to_json(), build_id, __version__, backend())
+        graph.begin_pack(db, target, plan.to_json(), atlas.fingerprint, __version__, atlas.matchers())
     started = time.perf_counter()
-    bar = tqdm(total=sum(layer.n_edges() for layer in layers), unit="rel",
-               desc=f"writing {plan.name}", disable=_disabled(show_progress))
-    for layer in layers:
+    bar = tqdm(total=atlas.n_edges(), unit="rel", desc=f"writing {plan.name}", disable=_disabled(show_progress))
+    for layer in atlas.layers():
         if layer.layer not in done:
             lease.check()
             edges, nowhere = graph.write_layer(db, target, layer)
@@ -149,14 +166,13 @@ def _write(db: Database, plan: BuildPlan, build_id: str, target: str, report: In
             report.features += sum(layer.widths.values())
             report.layers_written.append(layer.layer)
         bar.update(layer.n_edges())
-    bar.close()
-    graph.finish_pack(db, target)
-    report.write_seconds = time.perf_counter() - started
-    for layer in layers:
         for category in layer.categories:
             report.categories[category] = report.categories.get(category, 0) + 1
         report.layer_rules[layer.layer] = layer.thresholds.rule
         report.above_chance[layer.layer] = layer.above_chance()
+    bar.close()
+    graph.finish_pack(db, target)
+    report.write_seconds = time.perf_counter() - started
 
 
 class Lease:
@@ -227,7 +243,8 @@ def _disabled(show_progress: bool | None) -> bool | None:
     return None if show_progress is None else not show_progress  # None: only on a terminal
 
 
-def _bar(total: int, desc: str, show_progress: bool | None):
+def layer_bar(total: int, desc: str, show_progress: bool | None):
+    """A progress callback per layer done."""
     bar = tqdm(total=total, unit="layer", desc=desc, disable=_disabled(show_progress))
 
     def advance(_layer: int) -> None:

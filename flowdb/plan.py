@@ -156,3 +156,14 @@ def _text_digest(path: Path) -> str:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:
         return ""
+
+
+def layer_ranges(layers: list[int]) -> str:
+    """[2, 3, 4, 7] -> "2-4, 7"; [] -> "none"."""
+    parts, start = [], None
+    for i, layer in enumerate(layers):
+        start = layer if start is None else start
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            parts.append(str(start) if start == layer else f"{start}-{layer}")
+            start = None
+    return ", ".join(parts) or "none"

@@ -105,3 +105,26 @@ class ReferenceGraph:
                  if self._keep((src, dst, kind, cos, rank), t_res, t_mod, max_rank)
                  and (kind != "residual" or src in chain)}
         return chain | {src for src, _, _ in links}, links
+
+
+# Properties that record when something was written, not what: they differ between runs.
+RUN_PROPERTIES = {"created_at", "completed_at"}
+
+
+def graph_dump(db, pack: str) -> dict:
+    """A canonical description of everything stored for a pack: every node of it (labels
+    and properties, timestamps left out) and every relationship between them (type,
+    endpoints and properties), each sorted, so two builds compare with ==."""
+    def clean(props: dict) -> tuple:
+        return tuple(sorted((k, repr(v)) for k, v in props.items() if k not in RUN_PROPERTIES))
+
+    nodes = db.read(
+        "MATCH (n) WHERE n.pack = $pack OR n.name = $pack RETURN labels(n) AS labels, properties(n) AS props",
+        pack=pack)
+    rels = db.read(
+        "MATCH (a)-[r]->(b) WHERE (a.pack = $pack OR a.name = $pack) AND (b.pack = $pack) "
+        "RETURN type(r) AS type, coalesce(a.key, a.name, 'nowhere:' + a.pack) AS source, "
+        "b.key AS target, properties(r) AS props", pack=pack)
+    return {"nodes": sorted((tuple(sorted(row["labels"])), clean(row["props"])) for row in nodes),
+            "relationships": sorted((row["type"], row["source"], row["target"], clean(row["props"]))
+                                    for row in rels)}

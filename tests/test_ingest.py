@@ -1,4 +1,5 @@
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -8,12 +9,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from flowdb.atlas import default_dir
 from flowdb.errors import BuildConflict, PackError
 from flowdb.ingest import ingest
 from flowdb.manifest import load_manifest
 from flowdb.plan import make_plan
 from flowdb.queries import run_template
-from flowdb.settings import flowdb_home
 from flowdb.synth import SynthSpec, synthesize
 from helpers import brute_force_edges, sort_edges
 
@@ -162,16 +163,15 @@ def _layers_done(db):
 @pytest.mark.parametrize("kill_at", ["matching", "first-layer-written", "half-written"])
 def test_killed_ingest_resumes_to_the_same_graph(db, resumable_pack, kill_at):
     manifest = load_manifest(resumable_pack)
-    cache = flowdb_home() / "cache" / "matches" / f"resumable-{make_plan(manifest).fingerprint()}"
+    atlas = default_dir(make_plan(manifest))
     # The uninterrupted reference.
     ingest(manifest, db)
     reference = sort_edges(run_template(db, "edges", {"pack": "resumable"}))
     reference_counts = counts(db, "resumable")
     db.write_in_batches("MATCH (n) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS")
     if kill_at == "matching":
-        for cached in cache.glob("*.npz"):
-            cached.unlink()
-        ready = lambda: any(cache.glob("layer_1.npz"))  # noqa: E731
+        shutil.rmtree(atlas)
+        ready = lambda: (atlas / "layers" / "1.json").exists()  # noqa: E731
     elif kill_at == "first-layer-written":
         ready = lambda: len(_layers_done(db)) >= 1  # noqa: E731
     else:

@@ -1,0 +1,249 @@
+"""A flow atlas: a pack's matched, classified build on disk as Parquet.
+
+    DIR/atlas.json                     pack, build fingerprint, plan, flowdb version
+    DIR/edges/layer=L/part.parquet     every stored match: source, target, kind,
+                                       cosine, rank, above, source_layer,
+                                       source_module, source_index, target_index
+    DIR/residual/layer=L/part.parquet  residual features: key, index, category,
+                                       s_res, s_mlp, s_att
+    DIR/layers/L.json                  written last: the layer is complete; widths,
+                                       SAE provenance, thresholds and the matcher
+    DIR/saes.parquet, DIR/thresholds.parquet   every layer's, once all are done
+
+Useful without Neo4j: pandas.read_parquet("DIR/edges") (or DuckDB's
+read_parquet('DIR/edges/*/*.parquet', hive_partitioning=1), or Polars) reads all
+layers with a `layer` column. A build is resumable and idempotent: a layer is
+searched only when its layers/L.json is missing, and files are written under
+dot-names (which Parquet readers skip) and renamed into place.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from flowdb import __version__
+from flowdb.build import LayerBuild, classified, match_layer
+from flowdb.errors import BusyError, FlowdbError
+from flowdb.graph import feature_key, threshold_properties
+from flowdb.matching import Matcher
+from flowdb.modules import MODULES, RESIDUAL
+from flowdb.plan import BuildPlan, layer_ranges
+from flowdb.settings import flowdb_home
+
+FORMAT = 1
+
+
+class Atlas:
+    """An atlas directory: what it holds, and its layers read back as LayerBuilds."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).absolute()
+
+    @classmethod
+    def open(cls, root: str | Path) -> Atlas:
+        atlas = cls(root)
+        if not (atlas.root / "atlas.json").is_file():
+            raise FlowdbError(f"{atlas.root} is not a flow atlas (no atlas.json); "
+                              "write one with flowdb match MANIFEST --out DIR")
+        return atlas
+
+    @property
+    def info(self) -> dict:
+        try:
+            info = json.loads((self.root / "atlas.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise FlowdbError(f"{self.root / 'atlas.json'} is unreadable ({exc})") from None
+        if info.get("format") != FORMAT:
+            raise FlowdbError(f"{self.root}: atlas format {info.get('format')!r}, "
+                              f"this flowdb reads {FORMAT}; match it again")
+        return info
+
+    @property
+    def plan(self) -> BuildPlan:
+        return BuildPlan.from_json(self.info["plan"])
+
+    @property
+    def fingerprint(self) -> str:
+        return self.info["fingerprint"]
+
+    def layers_done(self) -> list[int]:
+        folder = self.root / "layers"
+        return sorted(int(p.stem) for p in folder.glob("*.json") if p.stem.isdigit()) if folder.is_dir() else []
+
+    def missing(self) -> list[int]:
+        done = set(self.layers_done())
+        return [layer for layer in self.plan.layers if layer not in done]
+
+    def require_complete(self) -> None:
+        missing = self.missing()
+        if missing:
+            raise FlowdbError(f"atlas {self.root} lacks layers {layer_ranges(missing)}; "
+                              "run flowdb match on its manifest again to finish it")
+
+    def layer_meta(self, layer: int) -> dict:
+        return json.loads((self.root / "layers" / f"{layer}.json").read_text())
+
+    def matchers(self) -> str:
+        """The backends that searched this atlas's layers, e.g. "faiss-cpu"."""
+        return ",".join(sorted({self.layer_meta(layer)["matcher"] for layer in self.layers_done()}))
+
+    def n_edges(self) -> int:
+        return sum(self.layer_meta(layer)["edges"] for layer in self.layers_done())
+
+    def read_layer(self, layer: int) -> LayerBuild:
+        meta = self.layer_meta(layer)
+        edges = pd.read_parquet(self._part("edges", layer),
+                                columns=["source_module", "target_index", "rank", "source_index", "cosine"])
+        built = LayerBuild(layer, meta["widths"], saes=meta["saes"],
+                           searched={p: tuple(v) for p, v in meta["searched"].items()},
+                           matcher=meta["matcher"])
+        n_res = meta["widths"][RESIDUAL.name]
+        for place, part in edges.groupby("source_module", sort=False):
+            part = part.sort_values(["target_index", "rank"])
+            built.indices[place] = part["source_index"].to_numpy(np.int32).reshape(n_res, -1)
+            built.scores[place] = part["cosine"].to_numpy(np.float32).reshape(n_res, -1)
+        built = classified(built, self.plan)
+        stored = pd.read_parquet(self._part("residual", layer), columns=["category"])["category"]
+        if not np.array_equal(stored.to_numpy(object), built.categories):
+            raise FlowdbError(f"atlas {self.root}: layer {layer}'s stored categories differ from its "
+                              "edges under its thresholds; the atlas is damaged: match it again")
+        return built
+
+    def layers(self) -> Iterator[LayerBuild]:
+        for layer in self.layers_done():
+            yield self.read_layer(layer)
+
+    def _part(self, table: str, layer: int) -> Path:
+        return self.root / table / f"layer={layer}" / "part.parquet"
+
+    # --- writing ----------------------------------------------------------------------
+
+    def write_layer(self, built: LayerBuild) -> None:
+        """Store one classified layer; its layers/L.json, renamed in last, marks it done."""
+        pack = self.plan.name
+        edges = pd.concat([_edges_frame(pack, built, place) for place in built.indices], ignore_index=True)
+        s = {place: built.top1(place) for place in MODULES}
+        residual = pd.DataFrame({
+            "key": [feature_key(pack, built.layer, RESIDUAL.name, i) for i in range(built.widths["res"])],
+            "index": np.arange(built.widths["res"], dtype=np.int32), "category": built.categories,
+            "s_res": s["res"], "s_mlp": s["mlp"], "s_att": s["att"]})
+        for table, frame in (("edges", edges), ("residual", residual)):
+            _atomic(self._part(table, built.layer), lambda path, frame=frame: frame.to_parquet(path, index=False))
+        meta = {"layer": built.layer, "widths": built.widths, "saes": built.saes,
+                "searched": built.searched, "matcher": built.matcher, "edges": len(edges),
+                "thresholds": threshold_properties(built)}
+        _atomic(self.root / "layers" / f"{built.layer}.json",
+                lambda path: path.write_text(json.dumps(meta, indent=1)))
+
+    def write_summaries(self) -> None:
+        """saes.parquet and thresholds.parquet over all layers."""
+        metas = [self.layer_meta(layer) for layer in self.layers_done()]
+        saes = pd.DataFrame([{"layer": m["layer"], "module": module, **sae}
+                             for m in metas for module, sae in m["saes"].items()])
+        thresholds = pd.DataFrame([{"layer": m["layer"], **m["thresholds"]} for m in metas])
+        _atomic(self.root / "saes.parquet", lambda path: saes.to_parquet(path, index=False))
+        _atomic(self.root / "thresholds.parquet", lambda path: thresholds.to_parquet(path, index=False))
+
+
+def _edges_frame(pack: str, built: LayerBuild, place: str) -> pd.DataFrame:
+    module = MODULES[place]
+    scores, indices = built.scores[place], built.indices[place]
+    n_res, k = indices.shape
+    source_layer = module.predecessor_layer(built.layer)
+    targets = np.repeat(np.arange(n_res, dtype=np.int32), k)
+    sources = indices.reshape(-1).astype(np.int32)
+    return pd.DataFrame({
+        "source": [feature_key(pack, source_layer, place, i) for i in sources.tolist()],
+        "target": [feature_key(pack, built.layer, RESIDUAL.name, i) for i in targets.tolist()],
+        "kind": module.edge_type, "cosine": scores.reshape(-1).astype(np.float32),
+        "rank": np.tile(np.arange(1, k + 1, dtype=np.int16), n_res),
+        "above": built.above(place).reshape(-1), "source_layer": np.int32(source_layer),
+        "source_module": place, "source_index": sources, "target_index": targets})
+
+
+def _atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Write through a private dot-file beside path, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(Path(partial))
+        os.replace(partial, path)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+
+
+# --- building ---------------------------------------------------------------------------
+
+def default_dir(plan: BuildPlan) -> Path:
+    """Where ingest keeps a pack's atlas: one per build fingerprint."""
+    return flowdb_home() / "atlas" / f"{plan.name}-{plan.fingerprint()}"
+
+
+def match(plan: BuildPlan, out: str | Path, matcher: Matcher | None = None, device: str = "auto",
+          ray_address: str | None = None, progress: Callable[[int], None] | None = None) -> Atlas:
+    """Write (or finish) the atlas of a plan in out; layers already there are kept.
+
+    matcher: how to search here (default: the best backend for `device`); with
+    ray_address, every missing layer is a Ray task that picks its backend for
+    `device` on the worker that runs it."""
+    atlas = Atlas(out)
+    with _writer_lock(atlas.root):
+        _claim(atlas, plan)
+        todo = atlas.missing()
+        if ray_address is not None:
+            from flowdb.cluster import match_layers_on_ray
+
+            built = match_layers_on_ray(plan, todo, device, ray_address)
+        else:
+            matcher = matcher or Matcher.for_device(device)
+            built = (match_layer(plan, layer, matcher) for layer in todo)
+        for layer in built:
+            atlas.write_layer(classified(layer, plan))
+            if progress:
+                progress(layer.layer)
+        if todo or not (atlas.root / "thresholds.parquet").exists():
+            atlas.write_summaries()
+    return atlas
+
+
+def _claim(atlas: Atlas, plan: BuildPlan) -> None:
+    """Start an atlas for this build, or check the one there is of the same build."""
+    fingerprint = plan.fingerprint()
+    if (atlas.root / "atlas.json").exists():
+        found = atlas.info
+        if found["fingerprint"] != fingerprint:
+            raise FlowdbError(f"{atlas.root} holds the atlas of another build of {found['pack']!r} "
+                              f"({found['fingerprint']}; this manifest gives {fingerprint}); "
+                              "choose another --out, or delete that directory first")
+        return
+    if atlas.root.exists() and any(p.name != ".lock" for p in atlas.root.iterdir()):
+        raise FlowdbError(f"{atlas.root} is not empty and holds no atlas; choose another --out")
+    info = {"format": FORMAT, "pack": plan.name, "fingerprint": fingerprint,
+            "flowdb_version": __version__, "plan": plan.to_json()}
+    _atomic(atlas.root / "atlas.json", lambda path: path.write_text(json.dumps(info, indent=1)))
+
+
+@contextmanager
+def _writer_lock(root: Path):
+    """One writer per atlas directory (an OS lock: released when its process dies)."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BusyError(f"{root} is being written by another flowdb command; "
+                            "wait for it to finish, then run again") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
