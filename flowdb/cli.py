@@ -297,8 +297,10 @@ def _parse_params(pairs):
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--list", "list_templates", is_flag=True, help="List the templates and what they answer.")
 @click.option("--explain", is_flag=True, help="Show the template, its parameters and columns.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), help="Stop the query after this many seconds "
+              "(default: $FLOWDB_QUERY_TIMEOUT, else 60).")
 @connection_options
-def query(name, pairs, fmt, list_templates, explain, settings):
+def query(name, pairs, fmt, list_templates, explain, timeout, settings):
     """Run the query template NAME (see --list) with -p key=value parameters."""
     from flowdb.queries import get_template, templates
 
@@ -315,16 +317,16 @@ def query(name, pairs, fmt, list_templates, explain, settings):
     params = _parse_params(pairs)
     template.bind(params)  # bad parameters fail before any connection is made
     with _connect(settings) as db:
-        frame = _template(db, name, params)
+        frame = _template(db, name, params, timeout)
     _echo_frame(frame, fmt)
 
 
-def _template(db, name, params):
+def _template(db, name, params, timeout_s=None):
     """Run a query template; its notes (incomplete pack, thresholds applied) go to stderr."""
     from flowdb.queries import run_template
 
     with _notes_said_once():
-        frame = run_template(db, name, params)
+        frame = run_template(db, name, params, timeout_s=timeout_s)
     _echo_notes(frame)
     return frame
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from flowdb.errors import DatabaseError, Neo4jUnavailable
+from flowdb.errors import DatabaseError, Neo4jUnavailable, QueryTimeout
 from flowdb.settings import Neo4jSettings
 
 BOLT_SCHEMES = ("bolt", "bolt+s", "bolt+ssc", "neo4j", "neo4j+s", "neo4j+ssc")
@@ -44,11 +44,15 @@ class Database:
         with neo4j_errors(self), self.driver.session(database=self.database, **kwargs) as session:
             yield session
 
-    def read(self, cypher: str, **params) -> list[dict]:
-        """Run a query in a read transaction and return its rows as dicts."""
+    def read(self, cypher: str, timeout_s: float | None = None, **params) -> list[dict]:
+        """Run a query in a read transaction and return its rows as dicts; with
+        timeout_s, the server stops it (QueryTimeout) once it has run that long."""
+        from neo4j import Query
+
+        query = Query(cypher, timeout=timeout_s) if timeout_s else cypher
         with neo4j_errors(self):
             records, _, _ = self.driver.execute_query(
-                cypher, params, database_=self.database, routing_="r")
+                query, params, database_=self.database, routing_="r")
         return [record.data() for record in records]
 
     def write(self, cypher: str, **params) -> list[dict]:
@@ -97,6 +101,8 @@ def neo4j_errors(db: Database | None = None, uri: str | None = None,
             raise DatabaseError(
                 f"{where} has no database {database!r}; set NEO4J_DATABASE (or --database) "
                 "to one that exists, or leave it unset for the server's default") from None
+        if "TransactionTimedOutClientConfiguration" in code:
+            raise QueryTimeout(f"{where} stopped a query at the time limit it was given") from None
         if code.startswith("Neo.TransientError") or code.endswith(("Terminated", "TransactionTimedOut")):
             raise DatabaseError(f"{where} stopped the transaction ({_first_line(exc)}); "
                                 "nothing of it was kept: run the command again") from None

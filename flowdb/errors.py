@@ -29,6 +29,10 @@ class DatabaseError(FlowdbError):
     """Neo4j answered but refused or stopped the work (unknown database, conflict, ...)."""
 
 
+class QueryTimeout(DatabaseError):
+    """A read ran past the time limit flowdb gave it, and the server stopped it."""
+
+
 class BusyError(FlowdbError):
     """Another flowdb command holds the lock on the same pack."""
 

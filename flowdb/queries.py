@@ -13,6 +13,7 @@ the text. The CLI and the Python API read the same files.
 from __future__ import annotations
 
 import numbers
+import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -22,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from flowdb.errors import QueryError
+from flowdb.errors import QueryError, QueryTimeout
 
+QUERY_TIMEOUT_S = 60.0  # no template a researcher waits for runs longer by default
 PARAM_TYPES = {"string": str, "int": int, "float": float, "bool": bool}
 _HEADER = re.compile(r"^//\s*(\w+):\s*(.*)$")
 _PARAM_USE = re.compile(r"\$([A-Za-z_]\w*)")
@@ -147,8 +149,13 @@ def get_template(name: str) -> Template:
     return known[name]
 
 
-def run_template(db, name: str, params: dict[str, Any] | None = None):
+def run_template(db, name: str, params: dict[str, Any] | None = None, timeout_s: float | None = None):
     """Run a template in a read transaction; returns a pandas DataFrame.
+
+    A traversal over a deep graph can grow without bound (paths multiply with
+    max_rank at every layer), so the server stops any template after timeout_s
+    (default QUERY_TIMEOUT_S, or $FLOWDB_QUERY_TIMEOUT) and the error says how to
+    narrow it.
 
     When the pack it reads is not completely built, the frame's attrs["warning"]
     says so and an IncompleteBuildWarning is issued."""
@@ -163,7 +170,13 @@ def run_template(db, name: str, params: dict[str, Any] | None = None):
         raise QueryError(f"template {name}: pack {_pack_of(bound)!r} was built by an older flowdb that "
                          "stored no per-edge thresholds; pass t_res/t_mod or every_edge=true, or ingest "
                          "it again with --replace")
-    rows = db.read(template.cypher, **bound)
+    limit = timeout_s or float(os.environ.get("FLOWDB_QUERY_TIMEOUT", QUERY_TIMEOUT_S))
+    try:
+        rows = db.read(template.cypher, timeout_s=limit, **bound)
+    except QueryTimeout:
+        raise QueryError(f"template {name} ran past its {limit:g} s limit and was stopped: lower max_rank, "
+                         "narrow the layers (first_layer/last_layer where it has them), or raise "
+                         "--timeout") from None
     if rows and list(rows[0]) != list(template.columns):
         raise QueryError(f"template {name} returned columns {list(rows[0])}, "
                          f"but its header declares {list(template.columns)}")

@@ -1,5 +1,6 @@
 import gzip
 import json
+import time
 
 import pandas as pd
 import pytest
@@ -209,3 +210,20 @@ def test_steering_set_keeps_the_chain_when_no_input_qualifies(graph):
     expected_nodes, _ = reference.flow_graph(key, 0.5, 1.01, 1)
     assert set(frame["key"]) == expected_nodes and key in set(frame["key"])
     assert "input" not in set(frame["role"])
+
+
+def test_a_runaway_traversal_is_stopped_with_a_message(db):
+    # 30 layers of 4 residual features, each joined to all 4 of the layer before at
+    # ranks 1-4: 4^29 paths from the first layer to the last, which no query finishes.
+    db.write("CREATE (:Pack {name: 'deep', model: 'm', status: 'complete', k: 4, first_layer: 0, "
+             "last_layer: 29, layers_done: range(0, 29)})")
+    db.write("UNWIND range(0, 29) AS layer UNWIND range(0, 3) AS i "
+             "CREATE (:Feature:Residual {key: 'deep/' + layer + '/res/' + i, pack: 'deep', layer: layer, "
+             "module: 'res', index: i, category: 'translated'})")
+    db.write("MATCH (a:Feature {pack: 'deep'}), (b:Feature {pack: 'deep'}) WHERE b.layer = a.layer + 1 "
+             "CREATE (a)-[:RESIDUAL {cosine: 0.9, rank: (a.index + b.index) % 4 + 1, above: true}]->(b)")
+    params = {"source": "deep/0/res/0", "target": "deep/29/res/0", "max_rank": 4, "every_edge": True}
+    started = time.perf_counter()
+    with pytest.raises(QueryError, match=r"template circuit ran past its 2 s limit and was stopped: lower max_rank"):
+        run_template(db, "circuit", params, timeout_s=2)
+    assert time.perf_counter() - started < 30
