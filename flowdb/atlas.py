@@ -122,6 +122,12 @@ class Atlas:
         for layer in self.layers_done():
             yield self.read_layer(layer)
 
+    def bulk_pack(self):
+        """This atlas as flowdb.bulk imports it."""
+        from flowdb.bulk import BulkPack
+
+        return BulkPack(self.plan.name, self.info["plan"], self.fingerprint, self.matchers(), self.layers)
+
     def _part(self, table: str, layer: int) -> Path:
         return self.root / table / f"layer={layer}" / "part.parquet"
 

@@ -203,21 +203,71 @@ def match(manifest, out, device, ray_address, progress):
 
 
 @cli.command()
-@click.argument("atlases", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.argument("atlases", nargs=-1, type=click.Path(file_okay=False))
 @click.option("--replace", is_flag=True, help="Swap a stored build that has other parameters for this one.")
+@click.option("--bulk", is_flag=True, help="Build a new, empty database with neo4j-admin's importer.")
+@click.option("--import-dir", type=click.Path(file_okay=False),
+              help="With --bulk and a server of your own: write the import files here and print the command.")
+@click.option("--finish-import", "finish_dir", type=click.Path(file_okay=False),
+              help="After you ran that command and started the server: constraints, Pack and SAE nodes.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal).")
 @connection_options
-def load(atlases, replace, progress, settings):
-    """Write one or more flow atlases (from flowdb match) into Neo4j over Bolt."""
+def load(atlases, replace, bulk, import_dir, finish_dir, progress, settings):
+    """Write one or more flow atlases (from flowdb match) into Neo4j: over Bolt, or
+    with --bulk through neo4j-admin database import (into an empty database only)."""
     from flowdb.atlas import Atlas
-    from flowdb.ingest import load as run_load
 
+    if finish_dir:
+        from flowdb.bulk import ImportFiles, finish_import
+
+        with _connect(settings) as db:
+            nodes, relationships = finish_import(db, ImportFiles.open(finish_dir))
+        click.echo(f"constraints and indexes online; wrote {nodes} Pack and SAE nodes, {relationships} relationships")
+        return
+    if not atlases:
+        raise click.UsageError("give one or more atlas directories (from flowdb match)")
     opened = [Atlas.open(path) for path in atlases]
     for atlas in opened:
         atlas.require_complete()
+    if bulk:
+        _bulk_load(opened, import_dir, replace, progress, settings)
+        return
+    if import_dir:
+        raise click.UsageError("--import-dir goes with --bulk")
+    from flowdb.ingest import load as run_load
+
     with _connect(settings) as db:
         for atlas in opened:
             _echo_stored(run_load(atlas, db, replace=replace, show_progress=progress))
+
+
+def _bulk_load(atlases, import_dir, replace, progress, settings) -> None:
+    import shlex
+    from pathlib import Path
+
+    from flowdb.bulk import bulk_load, import_command, write_import_files
+
+    if replace:
+        raise click.UsageError("--bulk builds a new database; it replaces nothing (load without --bulk)")
+    packs = [atlas.bulk_pack() for atlas in atlases]
+    if not settings.managed:
+        if not import_dir:
+            raise click.UsageError("--bulk into a server of your own: neo4j-admin must run where its store is; "
+                                   "give --import-dir DIR to write the files and get the command")
+        files = write_import_files(Path(import_dir), packs)
+        click.echo(f"wrote {files.n_nodes:,} nodes and {files.n_relationships:,} relationships to {files.directory}")
+        click.echo("stop the server, then on its machine run (--overwrite-destination only if that database is "
+                   "empty or may go):")
+        click.echo("  " + shlex.join(import_command(files, settings.database or "neo4j")))
+        click.echo(f"start it, then run: flowdb load --finish-import {shlex.quote(str(files.directory))}")
+        return
+    from flowdb.neo4j_server import ManagedServer
+
+    say = (lambda line: click.echo(line, err=True)) if progress is not False else None
+    report = bulk_load(ManagedServer.default(), packs, progress=say)
+    click.echo(f"bulk-loaded {', '.join(report.packs)}: {report.nodes:,} nodes and {report.relationships:,} "
+               f"relationships in {report.total_seconds:.1f}s (neo4j-admin {report.import_seconds:.1f}s): "
+               f"{report.rate:,.0f} relationships/s")
 
 
 def _echo_stored(report) -> None:

@@ -89,11 +89,35 @@ def read_pack(db: Database, name: str) -> PackRecord | None:
         "MATCH (p:Pack {name: $name}) RETURN p.model AS model, p.fingerprint AS fp, "
         "p.status AS status, p.layers_done AS done, p.first_layer AS first, "
         "p.last_layer AS last, p.k AS k, p.plan AS plan", name=name)
-    if not rows:
-        return None
-    row = rows[0]
+    return _pack_record(name, rows[0]) if rows else None
+
+
+def _pack_record(name: str, row: dict) -> PackRecord:
     return PackRecord(name, row["model"], row["fp"], row["status"], tuple(row["done"] or ()),
                       row["first"], row["last"], row["k"], json.loads(row["plan"] or "{}"))
+
+
+@dataclass(frozen=True)
+class QueryContext:
+    """What a query's answer notes need, read in one round trip."""
+
+    record: PackRecord | None
+    rules: list[str]  # the rules that set the pack's per-layer thresholds
+    existing: frozenset[str]  # which of the asked feature keys are stored
+
+
+def query_context(db: Database, pack: str, keys: list[str]) -> QueryContext:
+    rows = db.read(
+        "OPTIONAL MATCH (p:Pack {name: $name}) "
+        "RETURN p.model AS model, p.fingerprint AS fp, p.status AS status, p.layers_done AS done, "
+        "p.first_layer AS first, p.last_layer AS last, p.k AS k, p.plan AS plan, "
+        "COLLECT { MATCH (s:SAE {pack: $name, module: $res}) WHERE s.threshold_rule IS NOT NULL "
+        "          RETURN DISTINCT s.threshold_rule AS rule ORDER BY rule } AS rules, "
+        "COLLECT { UNWIND $keys AS key MATCH (f:Feature {key: key}) RETURN f.key } AS existing",
+        name=pack or "", keys=keys, res=RESIDUAL.name)
+    row = rows[0]
+    return QueryContext(_pack_record(pack, row) if row["status"] is not None else None,
+                        row["rules"], frozenset(row["existing"]))
 
 
 def require_pack(db: Database, name: str) -> PackRecord:
@@ -117,19 +141,38 @@ def list_packs(db: Database) -> list[dict]:
         staged=STAGED_SUFFIX)
 
 
+def pack_properties(name: str, plan: dict, fingerprint: str, version: str, backend: str) -> dict:
+    """What a Pack node holds about its build, whichever way it is written (begin_pack or
+    flowdb.bulk); status, layers_done and the timestamps come on top."""
+    return {"name": name, "model": plan["model"], "fingerprint": fingerprint, "k": plan["k"],
+            "first_layer": plan["first_layer"], "last_layer": plan["last_layer"],
+            "modules": plan["modules"], "thresholds": json.dumps(plan["thresholds"]),
+            "threshold_rule": plan["thresholds"]["rule"], "plan": json.dumps(plan),
+            "manifest": plan["manifest"], "flowdb_version": version, "matcher": backend}
+
+
 def begin_pack(db: Database, name: str, plan: dict, fingerprint: str, version: str,
                backend: str) -> None:
     db.write(
-        "CREATE (p:Pack {name: $name, model: $model, fingerprint: $fp, k: $k, "
-        " first_layer: $first, last_layer: $last, modules: $modules, thresholds: $thresholds, "
-        " threshold_rule: $rule, plan: $plan, manifest: $manifest, flowdb_version: $version, "
-        " matcher: $backend, created_at: datetime($now), status: 'building', layers_done: []}) "
+        "CREATE (p:Pack) SET p = $props, p.created_at = datetime($now), p.status = 'building', "
+        " p.layers_done = [] "
         "CREATE (:Nowhere {pack: $name})",
-        name=name, model=plan["model"], fp=fingerprint, k=plan["k"],
-        first=plan["first_layer"], last=plan["last_layer"], modules=plan["modules"],
-        thresholds=json.dumps(plan["thresholds"]), rule=plan["thresholds"]["rule"],
-        plan=json.dumps(plan), manifest=plan["manifest"], version=version, backend=backend,
+        props=pack_properties(name, plan, fingerprint, version, backend), name=name,
         now=datetime.now(UTC).isoformat())
+
+
+def store_complete_pack(db: Database, props: dict, layers_done: list[int], saes: list[dict]) -> None:
+    """The Pack node of a pack whose features, edges and Nowhere node are already stored
+    (flowdb.bulk imported them), complete, with its SAE nodes (sae_properties of every layer)."""
+    db.write(
+        "CREATE (p:Pack) SET p = $props, p.created_at = datetime($now), p.status = 'complete', "
+        " p.layers_done = $done, p.completed_at = datetime() "
+        "WITH p UNWIND $saes AS sae CREATE (p)-[:HAS_SAE]->(s:SAE) SET s = sae",
+        props=props, done=list(layers_done), saes=saes, now=datetime.now(UTC).isoformat())
+
+
+def count_nodes(db: Database) -> int:
+    return db.read("MATCH (n) RETURN count(n) AS n")[0]["n"]
 
 
 def record_plan(db: Database, name: str, plan: dict) -> None:
@@ -232,17 +275,21 @@ def _write_layer(tx, pack: str, layer: LayerBuild) -> tuple[int, int]:
         "MATCH (f:Feature {pack: $pack, layer: $layer, module: $module}) "
         "WHERE f.category = 'from-nowhere' CREATE (n)-[:FROM_NOWHERE]->(f)",
         pack=pack, layer=number, module=RESIDUAL.name).consume().counters.relationships_created
-    saes = [{**meta, "key": sae_key(pack, number, module), "pack": pack, "layer": number,
-             "module": module, "n_features": layer.widths[module]}
-            for module, meta in layer.saes.items()]
     tx.run(
         "MATCH (p:Pack {name: $pack}) "
         "UNWIND $saes AS sae CREATE (p)-[:HAS_SAE]->(s:SAE) SET s = sae "
-        "WITH p, s WHERE s.module = $res SET s += $thresholds "
         "WITH DISTINCT p SET p.layers_done = p.layers_done + $layer",
-        pack=pack, saes=saes, layer=number, res=RESIDUAL.name,
-        thresholds=threshold_properties(layer)).consume()
+        pack=pack, saes=sae_properties(pack, layer), layer=number).consume()
     return edges, nowhere
+
+
+def sae_properties(pack: str, layer: LayerBuild) -> list[dict]:
+    """The SAE nodes of one layer, one property map each (None: no such property): the
+    provenance, where it sits and its width; the residual SAE also its thresholds."""
+    return [{**meta, "key": sae_key(pack, layer.layer, module), "pack": pack, "layer": layer.layer,
+             "module": module, "n_features": layer.widths[module],
+             **(threshold_properties(layer) if module == RESIDUAL.name else {})}
+            for module, meta in layer.saes.items()]
 
 
 def threshold_properties(layer: LayerBuild) -> dict:
@@ -384,13 +431,6 @@ def module_widths(db: Database, pack: str, layer: int) -> dict[str, int]:
     rows = db.read("MATCH (s:SAE {pack: $pack, layer: $layer}) RETURN s.module AS module, "
                    "s.n_features AS n", pack=pack, layer=layer)
     return {row["module"]: row["n"] for row in rows}
-
-
-def threshold_rules(db: Database, pack: str) -> list[str]:
-    """The rules that set a pack's per-layer thresholds, as recorded at each layer."""
-    rows = db.read("MATCH (s:SAE {pack: $pack, module: $res}) WHERE s.threshold_rule IS NOT NULL "
-                   "RETURN DISTINCT s.threshold_rule AS rule ORDER BY rule", pack=pack, res=RESIDUAL.name)
-    return [row["rule"] for row in rows]
 
 
 def store_explanations(db: Database, rows: list[dict]) -> None:

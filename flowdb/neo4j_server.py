@@ -2,7 +2,10 @@
 
 Layout under FLOWDB_HOME/neo4j: lib/ (jars), dbms/ (databases, transaction logs
 and Neo4j's own logs), import/ (empty: the only directory LOAD CSV could name,
-and file URLs are refused anyway), logs/server.log, server.pid and password.
+and file URLs are refused anyway), logs/server.log, server.pid and password; for
+bulk loads (flowdb.bulk) also admin-conf/ (neo4j-admin's view of dbms/), bulk/
+(import files while they are written and imported), logs/bulk-import.log and,
+while an import runs, bulk-import.pid.
 No Docker and no download site are needed: only Java 17+ and Maven, which
 resolve org.neo4j:neo4j and org.neo4j:neo4j-bolt.
 
@@ -14,6 +17,7 @@ local files nor URLs.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import shutil
@@ -21,6 +25,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -35,8 +41,11 @@ START_TIMEOUT_S = 180
 DEFAULT_HEAP = "4g"
 DEFAULT_JAVA_OPTS = "-XX:+UseParallelGC"
 STOP_TIMEOUT_S = 60
+# neo4j-admin's importer keeps its big structures off heap (--max-off-heap-memory).
+DEFAULT_ADMIN_HEAP = "2g"
 LAUNCHER = "FlowdbNeo4j"  # the launcher's class; its name in a command line marks our server
 USER = "neo4j"
+ADMIN_TOOL = "org.neo4j.cli.AdminTool"  # neo4j-admin's main class (jar neo4j-command-line)
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,18 @@ class ManagedServer:
     @property
     def import_dir(self) -> Path:
         return self.root / "import"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.dbms_dir / "data"
+
+    def store_dirs(self, database: str = "neo4j") -> tuple[Path, Path]:
+        """A database's store and its transaction logs, where the DBMS keeps them."""
+        return self.data_dir / "databases" / database, self.data_dir / "transactions" / database
+
+    @property
+    def import_marker(self) -> Path:
+        return self.root / "bulk-import.pid"
 
     @property
     def log_file(self) -> Path:
@@ -158,6 +179,7 @@ class ManagedServer:
         if state == "ok":
             return
         if running is None:
+            self._refuse_during_import()
             self.fetch()
             self._make_files_private()
             self._spawn(heap or os.environ.get("FLOWDB_NEO4J_HEAP", DEFAULT_HEAP),
@@ -199,9 +221,13 @@ class ManagedServer:
                                     stdin=subprocess.DEVNULL, start_new_session=True, umask=0o077)
         _write_private(self.pid_file, str(proc.pid).encode())
 
-    def stop(self) -> bool:
+    def stop(self, store_only: bool = False) -> bool:
         """Stop the server; returns False when none was running. A pid file that names
-        any other process is removed, and that process is never signalled."""
+        any other process is removed, and that process is never signalled.
+
+        store_only: return as soon as the DBMS has let go of its store (the lock files
+        neo4j-admin checks are free), while its Bolt connector still shuts down (about
+        10 s more); a later stop() waits for the process to end."""
         pid = self.pid()
         if pid is None:
             self.pid_file.unlink(missing_ok=True)
@@ -209,12 +235,84 @@ class ManagedServer:
         _signal(pid, signal.SIGTERM)  # the launcher's shutdown hook closes the DBMS cleanly
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while time.monotonic() < deadline and self.pid() == pid:
+            if store_only and self._store_released():
+                return True
             _reap(pid)
             time.sleep(0.2)
         if self.pid() == pid:
             _signal(pid, signal.SIGKILL)
         self.pid_file.unlink(missing_ok=True)
         return True
+
+    def _store_released(self) -> bool:
+        """No process holds the DBMS's store lock or any database's lock."""
+        databases = self.data_dir / "databases"
+        locks = [databases / "store_lock", *databases.glob("*/database_lock")]
+        return all(_lock_free(path) for path in locks if path.exists())
+
+    @contextmanager
+    def importing(self) -> Iterator[None]:
+        """Hold the store for a bulk import: while held, start() in any other process
+        refuses (neo4j-admin needs the store to itself, and the store may be moved aside).
+        Re-entrant within one process."""
+        self._make_dirs_private()
+        if self._import_holder() == os.getpid():
+            yield  # this process holds it already
+            return
+        # Written whole beside it and linked in: no one ever reads a marker without its pid.
+        partial = self.import_marker.with_name(f".{self.import_marker.name}.{os.getpid()}")
+        _write_private(partial, f"{os.getpid()}\n".encode())
+        try:
+            while True:
+                try:
+                    os.link(partial, self.import_marker)
+                    break
+                except FileExistsError:
+                    self._refuse_during_import()
+                    self.import_marker.unlink(missing_ok=True)  # its process is gone
+        finally:
+            partial.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            self.import_marker.unlink(missing_ok=True)
+
+    def _import_holder(self) -> int | None:
+        try:
+            return int(self.import_marker.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _refuse_during_import(self) -> None:
+        """Refuse when another live process holds the store for a bulk import."""
+        pid = self._import_holder()
+        if pid is not None and pid > 0 and pid != os.getpid() and _command_line(pid) is not None:
+            raise Neo4jUnavailable(
+                f"a bulk import into the managed Neo4j under {self.root} is under way (pid {pid}); "
+                "wait for it to finish, then run again")
+
+    def admin(self, args: list[str], log: Path, cwd: Path | None = None, heap: str | None = None) -> int:
+        """Run neo4j-admin (from the fetched jars) on this server's DBMS home, its output
+        into `log` (0600); returns its exit status. Commands that write a store need the
+        server stopped."""
+        self.fetch()
+        conf = private_dir(self.root / "admin-conf")
+        _write_private(conf / "neo4j.conf", "".join(
+            f"{name}={value}\n" for name, value in (
+                ("server.directories.data", self.data_dir), ("server.directories.logs", self.dbms_dir / "logs"),
+                ("server.directories.import", self.import_dir))).encode())
+        private_dir(self.dbms_dir)
+        extra = os.environ.get("FLOWDB_NEO4J_JAVA_OPTS", DEFAULT_JAVA_OPTS).split()
+        heap = heap or os.environ.get("FLOWDB_NEO4J_ADMIN_HEAP", DEFAULT_ADMIN_HEAP)
+        cmd = ["java", f"-Xmx{heap}", *extra, "-cp", str(self.lib / "*"), ADMIN_TOOL, *args]
+        env = {**os.environ, "NEO4J_HOME": str(self.dbms_dir), "NEO4J_CONF": str(conf)}
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        make_private(log)
+        with open(fd, "wb") as out:
+            # umask 077: every store file it writes is the owner's only, as the server's are.
+            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                  cwd=cwd or self.root, env=env, umask=0o077)
+        return proc.returncode
 
     def _running(self) -> tuple[int, str] | None:
         """The pid file's process and its command line, when it is our launcher."""
@@ -310,6 +408,21 @@ def _proc_command_line(pid: int) -> str | None:
             return None
         time.sleep(0.01)
     return None
+
+
+def _lock_free(path: Path) -> bool:
+    """Whether no process holds a lock on the file (Java's file locks are fcntl locks)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return True  # gone: nothing holds it
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # and with it the lock, if it was taken here
 
 
 def _write_new_password(path: Path) -> None:

@@ -1,0 +1,389 @@
+"""flowdb at scale, every figure beside a baseline measured in the same run.
+
+    .venv/bin/python benchmarks/bench_scale.py [--only PART,...] [--million-tiles 4]
+
+Parts (all by default, in this order):
+  gemm      this machine's fp32 GEMM rate (numpy/BLAS; torch too on a GPU), the baseline
+  backends  one 16,384 x 16,384 x 2,304 top-5 search per matching backend on this
+            machine, GFLOP/s = 2 n m d / s, and its ratio to the GEMM rate
+  gemma     a Gemma-2-2B-shaped pack (26 layers x res/mlp/att x 16,384 features,
+            d 2,304; planted lineage, flowdb synth) end to end at k=5: match into an
+            atlas, then load over Bolt into a fresh managed Neo4j. Wall time (target
+            <= 15 min), matching GFLOP/s against the GEMM rate, peak RSS of each step
+  bulk      the same atlas through `flowdb load --bulk` (neo4j-admin import) into
+            another fresh server: relationships/s against the Bolt load's
+  bolt-k1   Bolt at k=1 on the pack's first 6 layers: relationships/s
+  queries   lineage, descendants and circuit p50/p99 on the Gemma-shaped graph at
+            max_rank 1 and 5 (targets: lineage p50 <= 20 ms, p99 <= 100 ms), and
+            how many the time limit stopped
+  million   one 1M-wide layer (2^20 rows, d 2,304, tiles generated as they are read,
+            so it never exists whole) matched against 16k and 65k bases: peak RSS
+            against the bound the tiles set, and seconds per search, extrapolated
+            from --million-tiles query tiles of 8,192 (each tile costs the same)
+Each step runs in a child process, so its peak RSS is its own. Data lives under
+FLOWDB_HOME/bench (the pack, about 12 GB, is kept for the next run); the servers
+are private to the run and deleted after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+# Gemma 2 2B with Gemma Scope 16k; FLOWDB_BENCH_SHAPE=LAYERS,WIDTH,D shrinks it for a smoke run.
+LAYERS, WIDTH, D_MODEL = (int(v) for v in os.environ.get("FLOWDB_BENCH_SHAPE", "26,16384,2304").split(","))
+K = 5
+PARTS = ("gemm", "backends", "gemma", "bulk", "bolt-k1", "queries", "million")
+MILLION = int(os.environ.get("FLOWDB_BENCH_MILLION", 1 << 20))
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+def bench_dir() -> Path:
+    from flowdb.settings import flowdb_home
+
+    return flowdb_home() / "bench"
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def in_child(part: str, **kwargs) -> dict:
+    """Run one step in a fresh interpreter; returns its JSON answer (with its peak RSS)."""
+    done = subprocess.run([sys.executable, __file__, "--child", part, "--kwargs", json.dumps(kwargs)],
+                          stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"step {part} failed (exit {done.returncode})")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def private_server(name: str):
+    """A fresh managed Neo4j of this run (its own store and port), sharing the jars."""
+    from flowdb.neo4j_server import ManagedServer
+
+    default = ManagedServer.default()
+    default.fetch()
+    root = bench_dir() / name
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    os.symlink(default.lib, root / "lib")
+    return ManagedServer(root, free_port())
+
+
+def connect_to(server):
+    from flowdb.database import connect
+    from flowdb.settings import Neo4jSettings
+
+    user, password = server.auth()
+    return connect(Neo4jSettings(server.uri, user, password, None))
+
+
+def search_flops(atlas) -> float:
+    total = 0.0
+    for layer in atlas.layers_done():
+        meta = atlas.layer_meta(layer)
+        n_res = meta["widths"]["res"]
+        total += sum(2.0 * n_res * width * d for width, d in meta["searched"].values())
+    return total
+
+
+def gemma_pack() -> Path:
+    from flowdb.synth import SynthSpec, synthesize
+
+    out = bench_dir() / f"gemma-shaped-{LAYERS}x{WIDTH}x{D_MODEL}"
+    if not (out / "manifest.toml").exists():
+        print(f"writing the Gemma-shaped pack to {out} (about 12 GB, once) ...", file=sys.stderr, flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+        synthesize(out, SynthSpec(name="gemma-shaped", layers=LAYERS, d_model=D_MODEL, width=WIDTH, seed=3))
+    return out
+
+
+# --- steps (each in its own process) -------------------------------------------------------
+
+def step_gemm() -> dict:
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((8192, D_MODEL), dtype=np.float32)
+    b = rng.standard_normal((D_MODEL, WIDTH), dtype=np.float32)
+    a @ b
+    started = time.perf_counter()
+    for _ in range(3):
+        a @ b
+    answer = {"numpy": 3 * 2 * 8192 * WIDTH * D_MODEL / (time.perf_counter() - started) / 1e9}
+    import torch
+
+    if torch.cuda.is_available():
+        x, y = torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda()
+        for precision, tf32 in (("fp32", False), ("tf32", True)):
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            x @ y
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            for _ in range(10):
+                x @ y
+            torch.cuda.synchronize()
+            answer[f"cuda {precision}"] = 10 * 2 * 8192 * WIDTH * D_MODEL / (time.perf_counter() - started) / 1e9
+        answer["gpu"] = torch.cuda.get_device_name()
+    return answer
+
+
+def step_backend(backend: str) -> dict:
+    from flowdb.matching import Matcher
+
+    rng = np.random.default_rng(1)
+    queries = rng.standard_normal((WIDTH, D_MODEL), dtype=np.float32)
+    base = rng.standard_normal((WIDTH, D_MODEL), dtype=np.float32)
+    matcher = Matcher(backend)
+    matcher.search(queries[:512], base, K)  # warm up (GPU context, thread pools)
+    started = time.perf_counter()
+    matcher.search(queries, base, K)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "gflops": 2 * WIDTH * WIDTH * D_MODEL / seconds / 1e9}
+
+
+def step_match(manifest: str, out: str, k: int, layers: list[int] | None = None) -> dict:
+    import dataclasses
+
+    from flowdb.atlas import match
+    from flowdb.manifest import load_manifest
+    from flowdb.plan import make_plan
+
+    parsed = load_manifest(manifest, k=k)
+    if layers:
+        parsed = dataclasses.replace(parsed, first_layer=layers[0], last_layer=layers[1])
+    started = time.perf_counter()
+    plan = make_plan(parsed)
+    planned = time.perf_counter() - started
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.perf_counter()
+    atlas = match(plan, out)
+    seconds = time.perf_counter() - started
+    return {"plan_seconds": planned, "match_seconds": seconds, "flops": search_flops(atlas),
+            "edges": atlas.n_edges(), "matcher": atlas.matchers()}
+
+
+def step_bolt_load(atlas_dir: str, server_root: str, port: int) -> dict:
+    from flowdb.atlas import Atlas
+    from flowdb.ingest import load
+    from flowdb.neo4j_server import ManagedServer
+
+    server = ManagedServer(Path(server_root), port)
+    with connect_to(server) as db:
+        started = time.perf_counter()
+        report = load(Atlas.open(atlas_dir), db, show_progress=False)
+        seconds = time.perf_counter() - started
+    return {"seconds": seconds, "write_seconds": report.write_seconds, "relationships": report.relationships,
+            "features": report.features, "rate": report.relationships / seconds}
+
+
+def step_bulk_load(atlas_dir: str, server_root: str, port: int) -> dict:
+    from flowdb.atlas import Atlas
+    from flowdb.bulk import bulk_load
+    from flowdb.neo4j_server import ManagedServer
+
+    report = bulk_load(ManagedServer(Path(server_root), port), [Atlas.open(atlas_dir).bulk_pack()])
+    return {"seconds": report.total_seconds, "import_seconds": report.import_seconds,
+            "relationships": report.relationships, "nodes": report.nodes, "rate": report.rate}
+
+
+def step_queries(server_root: str, port: int, pack: str, samples: int) -> dict:
+    from flowdb.errors import QueryError
+    from flowdb.neo4j_server import ManagedServer
+    from flowdb.queries import run_template
+
+    pick = random.Random(0)
+    last = LAYERS - 1
+    answer = {}
+    with connect_to(ManagedServer(Path(server_root), port)) as db:
+        floor = []  # the baseline: one trivial read through the same driver
+        for _ in range(samples):
+            started = time.perf_counter()
+            db.read("RETURN 1 AS one")
+            floor.append(time.perf_counter() - started)
+        answer["round trip (RETURN 1)"] = {"p50": float(np.percentile(np.asarray(floor) * 1e3, 50)),
+                                           "p99": float(np.percentile(np.asarray(floor) * 1e3, 99)),
+                                           "rows": 1.0, "stopped": 0, "n": samples}
+        for max_rank in (1, 5):
+            jobs = {
+                "lineage": [{"feature": f"{pack}/{last}/res/{pick.randrange(WIDTH)}"} for _ in range(samples)],
+                "descendants": [{"feature": f"{pack}/0/res/{pick.randrange(WIDTH)}"} for _ in range(samples)],
+                "circuit": [{"source": f"{pack}/{pick.randrange(last)}/res/{pick.randrange(WIDTH)}",
+                             "target": f"{pack}/{last}/res/{pick.randrange(WIDTH)}"} for _ in range(samples)],
+            }
+            for name, params in jobs.items():
+                run_template(db, name, {**params[0], "max_rank": max_rank})  # warm the plan cache
+                times, rows, stopped = [], [], 0
+                for p in params:
+                    started = time.perf_counter()
+                    try:
+                        rows.append(len(run_template(db, name, {**p, "max_rank": max_rank})))
+                    except QueryError:
+                        stopped += 1
+                    times.append(time.perf_counter() - started)
+                ms = np.asarray(times) * 1e3
+                answer[f"{name} max_rank {max_rank}"] = {
+                    "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
+                    "rows": float(np.mean(rows)) if rows else 0.0, "stopped": stopped, "n": len(params)}
+    return answer
+
+
+class GeneratedDecoder:
+    """A decoder too big to hold: rows made (deterministically) when a tile is read."""
+
+    def __init__(self, rows: int, d: int, seed: int):
+        self.shape, self.seed = (rows, d), seed
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, _ = rows.indices(self.shape[0])
+        return np.random.default_rng([self.seed, start]).standard_normal((stop - start, self.shape[1]),
+                                                                          dtype=np.float32)
+
+
+def step_million(base_width: int, tiles: int) -> dict:
+    from flowdb.matching import QUERY_TILE, Matcher
+
+    rss_before = peak_rss_gb()
+    base = np.random.default_rng(2).standard_normal((base_width, D_MODEL), dtype=np.float32)
+    queries = GeneratedDecoder(MILLION, D_MODEL, seed=4)
+    measured = tiles * QUERY_TILE
+    head = GeneratedDecoder(measured, D_MODEL, seed=4)  # the same first rows
+    started = time.perf_counter()
+    Matcher().search(head, base, K)
+    seconds = time.perf_counter() - started
+    # The bound: the base and its normalised copy, one query tile raw and normalised,
+    # the score block FAISS keeps per tile, and the [1M, k] results, over the start-up RSS.
+    bound = (2 * base.nbytes + 2 * QUERY_TILE * D_MODEL * 4 + QUERY_TILE * base_width * 4
+             + queries.shape[0] * K * 12) / 2**30 + rss_before + 0.5
+    return {"seconds_measured": seconds, "queries_measured": measured,
+            "seconds_per_search": seconds * MILLION / measured,
+            "gflops": 2 * measured * base_width * D_MODEL / seconds / 1e9, "bound_gb": bound}
+
+
+STEPS = {"gemm": step_gemm, "backend": step_backend, "match": step_match, "bolt": step_bolt_load,
+         "bulk": step_bulk_load, "queries": step_queries, "million": step_million}
+
+
+# --- the run ------------------------------------------------------------------------------
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {', '.join(PARTS)}")
+    parser.add_argument("--million-tiles", type=int, default=4)
+    parser.add_argument("--query-samples", type=int, default=100)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--kwargs", default="{}", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        answer = STEPS[args.child](**json.loads(args.kwargs))
+        print(json.dumps({**answer, "peak_rss_gb": peak_rss_gb()}))
+        return
+    parts = [p.strip() for p in args.only.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(unknown)}")
+    run(parts, args)
+
+
+def run(parts: list[str], args) -> None:
+    from flowdb.matching import BACKENDS, choose_backend
+
+    say = lambda text: print(text, flush=True)  # noqa: E731
+    gemm = in_child("gemm")
+    say(f"fp32 GEMM, numpy (8192x{D_MODEL} @ {D_MODEL}x{WIDTH}): {gemm['numpy']:,.0f} GFLOP/s"
+        + "".join(f"; {name} {value:,.0f} GFLOP/s" for name, value in gemm.items() if name.startswith("cuda"))
+        + (f" on {gemm['gpu']}" if "gpu" in gemm else "; no GPU on this machine"))
+    if "backends" in parts:
+        gpu = "gpu" in gemm
+        for backend in BACKENDS:
+            if backend == "torch-cpu-bf16" or (("cuda" in backend or "gpu" in backend) and not gpu):
+                continue
+            if backend == "faiss-gpu" and choose_backend("cuda") != "faiss-gpu":
+                continue  # faiss-gpu not installed
+            r = in_child("backend", backend=backend)
+            baseline = gemm["cuda fp32"] if "cuda" in backend or "gpu" in backend else gemm["numpy"]
+            say(f"matching {backend}: top-{K} of {WIDTH:,} x {WIDTH:,}, d {D_MODEL}: {r['seconds']:.2f} s, "
+                f"{r['gflops']:,.0f} GFLOP/s = {r['gflops'] / baseline:.0%} of the fp32 GEMM rate")
+    work = bench_dir()
+    atlas_dir = work / f"atlas-{LAYERS}x{WIDTH}x{D_MODEL}-k5"
+    bolt = None
+    if {"gemma", "bulk", "queries", "bolt-k1"} & set(parts):
+        manifest = str(gemma_pack() / "manifest.toml")
+    if "gemma" in parts:
+        started = time.perf_counter()
+        m = in_child("match", manifest=manifest, out=str(atlas_dir), k=K)
+        server = private_server("neo4j-bolt")
+        server.start()
+        try:
+            bolt = in_child("bolt", atlas_dir=str(atlas_dir), server_root=str(server.root), port=server.port)
+            wall = time.perf_counter() - started
+            gflops = m["flops"] / m["match_seconds"] / 1e9
+            say(f"Gemma-shaped pack ({LAYERS} layers x 3 x {WIDTH:,}, d {D_MODEL}, k={K}) end to end on this "
+                f"machine: {wall / 60:.1f} min (target <= 15): plan (hash {3 * LAYERS} SAEs) "
+                f"{m['plan_seconds']:.0f} s, "
+                f"match {m['match_seconds']:.0f} s, Bolt load {bolt['seconds']:.0f} s incl. server start")
+            say(f"  matching: {m['flops'] / 1e12:.0f} TFLOP by {m['matcher']} at {gflops:,.0f} GFLOP/s = "
+                f"{gflops / gemm['numpy']:.0%} of the GEMM rate; peak RSS {m['peak_rss_gb']:.1f} GB")
+            say(f"  Bolt load: {bolt['relationships']:,} relationships + {bolt['features']:,} nodes, "
+                f"{bolt['rate']:,.0f} relationships/s; peak RSS {bolt['peak_rss_gb']:.1f} GB")
+            if "queries" in parts:
+                q = in_child("queries", server_root=str(server.root), port=server.port, pack="gemma-shaped",
+                             samples=args.query_samples)
+                for name, r in q.items():
+                    if name == "peak_rss_gb":
+                        continue
+                    say(f"  {name}: p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms, {r['rows']:.0f} rows on "
+                        f"average, {r['stopped']} of {r['n']} stopped by the time limit")
+        finally:
+            server.stop()
+            shutil.rmtree(server.root, ignore_errors=True)
+    if "bulk" in parts:
+        server = private_server("neo4j-bulk")
+        try:
+            b = in_child("bulk", atlas_dir=str(atlas_dir), server_root=str(server.root), port=server.port)
+            versus = f" = {b['rate'] / bolt['rate']:.1f}x Bolt's" if bolt else ""
+            say(f"bulk load (neo4j-admin import) of the same atlas: {b['relationships']:,} relationships + "
+                f"{b['nodes']:,} nodes in {b['seconds']:.0f} s (import {b['import_seconds']:.0f} s): "
+                f"{b['rate']:,.0f} relationships/s (target >= 300,000){versus}")
+        finally:
+            server.stop()
+            shutil.rmtree(server.root, ignore_errors=True)
+    if "bolt-k1" in parts:
+        small = work / f"atlas-{LAYERS}x{WIDTH}x{D_MODEL}-k1-6layers"
+        in_child("match", manifest=manifest, out=str(small), k=1, layers=[0, 5])
+        server = private_server("neo4j-bolt-k1")
+        server.start()
+        try:
+            r = in_child("bolt", atlas_dir=str(small), server_root=str(server.root), port=server.port)
+            say(f"Bolt load at k=1 (6 layers): {r['relationships']:,} relationships + {r['features']:,} nodes "
+                f"in {r['seconds']:.0f} s: {r['rate']:,.0f} relationships/s")
+        finally:
+            server.stop()
+            shutil.rmtree(server.root, ignore_errors=True)
+    if "million" in parts:
+        for base_width in (16384, 65536):
+            r = in_child("million", base_width=base_width, tiles=args.million_tiles)
+            say(f"1M-wide layer ({MILLION:,} x {D_MODEL}) against a {base_width:,}-wide base: "
+                f"{r['seconds_per_search'] / 60:.1f} min per search at {r['gflops']:,.0f} GFLOP/s "
+                f"(measured on {r['queries_measured']:,} queries); peak RSS {r['peak_rss_gb']:.2f} GB "
+                f"within the bound of {r['bound_gb']:.2f} GB: {r['peak_rss_gb'] <= r['bound_gb']}")
+
+
+if __name__ == "__main__":
+    main()
