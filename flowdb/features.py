@@ -40,11 +40,6 @@ def resolve_feature(db, reference: str) -> str:
                      "planted/3/res/0), a Neuronpedia URL, or MODEL/SOURCE/INDEX")
 
 
-def resolve_features(db, references: str) -> str:
-    """A comma-separated list of references, resolved one by one."""
-    return ",".join(resolve_feature(db, part) for part in str(references).split(",") if part.strip())
-
-
 def _from_neuronpedia(db, text: str, model: str, source: str, index: str) -> str:
     matches = graph.saes_with_neuronpedia_source(db, model, source)
     if not matches:

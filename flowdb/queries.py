@@ -163,9 +163,19 @@ def run_template(db, name: str, params: dict[str, Any] | None = None, timeout_s:
 
     import pandas as pd
 
+    from flowdb import graph
+
     template = get_template(name)
-    bound = resolve_references(db, template.bind(params or {}))
-    note = thresholds_note(db, template, bound)
+    bound = template.bind(params or {})
+    # One round trip for what the answer's notes need and which typed keys exist:
+    # on a warm server the template itself takes a few milliseconds.
+    pack = _pack_of(bound)
+    context = graph.query_context(db, pack, _references(bound))
+    bound = resolve_references(db, bound, context.existing)
+    if _pack_of(bound) != pack:  # the references were Neuronpedia URLs or ids
+        pack = _pack_of(bound)
+        context = graph.query_context(db, pack, [])
+    note = thresholds_note(template, bound, context.rules if pack else None)
     if note == OLD_BUILD:
         raise QueryError(f"template {name}: pack {_pack_of(bound)!r} was built by an older flowdb that "
                          "stored no per-edge thresholds; pass t_res/t_mod or every_edge=true, or ingest "
@@ -187,7 +197,7 @@ def run_template(db, name: str, params: dict[str, Any] | None = None, timeout_s:
         if len(values) and frame[column].dtype == float and integers:
             frame[column] = frame[column].astype("Int64")
     frame.attrs["thresholds"] = note
-    warning = pack_warning(db, bound)
+    warning = pack_warning(pack, context.record)
     if warning:
         frame.attrs["warning"] = warning
         warnings.warn(warning, IncompleteBuildWarning, stacklevel=2)
@@ -247,24 +257,36 @@ FEATURE_PARAMS = ("feature",)  # one feature reference
 FEATURE_LIST_PARAMS = ("source", "target")  # comma-separated feature references
 
 
-def resolve_references(db, bound: dict[str, Any]) -> dict[str, Any]:
-    """Feature references (keys, Neuronpedia URLs or ids) resolved to stored keys."""
-    from flowdb.features import resolve_feature, resolve_features
+def resolve_references(db, bound: dict[str, Any], known: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Feature references (keys, Neuronpedia URLs or ids) resolved to stored keys;
+    keys in `known` are already known to exist."""
+    from flowdb.features import resolve_feature
+
+    def resolve(reference: str) -> str:
+        text = str(reference).strip()
+        return text if text in known else resolve_feature(db, text)
 
     resolved = dict(bound)
     for name in FEATURE_PARAMS:
         if resolved.get(name) is not None:
-            resolved[name] = resolve_feature(db, resolved[name])
+            resolved[name] = resolve(resolved[name])
     for name in FEATURE_LIST_PARAMS:
         if resolved.get(name) is not None:
-            resolved[name] = resolve_features(db, resolved[name])
+            resolved[name] = ",".join(resolve(part) for part in str(resolved[name]).split(",") if part.strip())
     return resolved
 
 
-def thresholds_note(db, template: Template, bound: dict[str, Any]) -> str | None:
-    """Which cut-offs an answer applied, for the output to say."""
-    from flowdb import graph
+def _references(bound: dict[str, Any]) -> list[str]:
+    parts = [bound[name] for name in FEATURE_PARAMS if bound.get(name) is not None]
+    for name in FEATURE_LIST_PARAMS:
+        if bound.get(name) is not None:
+            parts.extend(str(bound[name]).split(","))
+    return [str(part).strip() for part in parts if str(part).strip()]
 
+
+def thresholds_note(template: Template, bound: dict[str, Any], rules: list[str] | None) -> str | None:
+    """Which cut-offs an answer applied, for the output to say; rules: those stored
+    with the pack read (None when no single pack is read)."""
     names = {p.name for p in template.params}
     if "t_res" not in names:
         return None
@@ -273,8 +295,7 @@ def thresholds_note(db, template: Template, bound: dict[str, Any]) -> str | None
     given = {name: bound[name] for name in ("t_res", "t_mod") if name in names and bound.get(name) is not None}
     parts = [f"{name}={value:g} given" for name, value in given.items()]
     if len(given) < len({"t_res", "t_mod"} & names):
-        pack = _pack_of(bound)
-        stored = "; ".join(graph.threshold_rules(db, pack)) if pack else "each pack's own"
+        stored = "; ".join(rules) if rules is not None else "each pack's own"
         if not stored:
             return OLD_BUILD
         rest = "otherwise the thresholds" if given else "the thresholds"
@@ -290,12 +311,8 @@ def _pack_of(bound: dict[str, Any]) -> str:
     return bound.get("pack") or str(feature).split("/", 1)[0]
 
 
-def pack_warning(db, params: dict[str, Any]) -> str | None:
+def pack_warning(pack: str, record) -> str | None:
     """A note when a query reads a pack that is not completely built."""
-    from flowdb import graph
-
-    pack = _pack_of(params)
-    record = graph.read_pack(db, pack) if pack else None
     if record is None or record.complete:
         return None
     return (f"pack {pack!r} is incomplete ({record.status}, layers done: "
