@@ -14,7 +14,7 @@ import numpy as np
 
 from flowdb.classify import LayerThresholds, classify
 from flowdb.errors import PackError
-from flowdb.matching import Matcher, normalise
+from flowdb.matching import Matcher
 from flowdb.modules import MODULES, NAMES, RESIDUAL
 from flowdb.plan import BuildPlan, PlannedSae
 from flowdb.sources import SaeInfo, check_decoder, check_same_space, load_decoder
@@ -79,7 +79,8 @@ def match_layer(plan: BuildPlan, layer: int, matcher: Matcher) -> LayerBuild:
 
 
 def _load(planned: PlannedSae, residual_d_in: int | None) -> tuple[SaeInfo, np.ndarray]:
-    """An SAE's unit decoder rows in the residual space (hook_z SAEs projected through W_O)."""
+    """An SAE's decoder rows in the residual space (hook_z SAEs projected through W_O), as
+    stored: the matcher normalises them a tile at a time, so no second full copy is made."""
     info, w_dec = load_decoder(planned.ref)
     if planned.ref.project_model:
         from flowdb.projection import project_hook_z
@@ -92,7 +93,7 @@ def _load(planned: PlannedSae, residual_d_in: int | None) -> tuple[SaeInfo, np.n
         info = replace(info, d_in=attention.d_model, projection=attention.describe())
     elif residual_d_in is not None:
         check_same_space(info, residual_d_in)
-    return info, normalise(w_dec)
+    return info, w_dec
 
 
 @lru_cache(maxsize=4)
