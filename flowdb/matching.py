@@ -19,9 +19,11 @@ Backends (`--device auto|cpu|cuda`):
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -63,10 +65,12 @@ def _faiss_gpus() -> int:
 
 @lru_cache(maxsize=1)
 def _torch_cuda() -> bool:
-    try:
-        import torch
-    except ImportError:
+    # Importing torch takes seconds: only where an NVIDIA driver shows a GPU and torch is there.
+    gpus = Path("/proc/driver/nvidia/gpus")
+    if not (gpus.is_dir() and any(gpus.iterdir())) or importlib.util.find_spec("torch") is None:
         return False
+    import torch
+
     return torch.cuda.is_available()
 
 
