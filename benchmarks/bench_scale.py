@@ -37,6 +37,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -75,8 +76,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def private_server(name: str):
-    """A fresh managed Neo4j of this run (its own store and port), sharing the jars."""
+@contextmanager
+def private_server(name: str, started: bool = True):
+    """A fresh managed Neo4j of this run (its own store and port, sharing the jars),
+    stopped and deleted when the block ends."""
     from flowdb.neo4j_server import ManagedServer
 
     default = ManagedServer.default()
@@ -85,7 +88,14 @@ def private_server(name: str):
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     os.symlink(default.lib, root / "lib")
-    return ManagedServer(root, free_port())
+    server = ManagedServer(root, free_port())
+    try:
+        if started:
+            server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def connect_to(server):
@@ -329,9 +339,7 @@ def run(parts: list[str], args) -> None:
     if "gemma" in parts:
         started = time.perf_counter()
         m = in_child("match", manifest=manifest, out=str(atlas_dir), k=K)
-        server = private_server("neo4j-bolt")
-        server.start()
-        try:
+        with private_server("neo4j-bolt") as server:
             bolt = in_child("bolt", atlas_dir=str(atlas_dir), server_root=str(server.root), port=server.port)
             wall = time.perf_counter() - started
             gflops = m["flops"] / m["match_seconds"] / 1e9
@@ -351,32 +359,20 @@ def run(parts: list[str], args) -> None:
                         continue
                     say(f"  {name}: p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms, {r['rows']:.0f} rows on "
                         f"average, {r['stopped']} of {r['n']} stopped by the time limit")
-        finally:
-            server.stop()
-            shutil.rmtree(server.root, ignore_errors=True)
     if "bulk" in parts:
-        server = private_server("neo4j-bulk")
-        try:
+        with private_server("neo4j-bulk", started=False) as server:
             b = in_child("bulk", atlas_dir=str(atlas_dir), server_root=str(server.root), port=server.port)
             versus = f" = {b['rate'] / bolt['rate']:.1f}x Bolt's" if bolt else ""
             say(f"bulk load (neo4j-admin import) of the same atlas: {b['relationships']:,} relationships + "
                 f"{b['nodes']:,} nodes in {b['seconds']:.0f} s (import {b['import_seconds']:.0f} s): "
                 f"{b['rate']:,.0f} relationships/s (target >= 300,000){versus}")
-        finally:
-            server.stop()
-            shutil.rmtree(server.root, ignore_errors=True)
     if "bolt-k1" in parts:
         small = work / f"atlas-{LAYERS}x{WIDTH}x{D_MODEL}-k1-6layers"
         in_child("match", manifest=manifest, out=str(small), k=1, layers=[0, 5])
-        server = private_server("neo4j-bolt-k1")
-        server.start()
-        try:
+        with private_server("neo4j-bolt-k1") as server:
             r = in_child("bolt", atlas_dir=str(small), server_root=str(server.root), port=server.port)
             say(f"Bolt load at k=1 (6 layers): {r['relationships']:,} relationships + {r['features']:,} nodes "
                 f"in {r['seconds']:.0f} s: {r['rate']:,.0f} relationships/s")
-        finally:
-            server.stop()
-            shutil.rmtree(server.root, ignore_errors=True)
     if "million" in parts:
         for base_width in (16384, 65536):
             r = in_child("million", base_width=base_width, tiles=args.million_tiles)
