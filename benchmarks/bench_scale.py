@@ -106,15 +106,6 @@ def connect_to(server):
     return connect(Neo4jSettings(server.uri, user, password, None))
 
 
-def search_flops(atlas) -> float:
-    total = 0.0
-    for layer in atlas.layers_done():
-        meta = atlas.layer_meta(layer)
-        n_res = meta["widths"]["res"]
-        total += sum(2.0 * n_res * width * d for width, d in meta["searched"].values())
-    return total
-
-
 def gemma_pack() -> Path:
     from flowdb.synth import SynthSpec, synthesize
 
@@ -137,6 +128,10 @@ def step_gemm() -> dict:
     for _ in range(3):
         a @ b
     answer = {"numpy": 3 * 2 * 8192 * WIDTH * D_MODEL / (time.perf_counter() - started) / 1e9}
+    from flowdb.doctor import blas_libraries, cpu_backends, cpu_model
+
+    answer["cpu"] = cpu_model()
+    answer["blas"] = [f"{lib.package}: {lib.describe()}" for lib in blas_libraries(cpu_backends())]
     import torch
 
     if torch.cuda.is_available():
@@ -185,7 +180,8 @@ def step_match(manifest: str, out: str, k: int, layers: list[int] | None = None)
     started = time.perf_counter()
     atlas = match(plan, out)
     seconds = time.perf_counter() - started
-    return {"plan_seconds": planned, "match_seconds": seconds, "flops": search_flops(atlas),
+    flops = sum(atlas.read_layer_header(layer).search_flops() for layer in atlas.layers_done())
+    return {"plan_seconds": planned, "match_seconds": seconds, "flops": flops, "search_gflops": atlas.search_rate(),
             "edges": atlas.n_edges(), "matcher": atlas.matchers()}
 
 
@@ -313,13 +309,14 @@ def main() -> None:
 
 
 def run(parts: list[str], args) -> None:
-    from flowdb.matching import BACKENDS, choose_backend
+    from flowdb.matching import BACKENDS, CPU_DEFAULT, choose_backend
 
     say = lambda text: print(text, flush=True)  # noqa: E731
     gemm = in_child("gemm")
     say(f"fp32 GEMM, numpy (8192x{D_MODEL} @ {D_MODEL}x{WIDTH}): {gemm['numpy']:,.0f} GFLOP/s"
         + "".join(f"; {name} {value:,.0f} GFLOP/s" for name, value in gemm.items() if name.startswith("cuda"))
         + (f" on {gemm['gpu']}" if "gpu" in gemm else "; no GPU on this machine"))
+    say(f"CPU: {gemm['cpu']}; BLAS and thread pools loaded: {'; '.join(gemm['blas'])}")
     if "backends" in parts:
         gpu = "gpu" in gemm
         for backend in BACKENDS:
@@ -329,7 +326,8 @@ def run(parts: list[str], args) -> None:
                 continue  # faiss-gpu not installed
             r = in_child("backend", backend=backend)
             baseline = gemm["cuda fp32"] if "cuda" in backend or "gpu" in backend else gemm["numpy"]
-            say(f"matching {backend}: top-{K} of {WIDTH:,} x {WIDTH:,}, d {D_MODEL}: {r['seconds']:.2f} s, "
+            role = " (the CPU default)" if backend == CPU_DEFAULT else ""
+            say(f"matching {backend}{role}: top-{K} of {WIDTH:,} x {WIDTH:,}, d {D_MODEL}: {r['seconds']:.2f} s, "
                 f"{r['gflops']:,.0f} GFLOP/s = {r['gflops'] / baseline:.0%} of the fp32 GEMM rate")
     work = bench_dir()
     atlas_dir = work / f"atlas-{LAYERS}x{WIDTH}x{D_MODEL}-k5"
@@ -348,7 +346,9 @@ def run(parts: list[str], args) -> None:
                 f"{m['plan_seconds']:.0f} s, "
                 f"match {m['match_seconds']:.0f} s, Bolt load {bolt['seconds']:.0f} s incl. server start")
             say(f"  matching: {m['flops'] / 1e12:.0f} TFLOP by {m['matcher']} at {gflops:,.0f} GFLOP/s = "
-                f"{gflops / gemm['numpy']:.0%} of the GEMM rate; peak RSS {m['peak_rss_gb']:.1f} GB")
+                f"{gflops / gemm['numpy']:.0%} of the GEMM rate (searches alone {m['search_gflops']:,.0f} "
+                f"GFLOP/s = {m['search_gflops'] / gemm['numpy']:.0%}; the rest reads SAEs); "
+                f"peak RSS {m['peak_rss_gb']:.1f} GB")
             say(f"  Bolt load: {bolt['relationships']:,} relationships + {bolt['features']:,} nodes, "
                 f"{bolt['rate']:,.0f} relationships/s; peak RSS {bolt['peak_rss_gb']:.1f} GB")
             if "queries" in parts:

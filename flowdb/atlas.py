@@ -99,14 +99,25 @@ class Atlas:
     def n_edges(self) -> int:
         return sum(self.layer_meta(layer)["edges"] for layer in self.layers_done())
 
-    def read_layer(self, layer: int) -> LayerBuild:
+    def search_rate(self) -> float | None:
+        """GFLOP/s of the searches over the layers that recorded their time (None: none did)."""
+        timed = [self.read_layer_header(layer) for layer in self.layers_done()]
+        timed = [built for built in timed if built.search_seconds > 0]
+        seconds = sum(built.search_seconds for built in timed)
+        return sum(built.search_flops() for built in timed) / seconds / 1e9 if seconds else None
+
+    def read_layer_header(self, layer: int) -> LayerBuild:
+        """A layer's widths, searches, provenance and matcher, without its edges."""
         meta = self.layer_meta(layer)
+        return LayerBuild(layer, meta["widths"], saes=meta["saes"],
+                          searched={p: tuple(v) for p, v in meta["searched"].items()},
+                          matcher=meta["matcher"], search_seconds=meta.get("search_seconds", 0.0))
+
+    def read_layer(self, layer: int) -> LayerBuild:
+        built = self.read_layer_header(layer)
         edges = pd.read_parquet(self._part("edges", layer),
                                 columns=["source_module", "target_index", "rank", "source_index", "cosine"])
-        built = LayerBuild(layer, meta["widths"], saes=meta["saes"],
-                           searched={p: tuple(v) for p, v in meta["searched"].items()},
-                           matcher=meta["matcher"])
-        n_res = meta["widths"][RESIDUAL.name]
+        n_res = built.widths[RESIDUAL.name]
         for place, part in edges.groupby("source_module", sort=False):
             part = part.sort_values(["target_index", "rank"])
             built.indices[place] = part["source_index"].to_numpy(np.int32).reshape(n_res, -1)
@@ -145,7 +156,8 @@ class Atlas:
         for table, frame in (("edges", edges), ("residual", residual)):
             _atomic(self._part(table, built.layer), lambda path, frame=frame: frame.to_parquet(path, index=False))
         meta = {"layer": built.layer, "widths": built.widths, "saes": built.saes,
-                "searched": built.searched, "matcher": built.matcher, "edges": len(edges),
+                "searched": built.searched, "matcher": built.matcher,
+                "search_seconds": built.search_seconds, "edges": len(edges),
                 "thresholds": threshold_properties(built)}
         _atomic(self.root / "layers" / f"{built.layer}.json",
                 lambda path: path.write_text(json.dumps(meta, indent=1)))

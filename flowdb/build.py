@@ -7,6 +7,7 @@ resumed build does not search again) and flowdb.ingest writes them to Neo4j.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
@@ -33,6 +34,7 @@ class LayerBuild:
     thresholds: LayerThresholds | None = None
     categories: np.ndarray | None = None
     matcher: str = ""  # the backend that searched this layer
+    search_seconds: float = 0.0  # time inside the matcher's searches (not reading SAEs)
 
     def above(self, place: str) -> np.ndarray:
         """Which stored matches [n_res, k] reach the layer's threshold for their place."""
@@ -53,6 +55,10 @@ class LayerBuild:
     def n_edges(self) -> int:
         return sum(int(v.size) for v in self.indices.values())
 
+    def search_flops(self) -> float:
+        """The searches' arithmetic: 2 n m d for n residual features against m of width d."""
+        return sum(2.0 * self.widths[RESIDUAL.name] * width * d for width, d in self.searched.values())
+
 
 def match_layer(plan: BuildPlan, layer: int, matcher: Matcher) -> LayerBuild:
     """One layer's searches: R_L against R_{L-1}, M_L and A_L (where the pack has them).
@@ -72,7 +78,9 @@ def match_layer(plan: BuildPlan, layer: int, matcher: Matcher) -> LayerBuild:
             current.saes[module.name] = _provenance(info, plan.model, plan.sae(layer, module.name))
         if plan.k > base.shape[0]:
             raise PackError(f"{info.where()}: k={plan.k} exceeds its {base.shape[0]} features")
+        started = time.perf_counter()
         scores, indices = matcher.search(res_w, base, plan.k)
+        current.search_seconds += time.perf_counter() - started
         current.scores[module.name], current.indices[module.name] = scores, indices.astype(np.int32)
         current.searched[module.name] = tuple(base.shape)
     return current

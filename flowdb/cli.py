@@ -196,10 +196,47 @@ def match(manifest, out, device, ray_address, progress):
     started = time.perf_counter()
     atlas = run_match(plan, out, device=device, ray_address=ray_address,
                       progress=layer_bar(len(plan.layers), f"matching {plan.name}", progress))
+    rate = atlas.search_rate()
     click.echo(f"{plan.name}: atlas of build {atlas.fingerprint} in {atlas.root}; layers "
-               f"{layer_ranges(atlas.layers_done())}, {atlas.n_edges()} edges, matched by {atlas.matchers()} "
-               f"({time.perf_counter() - started:.1f}s this run)")
+               f"{layer_ranges(atlas.layers_done())}, {atlas.n_edges()} edges, matched by {atlas.matchers()}"
+               + (f" at {rate:,.1f} GFLOP/s" if rate else "")
+               + f" ({time.perf_counter() - started:.1f}s this run; flowdb doctor compares it with this CPU's GEMM)")
     click.echo(f"read it with pandas.read_parquet('{atlas.root}/edges'); load it with flowdb load {atlas.root}")
+
+
+@cli.command()
+@click.option("--measure/--no-measure", default=True, show_default=True,
+              help="Time numpy's GEMM and a search on each CPU backend (about a second each).")
+def doctor(measure):
+    """Which BLAS each matching library loaded, and each CPU backend's search rate as a
+    share of this CPU's fp32 GEMM rate: a BLAS that does not know the CPU shows here."""
+    import os
+    import platform
+
+    import numpy as np
+
+    from flowdb import __version__
+    from flowdb import doctor as checks
+    from flowdb.matching import CPU_DEFAULT, choose_backend
+
+    backends = checks.cpu_backends()
+    click.echo(f"flowdb {__version__}, Python {platform.python_version()}, numpy {np.__version__}; "
+               f"CPU: {checks.cpu_model()}, {os.cpu_count()} cores; --device auto searches with "
+               f"{choose_backend('auto')}")
+    for lib in checks.blas_libraries(backends):
+        click.echo(f"loaded by {lib.package}: {lib.describe()}")
+    if not measure:
+        return
+    gemm = checks.gemm_rate()
+    shape = f"{checks.QUERIES:,} x {checks.BASE:,}, d {checks.D_MODEL}"
+    click.echo(f"fp32 GEMM, numpy ({shape}): {gemm:,.0f} GFLOP/s")
+    for backend in backends:
+        rate = checks.BackendRate(backend, gflops := checks.search_rate(backend), gflops / gemm)
+        role = " (the CPU default)" if backend == CPU_DEFAULT else ""
+        verdict = (f"; slow: under {checks.SLOW_SHARE:.0%}, its BLAS above may not know this CPU"
+                   if rate.slow else "")
+        click.echo(f"matching {backend}{role}: top-{checks.K} of {shape}: {rate.gflops:,.0f} GFLOP/s = "
+                   f"{rate.share:.0%} of the GEMM rate{verdict}")
 
 
 @cli.command()

@@ -7,7 +7,11 @@ tile keeps a running top-k merged over the base tiles. Memory is bounded by
 query_tile x d + base_tile x d + query_tile x base_tile, whatever the widths.
 
 Backends (`--device auto|cpu|cuda`):
-  faiss-cpu   faiss.knn, exact fp32 (the CPU default: it runs at the GEMM rate);
+  numpy-cpu   one fp32 GEMM per tile pair through numpy's own BLAS, then an exact
+              partial top-k (the CPU default: it runs at the rate numpy's current
+              BLAS reaches on this CPU, with no CPU-type guess, see top_k_rows);
+  faiss-cpu   faiss.knn, exact fp32 (its bundled OpenBLAS can be older than the
+              CPU: on a CPU it does not know it falls back to generic kernels);
   faiss-gpu   faiss.knn_gpu, exact fp32 (needs faiss-gpu and a CUDA GPU);
   torch-cuda  candidates from a TF32 GEMM, then exact fp32 re-scoring: a row is
               certified when no non-candidate can beat its k-th exact score given
@@ -31,10 +35,12 @@ from flowdb.errors import FlowdbError
 
 QUERY_TILE = 8192
 BASE_TILE = 65536
-TORCH_QUERY_TILE = 2048  # torch materialises the score block: 2048 x 65536 fp32 is 512 MB
+SCORE_BLOCK_QUERY_TILE = 2048  # numpy and torch materialise the score block: 2048 x 65536 fp32 is 512 MB
 DEVICES = ("auto", "cpu", "cuda")
-BACKENDS = ("faiss-cpu", "faiss-gpu", "torch-cpu", "torch-cuda", "torch-cpu-bf16")
+BACKENDS = ("numpy-cpu", "faiss-cpu", "faiss-gpu", "torch-cpu", "torch-cuda", "torch-cpu-bf16")
+CPU_DEFAULT = "numpy-cpu"
 EXTRA_CANDIDATES = 16  # candidates beyond k taken from the rounded GEMM
+GROUP_SIZE = 16  # columns per group in top_k_rows: one max per group, then only the best groups are read
 
 
 def normalise(w_dec: np.ndarray) -> np.ndarray:
@@ -75,13 +81,13 @@ def _torch_cuda() -> bool:
 
 
 def choose_backend(device: str = "auto") -> str:
-    """The backend for a device: faiss on the CPU; on CUDA faiss-gpu when installed, else torch."""
+    """The backend for a device: numpy's BLAS on the CPU; on CUDA faiss-gpu when installed, else torch."""
     if device not in DEVICES:
         raise FlowdbError(f"device {device!r}: choose one of {', '.join(DEVICES)}")
     if device == "auto":
         device = "cuda" if _faiss_gpus() or _torch_cuda() else "cpu"
     if device == "cpu":
-        return "faiss-cpu"
+        return CPU_DEFAULT
     if _faiss_gpus():
         return "faiss-gpu"
     if _torch_cuda():
@@ -93,7 +99,7 @@ def choose_backend(device: str = "auto") -> str:
 class Matcher:
     """One backend with its tile sizes; search() is the exact top-k."""
 
-    backend: str = "faiss-cpu"
+    backend: str = CPU_DEFAULT
     query_tile: int = QUERY_TILE
     base_tile: int = BASE_TILE
 
@@ -116,9 +122,9 @@ class Matcher:
         n_base = base.shape[0]
         if k > n_base:
             raise FlowdbError(f"k={k} exceeds the {n_base} features it would search")
-        tile_search = _TILE_SEARCHES[self.backend]
-        query_tile = min(self.query_tile, TORCH_QUERY_TILE) if self.backend.startswith("torch") \
-            else self.query_tile
+        tile_search = _TILE_SEARCHES[self.backend]()  # per search: it may keep a buffer
+        query_tile = self.query_tile if self.backend.startswith("faiss") \
+            else min(self.query_tile, SCORE_BLOCK_QUERY_TILE)
         scores = np.empty((queries.shape[0], k), dtype=np.float32)
         indices = np.empty((queries.shape[0], k), dtype=np.int64)
         base_tiles = [(start, None) for start in range(0, n_base, self.base_tile)]
@@ -146,13 +152,69 @@ def merge_top_k(scores_a, indices_a, scores_b, indices_b, k: int):
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(indices, order, axis=1)
 
 
+def top_k_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k largest scores and their columns, best first, equal scores by lower
+    column: exactly what a full sort gives, at about one streaming pass over the block.
+
+    The columns are cut into groups (column c belongs to group c mod G, so each group's
+    max is an elementwise maximum of contiguous slices, which numpy vectorises). Let t
+    be a row's k-th largest group max: k distinct entries are >= t, so the row's k-th
+    largest score is >= t, and every entry of its top-k (ties included) is >= t and
+    lies in a group whose max is >= t. Only those groups, usually k of them, are read
+    again and sorted. argpartition over the whole block costs several times more.
+    """
+    n, m = scores.shape
+    if k > m:
+        raise FlowdbError(f"k={k} exceeds the {m} columns it would search")
+    size = max(1, min(GROUP_SIZE, m // k))  # at least k groups
+    groups = m // size
+    grouped = groups * size
+    maxima = scores[:, :grouped].reshape(n, size, groups).max(axis=1)
+    if grouped < m:  # the last columns are groups of one
+        maxima = np.concatenate([maxima, scores[:, grouped:]], axis=1)
+    if np.isnan(maxima).any():
+        raise FlowdbError("a cosine is NaN: a decoder row is all zeros or not finite")
+    kth = maxima.shape[1] - k
+    threshold = np.partition(maxima, kth, axis=1)[:, kth]
+    rows, group = np.nonzero(maxima >= threshold[:, None])
+    members = np.full((maxima.shape[1], size), -1, dtype=np.int64)
+    members[:groups] = np.arange(groups)[:, None] + groups * np.arange(size)
+    members[groups:, 0] = np.arange(grouped, m)
+    columns = members[group]
+    values = scores[rows[:, None], np.maximum(columns, 0)]
+    keep = (columns >= 0) & (values >= threshold[rows][:, None])
+    rows = np.broadcast_to(rows[:, None], columns.shape)[keep]
+    columns, values = columns[keep], values[keep]
+    order = np.lexsort((columns, -values, rows))
+    rows, columns, values = rows[order], columns[order], values[order]
+    counts = np.bincount(rows, minlength=n)  # >= k in every row, by the argument above
+    pick = (np.cumsum(counts) - counts)[:, None] + np.arange(k)
+    return values[pick], columns[pick]
+
+
 def top_k(queries: np.ndarray, base: np.ndarray, k: int,
           matcher: Matcher | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k cosine search with the given matcher (default: faiss on the CPU)."""
+    """Exact top-k cosine search with the given matcher (default: numpy's BLAS on the CPU)."""
     return (matcher or Matcher()).search(queries, base, k)
 
 
 # --- one tile against one tile ------------------------------------------------------------
+
+class _BlasSearch:
+    """fp32 GEMM through numpy's BLAS into one score buffer reused across tiles (a fresh
+    512 MB block per tile would cost its page faults every time), then top_k_rows."""
+
+    def __init__(self):
+        self.buffer = np.empty(0, dtype=np.float32)
+
+    def __call__(self, block: np.ndarray, tile: np.ndarray, k: int):
+        size = block.shape[0] * tile.shape[0]
+        if self.buffer.size < size:
+            self.buffer = np.empty(size, dtype=np.float32)
+        scores = self.buffer[:size].reshape(block.shape[0], tile.shape[0])
+        np.matmul(block, tile.T, out=scores)
+        return top_k_rows(scores, k)
+
 
 def _faiss_cpu(block: np.ndarray, tile: np.ndarray, k: int):
     faiss = _faiss()
@@ -235,6 +297,7 @@ def _exact_fp32(torch):
     return _matmul_precision(torch, False)
 
 
-_TILE_SEARCHES = {"faiss-cpu": _faiss_cpu, "faiss-gpu": _faiss_gpu,
-                  "torch-cpu": _torch_search("cpu", None), "torch-cuda": _torch_search("cuda", "tf32"),
-                  "torch-cpu-bf16": _torch_search("cpu", "bf16")}
+_TILE_SEARCHES = {"numpy-cpu": _BlasSearch, "faiss-cpu": lambda: _faiss_cpu, "faiss-gpu": lambda: _faiss_gpu,
+                  "torch-cpu": lambda: _torch_search("cpu", None),
+                  "torch-cuda": lambda: _torch_search("cuda", "tf32"),
+                  "torch-cpu-bf16": lambda: _torch_search("cpu", "bf16")}

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from flowdb.errors import FlowdbError
-from flowdb.matching import BACKENDS, Matcher, choose_backend, merge_top_k, normalise, top_k
+from flowdb.matching import BACKENDS, CPU_DEFAULT, Matcher, choose_backend, merge_top_k, normalise, top_k, top_k_rows
 
 CPU_BACKENDS = [b for b in BACKENDS if "cuda" not in b and "gpu" not in b]
 GPU_BACKENDS = [b for b in BACKENDS if b not in CPU_BACKENDS]
@@ -99,12 +99,39 @@ def test_k_larger_than_the_base_is_refused():
 def test_unknown_device_and_backend_are_refused():
     with pytest.raises(FlowdbError, match="device 'tpu'"):
         choose_backend("tpu")
-    with pytest.raises(FlowdbError, match="backend 'numpy'"):
-        Matcher("numpy")
+    with pytest.raises(FlowdbError, match="backend 'blas'"):
+        Matcher("blas")
 
 
-def test_cpu_device_uses_faiss():
-    assert choose_backend("cpu") == "faiss-cpu"
+def test_cpu_device_uses_numpys_blas_without_faiss():
+    assert choose_backend("cpu") == CPU_DEFAULT == Matcher().backend == "numpy-cpu"
+
+
+@pytest.mark.parametrize("width", [1, 5, 16, 17, 33, 100, 1000, 4099])
+def test_partial_top_k_equals_a_full_sort_with_ties(width):
+    # Scores rounded to one decimal: many exact ties, which must go to the lower column
+    # exactly as a stable full sort orders them.
+    rng = np.random.default_rng(width)
+    scores = np.round(rng.standard_normal((60, width)), 1).astype(np.float32)
+    for k in sorted({1, 2, 5, min(width, 16), width}):
+        if k > width:
+            continue
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        values, columns = top_k_rows(scores, k)
+        assert columns.tolist() == order.tolist()
+        assert values.tolist() == np.take_along_axis(scores, order, axis=1).tolist()
+
+
+def test_partial_top_k_of_constant_rows_keeps_the_first_columns():
+    values, columns = top_k_rows(np.zeros((3, 50), dtype=np.float32), 4)
+    assert columns.tolist() == [[0, 1, 2, 3]] * 3 and values.tolist() == [[0.0] * 4] * 3
+
+
+def test_partial_top_k_refuses_nan():
+    scores = np.ones((2, 40), dtype=np.float32)
+    scores[1, 7] = np.nan
+    with pytest.raises(FlowdbError, match="NaN"):
+        top_k_rows(scores, 3)
 
 
 @pytest.mark.gpu
