@@ -16,7 +16,7 @@ from flowdb.manifest import load_manifest
 from flowdb.plan import make_plan
 from flowdb.queries import run_template
 from flowdb.synth import SynthSpec, synthesize
-from helpers import brute_force_edges, sort_edges
+from helpers import assert_edges_equal_brute_force, sort_edges
 
 
 def counts(db, pack):
@@ -30,15 +30,7 @@ def counts(db, pack):
 def test_stored_edges_equal_brute_force(db, planted_pack, k):
     pack_dir, _ = planted_pack
     ingest(load_manifest(pack_dir / "manifest.toml", k=k), db)
-    stored = sort_edges(run_template(db, "edges", {"pack": "planted"}))
-    expected = sort_edges(brute_force_edges(pack_dir, layers=4, k=k))
-    assert len(stored) == len(expected) == 512 * (3 * 4 - 1) * k
-    cols = ["src_layer", "src_module", "dst_layer", "dst_module", "dst_index", "kind", "rank"]
-    assert (stored[cols] == expected[cols]).all().all()
-    np.testing.assert_allclose(stored["cosine"], expected["cosine"], atol=1e-5)
-    differ = stored["src_index"] != expected["src_index"]
-    # Different predecessors only where two cosines tie.
-    assert (np.abs(stored["cosine"][differ] - expected["cosine"][differ]) < 1e-6).all()
+    assert assert_edges_equal_brute_force(db, "planted", pack_dir, layers=4, k=k) == 512 * (3 * 4 - 1) * k
 
 
 def test_planted_lineage_is_recovered(db, planted_pack):

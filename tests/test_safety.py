@@ -20,7 +20,7 @@ from flowdb.errors import BuildConflict
 from flowdb.ingest import ingest, pack_lock
 from flowdb.manifest import load_manifest
 from flowdb.queries import run_template
-from helpers import brute_force_edges, sort_edges
+from helpers import assert_edges_equal_brute_force
 
 
 def invoke(*args):
@@ -56,16 +56,12 @@ def test_changed_sae_weights_are_a_new_build(db, pack_copy):
         "RETURN f.key AS key, f.label AS label")}
     # A changed SAE's index names another feature: its old label must not follow it.
     assert labels == {"planted/2/res/5": None, "planted/1/res/5": "on an SAE that stays"}
-    stored = sort_edges(run_template(db, "edges", {"pack": "planted"}))
-    expected = sort_edges(brute_force_edges(pack_copy, layers=4, k=1))
-    np.testing.assert_allclose(stored["cosine"], expected["cosine"], atol=1e-5)
+    assert_edges_equal_brute_force(db, "planted", pack_copy, layers=4, k=1)
     # A fresh build after another change must not reuse the match cache of the old files.
     graph.drop_pack(db, "planted")
     rewrite_decoder(pack_copy, "mlp", 3, seed=2)
     ingest(load_manifest(manifest), db)
-    stored = sort_edges(run_template(db, "edges", {"pack": "planted"}))
-    expected = sort_edges(brute_force_edges(pack_copy, layers=4, k=1))
-    np.testing.assert_allclose(stored["cosine"], expected["cosine"], atol=1e-5)
+    assert_edges_equal_brute_force(db, "planted", pack_copy, layers=4, k=1)
 
 
 def test_moved_pack_is_the_same_build(db, pack_copy, tmp_path):
@@ -175,9 +171,7 @@ def test_two_ingests_at_once_end_in_one_graph(db, planted_pack):
     for code, output in outputs:
         assert "Traceback" not in output
         assert code == 0 or (code == 1 and "being written by another flowdb command" in output), output
-    stored = sort_edges(run_template(db, "edges", {"pack": "planted"}))
-    expected = sort_edges(brute_force_edges(planted_pack[0], layers=4, k=1))
-    assert len(stored) == len(expected)
+    assert_edges_equal_brute_force(db, "planted", planted_pack[0], layers=4, k=1)
     assert db.read("MATCH (f:Feature) WITH f.key AS key, count(*) AS n WHERE n > 1 RETURN count(*) AS d")[0]["d"] == 0
 
 
