@@ -63,6 +63,23 @@ def neo4j_settings(flowdb_home):
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def managed_server(neo4j_settings):
+    """flowdb's managed Neo4j, whatever serves the session: the session's own when it is
+    the managed one, else one started here, so its security is tested either way."""
+    from flowdb.neo4j_server import ManagedServer
+
+    server = ManagedServer.default()
+    if neo4j_settings.managed:
+        yield server
+        return
+    server.start(heap="512m", page_cache_mb=64)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def db(neo4j_settings):
     """A connection to an emptied database."""
