@@ -35,7 +35,12 @@ def _docker_answers() -> bool:
 
 @pytest.fixture(scope="session")
 def flowdb_home(tmp_path_factory) -> Path:
-    home = tmp_path_factory.mktemp("flowdb-home")
+    """The session's FLOWDB_HOME, left for flowdb to create as a user's would be: in a
+    0755 parent (pytest's own are 0700, which would hide a home made 0755) under umask 022."""
+    parent = tmp_path_factory.mktemp("flowdb-home")
+    os.chmod(parent, 0o755)
+    os.umask(0o022)
+    home = parent / "home"
     os.environ["FLOWDB_HOME"] = str(home)
     os.environ["FLOWDB_NEO4J_PORT"] = str(_free_port())
     for name in ("NEO4J_URI", "NEO4J_USERNAME", "NEO4J_PASSWORD", "NEO4J_DATABASE"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import subprocess
 import sys
 
@@ -247,12 +248,33 @@ def test_read_mode_allows_strings_that_look_like_commands(db):
     assert invoke("cypher", "CALL dbms.components() YIELD name RETURN name").exit_code == 0
 
 
-def test_home_files_are_private(flowdb_home, db):
-    cache = flowdb_home / "cache"
-    if cache.exists():
-        for path in cache.rglob("*"):
-            assert not path.stat().st_mode & 0o077 or path.is_dir(), path
-    assert not os.stat(flowdb_home).st_mode & 0o077
+def exposed(home) -> list[str]:
+    """What under home (itself included) its group or others may use, with the mode."""
+    return [f"{path} {stat.S_IMODE(path.lstat().st_mode):o}" for path in [home, *home.rglob("*")]
+            if not path.is_symlink() and path.lstat().st_mode & 0o077]
+
+
+def test_home_files_are_private(flowdb_home, db, planted_pack):
+    ingest(load_manifest(planted_pack[0] / "manifest.toml"), db)  # fills the digest cache and an atlas
+    assert (flowdb_home / "cache").is_dir() and (flowdb_home / "atlas").is_dir()
+    assert exposed(flowdb_home) == []
+
+
+@pytest.mark.parametrize("command", [
+    ("match", "{manifest}", "--out", "{tmp}/atlas", "--no-progress"),
+    ("ingest", "{manifest}", "--uri", "{uri}", "--user", "neo4j", "--password", "{password}", "--no-progress"),
+], ids=lambda c: c[0])
+def test_a_home_a_command_creates_is_private(db, planted_pack, managed_server, tmp_path, command):
+    """Run as a user would: a parent of mode 0755 and umask 022, so only flowdb's own
+    care can make what it creates 0700 (directories) and 0600 (files)."""
+    os.chmod(tmp_path, 0o755)
+    home = tmp_path / "home"
+    args = [a.format(manifest=planted_pack[0] / "manifest.toml", tmp=tmp_path, uri=managed_server.uri,
+                     password=managed_server.auth()[1]) for a in command]
+    done = subprocess.run([sys.executable, "-m", "flowdb.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "FLOWDB_HOME": str(home)}, umask=0o022, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert home.is_dir() and exposed(home) == []
 
 
 def test_a_lost_lease_stops_the_writer(db, monkeypatch):
