@@ -96,7 +96,7 @@ def _load(planned: PlannedSae, residual_d_in: int | None) -> tuple[SaeInfo, np.n
         attention = _attention_output(planned.ref.project_model, planned.ref.layer)
         if residual_d_in is not None:
             attention.check_space(info, residual_d_in)
-        w_dec = project_hook_z(w_dec, attention)
+        w_dec = project_hook_z(w_dec, attention)  # reads the hook_z decoder whole: the projection is a new array
         check_decoder(w_dec, planned.ref)
         info = replace(info, d_in=attention.d_model, projection=attention.describe())
     elif residual_d_in is not None:

@@ -2,9 +2,12 @@
 params.npz files, or sae-lens releases.
 
 `inspect` reads only headers (cheap, for checking a whole pack up front);
-`load_decoder` reads W_dec as float32 [d_sae, d_in] and rejects NaN/Inf and
+`load_decoder` gives W_dec as float32 rows [d_sae, d_in] and rejects NaN/Inf and
 all-zero rows. Local sae-lens directories are read with safetensors directly, so
-a pack on disk is checked without importing torch; releases go through sae-lens.
+a pack on disk is checked without importing torch, and lazily: a slice of rows at a
+time (`SafetensorsRows`), so a wide decoder is never whole in memory. Gemma Scope
+params.npz files (whose members may be compressed) and releases (through sae-lens)
+are read whole.
 """
 
 from __future__ import annotations
@@ -53,11 +56,13 @@ def inspect(ref: SourceRef) -> SaeInfo:
     return _inspect_release(ref)
 
 
-def load_decoder(ref: SourceRef) -> tuple[SaeInfo, np.ndarray]:
-    """W_dec as float32 [d_sae, d_in], checked for NaN/Inf and all-zero rows."""
+def load_decoder(ref: SourceRef) -> tuple[SaeInfo, np.ndarray | SafetensorsRows]:
+    """W_dec as float32 rows [d_sae, d_in], checked for NaN/Inf and all-zero rows: an
+    array, or for a local sae-lens directory rows read on demand (sliced like an array,
+    which is how flowdb.matching reads it; np.asarray reads it whole)."""
     if ref.kind == "path":
         info = _inspect_saelens_dir(ref)
-        w_dec = _read_safetensor(Path(ref.location) / WEIGHTS_FILE, "W_dec", ref)
+        w_dec = SafetensorsRows(Path(ref.location) / WEIGHTS_FILE, "W_dec", ref)
     elif ref.kind == "npz":
         info = _inspect_npz(ref)
         try:
@@ -74,17 +79,24 @@ def load_decoder(ref: SourceRef) -> tuple[SaeInfo, np.ndarray]:
     return info, w_dec
 
 
-def check_decoder(w_dec: np.ndarray, ref: SourceRef) -> None:
-    finite = np.isfinite(w_dec).all(axis=1)
-    if not finite.all():
-        row = int(np.flatnonzero(~finite)[0])
-        raise PackError(f"{where(ref)}: W_dec has NaN/Inf in {int((~finite).sum())} row(s), "
-                        f"first at feature {row}")
-    zero = ~np.any(w_dec != 0, axis=1)
-    if zero.any():
-        row = int(np.flatnonzero(zero)[0])
-        raise PackError(f"{where(ref)}: W_dec has {int(zero.sum())} all-zero row(s), "
-                        f"first at feature {row}; a zero decoder direction has no cosine")
+CHECK_BYTES = 8 << 20  # a decoder is checked in blocks of rows this large (float32)
+
+
+def check_decoder(w_dec: np.ndarray | SafetensorsRows, ref: SourceRef) -> None:
+    """Refuse NaN/Inf and all-zero rows, naming the first; reads a block of rows at a time."""
+    n_rows, d = w_dec.shape
+    block_rows = max(1, CHECK_BYTES // (4 * max(d, 1)))
+    nonfinite, zero = [], []  # row numbers of each defect
+    for start in range(0, n_rows, block_rows):
+        block = np.asarray(w_dec[start:start + block_rows])
+        nonfinite.extend(start + np.flatnonzero(~np.isfinite(block).all(axis=1)))
+        zero.extend(start + np.flatnonzero(~np.any(block != 0, axis=1)))
+    if nonfinite:
+        raise PackError(f"{where(ref)}: W_dec has NaN/Inf in {len(nonfinite)} row(s), "
+                        f"first at feature {int(nonfinite[0])}")
+    if zero:
+        raise PackError(f"{where(ref)}: W_dec has {len(zero)} all-zero row(s), "
+                        f"first at feature {int(zero[0])}; a zero decoder direction has no cosine")
 
 
 def content_digest(ref: SourceRef) -> str:
@@ -191,21 +203,59 @@ def _safetensor_shape(path: Path, key: str, ref: SourceRef) -> tuple[int, ...]:
         raise PackError(f"{where(ref)}: unreadable {path.name} ({exc})") from None
 
 
-def _read_safetensor(path: Path, key: str, ref: SourceRef) -> np.ndarray:
-    from safetensors import safe_open
+NUMPY_LACKS = {"BF16", "F8_E4M3", "F8_E5M2"}  # safetensors dtypes read through torch instead
 
-    try:
-        with safe_open(str(path), framework="numpy") as handle:
-            return np.asarray(handle.get_tensor(key), dtype=np.float32)
-    except TypeError:
-        pass  # bfloat16 has no numpy dtype: read through torch instead
-    except Exception as exc:
-        raise PackError(f"{where(ref)}: unreadable {path.name} ({exc})") from None
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return handle.get_tensor(key).float().numpy()
-    except Exception as exc:
-        raise PackError(f"{where(ref)}: unreadable {path.name} ({exc})") from None
+
+class SafetensorsRows:
+    """A 2-D tensor of a safetensors file, read a slice of rows at a time as float32.
+
+    rows[start:stop] reads just those rows; np.asarray(rows) reads them all. Each read
+    maps the file and unmaps it after: rows read earlier do not stay resident, so
+    memory holds only the slice asked for, whatever the tensor's size."""
+
+    ndim = 2
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, path: Path, key: str, ref: SourceRef):
+        self.path, self.key, self.ref = Path(path), key, ref
+        with self._open("numpy") as handle:
+            tensor = handle.get_slice(key)
+            self.shape = tuple(tensor.get_shape())
+            self.stored_dtype = tensor.get_dtype()
+        if len(self.shape) != 2:
+            raise PackError(f"{where(ref)}: {key} has shape {list(self.shape)}, expected [d_sae, d_in]")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("SafetensorsRows reads contiguous row slices only")
+        start, stop, _ = rows.indices(self.shape[0])
+        return self._read(start, max(start, stop))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self._read(0, self.shape[0])
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        framework = "pt" if self.stored_dtype in NUMPY_LACKS else "numpy"
+        with self._open(framework) as handle:
+            try:
+                rows = handle.get_slice(self.key)[start:stop]
+            except Exception as exc:  # safetensors raises its own untyped errors on bad files
+                raise PackError(f"{where(self.ref)}: unreadable {self.path.name} ({exc})") from None
+        if framework == "pt":
+            rows = rows.float().numpy()
+        return np.ascontiguousarray(rows, dtype=np.float32)
+
+    def _open(self, framework: str):
+        from safetensors import safe_open
+
+        try:
+            return safe_open(str(self.path), framework=framework)
+        except Exception as exc:
+            raise PackError(f"{where(self.ref)}: unreadable {self.path.name} ({exc})") from None
 
 
 def _inspect_npz(ref: SourceRef) -> SaeInfo:

@@ -35,7 +35,12 @@ def _docker_answers() -> bool:
 
 @pytest.fixture(scope="session")
 def flowdb_home(tmp_path_factory) -> Path:
-    home = tmp_path_factory.mktemp("flowdb-home")
+    """The session's FLOWDB_HOME, left for flowdb to create as a user's would be: in a
+    0755 parent (pytest's own are 0700, which would hide a home made 0755) under umask 022."""
+    parent = tmp_path_factory.mktemp("flowdb-home")
+    os.chmod(parent, 0o755)
+    os.umask(0o022)
+    home = parent / "home"
     os.environ["FLOWDB_HOME"] = str(home)
     os.environ["FLOWDB_NEO4J_PORT"] = str(_free_port())
     for name in ("NEO4J_URI", "NEO4J_USERNAME", "NEO4J_PASSWORD", "NEO4J_DATABASE"):
@@ -61,6 +66,23 @@ def neo4j_settings(flowdb_home):
     server.start()  # raises, failing every Neo4j test, when no server can be had
     yield Neo4jSettings.resolve()
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def managed_server(neo4j_settings):
+    """flowdb's managed Neo4j, whatever serves the session: the session's own when it is
+    the managed one, else one started here, so its security is tested either way."""
+    from flowdb.neo4j_server import ManagedServer
+
+    server = ManagedServer.default()
+    if neo4j_settings.managed:
+        yield server
+        return
+    server.start(heap="512m", page_cache_mb=64)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

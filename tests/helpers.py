@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +38,58 @@ def brute_force_edges(pack_dir: Path, layers: int, k: int) -> pd.DataFrame:
     columns = ["src_layer", "src_module", "src_index", "dst_layer", "dst_module", "dst_index",
                "kind", "cosine", "rank"]
     return pd.DataFrame(rows, columns=columns)
+
+
+TIE = 1e-6  # float64 cosines closer than this may come in either order
+
+
+def assert_edges_equal_brute_force(db, pack: str, pack_dir: Path, layers: int, k: int) -> int:
+    """Every stored match edge of a pack, whole (source key, target key, kind, rank,
+    cosine), against dense float64 cosines of the SAE files. At each rank the stored
+    predecessor must be the brute-force one, or one whose exact cosine is within TIE of
+    it (a tie, either order); its stored cosine must be its own exact cosine. Returns
+    how many edges were checked: every edge stored for the pack, none missing."""
+    stored = pd.DataFrame(db.read(
+        "MATCH (s:Feature)-[e:RESIDUAL|MLP|ATTENTION]->(d:Feature {pack: $pack}) "
+        "RETURN s.key AS source, d.key AS target, toLower(type(e)) AS kind, e.rank AS rank, "
+        "e.cosine AS cosine", pack=pack), columns=["source", "target", "kind", "rank", "cosine"])
+    checked = 0
+    for layer in range(layers):
+        queries = unit_decoder(pack_dir, "res", layer)
+        for place, kind in PLACE_KIND.items():
+            src_layer = layer - 1 if place == "res" else layer
+            if src_layer < 0:
+                continue
+            cos = queries @ unit_decoder(pack_dir, place, src_layer).T
+            n = len(cos)
+            part = stored[(stored["kind"] == kind) & stored["target"].str.startswith(f"{pack}/{layer}/")]
+            target = part["target"].str.rsplit("/", n=1)
+            source = part["source"].str.rsplit("/", n=1)
+            assert (target.str[0] == f"{pack}/{layer}/res").all(), (layer, kind)
+            assert (source.str[0] == f"{pack}/{src_layer}/{place}").all(), (layer, kind)
+            part = part.assign(dst=target.str[1].astype(int), src=source.str[1].astype(int))
+            part = part.sort_values(["dst", "rank"])
+            assert len(part) == n * k, (layer, kind, len(part), n * k)
+            assert (part["dst"].to_numpy() == np.repeat(np.arange(n), k)).all(), (layer, kind)
+            assert (part["rank"].to_numpy() == np.tile(np.arange(1, k + 1), n)).all(), (layer, kind)
+            chosen = part["src"].to_numpy().reshape(n, k)
+            assert all(len(set(row)) == k for row in chosen), f"a predecessor repeats at {layer}/{kind}"
+            exact = np.take_along_axis(cos, chosen, axis=1)
+            np.testing.assert_allclose(part["cosine"].to_numpy().reshape(n, k), exact, atol=1e-5,
+                                       err_msg=f"stored cosine is not its predecessor's at {layer}/{kind}")
+            order = np.argsort(-cos, axis=1, kind="stable")[:, :k]
+            best = np.take_along_axis(cos, order, axis=1)
+            wrong = np.argwhere(np.abs(exact - best) > TIE)
+            if len(wrong):
+                dst, rank = wrong[0]
+                raise AssertionError(
+                    f"{len(wrong)} wrong predecessor(s) at layer {layer} {kind}; first "
+                    f"{pack}/{layer}/res/{dst} rank {rank + 1}: stored {place} {chosen[dst, rank]} "
+                    f"(cosine {exact[dst, rank]:.7f}), brute force {order[dst, rank]} "
+                    f"(cosine {best[dst, rank]:.7f})")
+            checked += len(part)
+    assert checked == len(stored), f"{len(stored) - checked} stored edge(s) outside the pack's layers"
+    return checked
 
 
 def sort_edges(frame: pd.DataFrame) -> pd.DataFrame:
@@ -128,3 +183,39 @@ def graph_dump(db, pack: str) -> dict:
     return {"nodes": sorted((tuple(sorted(row["labels"])), clean(row["props"])) for row in nodes),
             "relationships": sorted((row["type"], row["source"], row["target"], clean(row["props"]))
                                     for row in rels)}
+
+
+def settled(read, timeout=30.0):
+    """A reading once two in a row, 0.5 s apart, agree. A COMMIT a killed client sent
+    just before dying is still applied by the server, and Neo4j (read committed) lets a
+    reader see a commit that is being applied in part: the check waits for it to land."""
+    previous, deadline = read(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        current = read()
+        if current == previous:
+            return current
+        previous = current
+    return previous
+
+
+def kill_when(proc, reached, delay: float = 0.0, timeout: float = 300.0) -> str:
+    """SIGKILL a running command once reached() holds and `delay` seconds more have
+    passed; fail unless the kill is what ended it (a command that finishes, or dies,
+    before its kill point fails the test). Returns its output."""
+    deadline = time.monotonic() + timeout
+    while not reached():
+        if proc.poll() is not None:
+            raise AssertionError(f"the command ended (exit {proc.returncode}) before its kill point: "
+                                 f"{proc.communicate()[0]}")
+        assert time.monotonic() < deadline, "the command did not reach its kill point in time"
+        time.sleep(0.01)
+    time.sleep(delay)
+    proc.kill()
+    try:
+        output = proc.communicate(timeout=60)[0]
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the command outlived SIGKILL") from None
+    # A process that exited before the signal is reaped with its own exit status.
+    assert proc.returncode == -signal.SIGKILL, f"the command ended by itself (exit {proc.returncode}): {output}"
+    return output

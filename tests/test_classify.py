@@ -74,3 +74,64 @@ def test_auto_rule_lifts_only_the_cut_offs_below_chance():
     assert (gemma.t_res, gemma.t_mlp, gemma.t_att, gemma.rule) == (0.5, 0.15, 0.15, "auto: fixed")
     fixed = Thresholds(rule="fixed").for_layer(5, empty, {"mlp": (2048, 576)})
     assert fixed.t_mlp == 0.15 and fixed.rule == "fixed"
+
+
+def quadrature_chance(q: float, n: int, d: int) -> float:
+    """The q-quantile of the largest of n cosines to random unit vectors in d dimensions,
+    from the density of one cosine, (1 - x^2)^((d - 3) / 2) on [-1, 1], integrated
+    numerically (its constant too) and solved for F(t)^n = q: no Beta functions."""
+    from scipy.integrate import quad
+    from scipy.optimize import brentq
+
+    def density(x):
+        return (1.0 - x * x) ** ((d - 3) / 2)
+
+    spread = 1 / np.sqrt(d)  # where the density lives: tell quad, so it samples the peak
+    points = [-spread, 0.0, spread]
+    total = quad(density, -1, 1, points=points, epsabs=0, epsrel=1e-12, limit=500)[0]
+
+    def log_cdf_of_max(t):
+        upper = quad(density, t, 1, points=[p for p in points if p > t], epsabs=0, epsrel=1e-12, limit=500)[0]
+        return n * np.log1p(-upper / total)
+
+    return brentq(lambda t: log_cdf_of_max(t) - np.log(q), 0.0, 0.99, xtol=1e-12)
+
+
+@pytest.mark.parametrize("n, d", [(2048, 576), (16384, 2304), (300, 48), (1, 64), (24576, 768)])
+@pytest.mark.parametrize("q", [0.9, 0.999, 0.9999])
+def test_chance_tail_matches_numerical_integration(q, n, d):
+    assert chance_cosine(q, n, d) == pytest.approx(quadrature_chance(q, n, d), abs=1e-6)
+
+
+@pytest.mark.parametrize("q", [0.5, 0.999, 0.99999])
+def test_chance_in_three_and_two_dimensions_is_closed_form(q):
+    # In 3 dimensions a cosine is uniform on [-1, 1] (Archimedes); in 2 it is cos of a uniform angle.
+    n = 50
+    assert chance_cosine(q, n, 3) == pytest.approx(2 * q ** (1 / n) - 1, abs=1e-9)
+    assert chance_cosine(q, n, 2) == pytest.approx(np.sin(np.pi * (q ** (1 / n) - 0.5)), abs=1e-9)
+
+
+def test_readme_chance_levels():
+    """The README's p99.9 chance levels are what the null gives for the SAEs it names."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    said = re.search(r"p99\.9 is (0\.\d{3}) for Gemma Scope 16k in\s+d 2304, (0\.\d{3}) for 2,048 features in d 576",
+                     readme)
+    assert said, "the README no longer states the chance levels this test checks"
+    gemma, small = float(said[1]), float(said[2])
+    assert round(quadrature_chance(0.999, 16384, 2304), 3) == gemma == 0.110
+    assert round(quadrature_chance(0.999, 2048, 576), 3) == small == 0.202
+    assert round(chance_cosine(0.999, 16384, 2304), 3) == gemma
+    assert round(chance_cosine(0.999, 2048, 576), 3) == small
+
+
+def test_chance_p999_matches_a_large_simulation():
+    """q 0.999, the quantile rule `auto` uses, by simulation: of 200,000 seeded maxima,
+    a share of 0.001 (sd 0.00007) lies above it."""
+    rng = np.random.default_rng(20261)
+    n, d = 128, 64
+    level = chance_cosine(0.999, n, d)
+    above = sum(int((simulated_max_cosines(n, d, 20000, rng) > level).sum()) for _ in range(10))
+    assert above / 200000 == pytest.approx(0.001, abs=0.0002)

@@ -1,7 +1,9 @@
-"""Fault injection: ingest, --replace and labels import are SIGKILLed at random points
-(seeded), and after every kill the graph must be whole: each layer all there or
-absent, a pack either its old or its new build (never a mix), a label file all
-imported or not at all. A final uninterrupted run must give the reference graph."""
+"""Fault injection: ingest, --replace and labels import are SIGKILLed at seeded points
+of the stage each test aims at, and each kill must land there (the command still
+running, the database showing the stage reached and not finished). After every kill
+the graph must be whole: each layer all there or absent, a pack either its old or its
+new build (never a mix), a label file all imported or not at all. A final
+uninterrupted run must give the brute-force graph."""
 
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ import time
 import numpy as np
 import pytest
 
+from flowdb import graph
 from flowdb.synth import SynthSpec, synthesize
-from helpers import brute_force_edges, sort_edges
+from helpers import assert_edges_equal_brute_force, kill_when, settled
 
 LAYERS, WIDTH = 5, 2048
 KILLS = 4
@@ -43,30 +46,12 @@ def run(*args, timeout=600) -> float:
     return time.monotonic() - started
 
 
-def kill_after(delay: float, *args) -> bool:
-    """Start the command, SIGKILL it after `delay` seconds; True when it was still running."""
-    proc = subprocess.Popen(flowdb(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        proc.wait(timeout=delay)
-        return False
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        return True
+def start(*args) -> subprocess.Popen:
+    return subprocess.Popen(flowdb(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def settled(read, timeout=30.0):
-    """A reading once two in a row, 0.5 s apart, agree. A COMMIT the killed client sent
-    just before dying is still applied by the server, and Neo4j (read committed) lets a
-    reader see a commit that is being applied in part: the check waits for it to land."""
-    previous, deadline = read(), time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
-        current = read()
-        if current == previous:
-            return current
-        previous = current
-    return previous
+def wipe(db):
+    db.write_in_batches("MATCH (n) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS")
 
 
 def layer_counts(db, pack):
@@ -83,65 +68,83 @@ def assert_layers_whole(db, pack, k):
         assert row["edges"] == places * WIDTH * k, row
 
 
-def stored_edges(db, pack):
-    from flowdb.queries import run_template
-
-    return sort_edges(run_template(db, "edges", {"pack": pack}))
-
-
-def assert_equals_brute_force(db, pack_dir, k):
-    stored = stored_edges(db, "fault")
-    expected = sort_edges(brute_force_edges(pack_dir, layers=LAYERS, k=k))
-    assert len(stored) == len(expected)
-    cols = ["src_layer", "src_module", "dst_layer", "dst_index", "kind", "rank"]
-    assert (stored[cols] == expected[cols]).all().all()
-    np.testing.assert_allclose(stored["cosine"], expected["cosine"], atol=1e-5)
+def pack_states(db):
+    rows = db.read("MATCH (p:Pack) RETURN p.name AS name, p.status AS status, p.k AS k, p.layers_done AS done")
+    return {row["name"]: row for row in rows}
 
 
-def kill_points(duration: float) -> np.ndarray:
-    return np.random.default_rng(RNG_SEED).uniform(0.2 * duration, duration, KILLS)
+def layers_done(db, pack) -> int:
+    state = pack_states(db).get(pack)
+    return len(state["done"]) if state else 0
+
+
+def kill_points(per_layer_s: float):
+    """(layers committed, then seconds more) per kill: into the write of a layer that is
+    neither the first nor the last, so a kill that lands leaves a pack part written."""
+    rng = np.random.default_rng(RNG_SEED)
+    return [(int(rng.integers(1, LAYERS - 1)), float(rng.uniform(0, 0.5 * per_layer_s))) for _ in range(KILLS)]
+
+
+def assert_killed_part_way(state, layers):
+    assert state["status"] == "building", state
+    assert layers <= len(state["done"]) < LAYERS, (layers, state)
 
 
 def test_killed_ingest_always_leaves_whole_layers(db, fault_pack):
     manifest = fault_pack / "manifest.toml"
-    duration = run("ingest", manifest, "--no-progress")
-    db.write_in_batches("MATCH (n) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS")
-    for delay in kill_points(duration):
-        kill_after(delay, "ingest", manifest, "--no-progress")
+    run("ingest", manifest, "--no-progress")  # matches into the atlas: the runs below only write
+    wipe(db)
+    write_s = run("ingest", manifest, "--no-progress")
+    for layers, delay in kill_points(write_s / LAYERS):
+        wipe(db)
+        kill_when(start("ingest", manifest, "--no-progress"),
+                  lambda layers=layers: layers_done(db, "fault") >= layers, delay)
+        assert_killed_part_way(settled(lambda: pack_states(db))["fault"], layers)
         assert_layers_whole(db, "fault", k=1)
-    run("ingest", manifest, "--no-progress")
+    run("ingest", manifest, "--no-progress")  # resumes the last killed run
+    assert pack_states(db)["fault"]["status"] == "complete"
     assert_layers_whole(db, "fault", k=1)
-    assert_equals_brute_force(db, fault_pack, k=1)
-
-
-def _pack_state(db):
-    rows = db.read("MATCH (p:Pack) RETURN p.name AS name, p.status AS status, p.k AS k")
-    return {row["name"]: row for row in rows}
+    assert_edges_equal_brute_force(db, "fault", fault_pack, layers=LAYERS, k=1)
 
 
 def test_killed_replace_keeps_one_whole_build_and_its_labels(db, fault_pack):
     manifest = fault_pack / "manifest.toml"
+    staged = "fault" + graph.STAGED_SUFFIX
     run("ingest", manifest, "--no-progress")
     labels = fault_pack / "labels.jsonl"
     labels.write_text(json.dumps({"modelId": "planted-model", "layer": "2-fault-res", "index": "5",
                                   "description": "a fault label", "id": "fault-label"}) + "\n")
     run("labels", "import", labels)
-    duration = run("ingest", manifest, "--k", 2, "--replace", "--no-progress")
-    run("ingest", manifest, "--k", 1, "--replace", "--no-progress")
-    for delay in kill_points(duration):
-        kill_after(delay, "ingest", manifest, "--k", 2, "--replace", "--no-progress")
-        state = settled(lambda: _pack_state(db))["fault"]
-        assert state["status"] == "complete", state  # users always see a whole build
-        assert_layers_whole(db, "fault", k=state["k"])
+    run("ingest", manifest, "--k", 2, "--replace", "--no-progress")  # matches k = 2 into its atlas
+    write_s = run("ingest", manifest, "--k", 1, "--replace", "--no-progress")
+    for layers, delay in kill_points(write_s / LAYERS):
+        if staged in pack_states(db):  # each kill starts its replacement afresh
+            graph.drop_pack(db, staged)
+        kill_when(start("ingest", manifest, "--k", 2, "--replace", "--no-progress"),
+                  lambda layers=layers: layers_done(db, staged) >= layers, delay)
+        states = settled(lambda: pack_states(db))
+        assert_killed_part_way(states[staged], layers)  # killed while writing the replacement
+        assert (states["fault"]["status"], states["fault"]["k"]) == ("complete", 1), states
+        assert_layers_whole(db, "fault", k=1)  # users see the old build, whole
+        assert_layers_whole(db, staged, k=2)
         assert db.read("MATCH (f:Feature {key: 'fault/2/res/5'}) RETURN f.label AS l")[0]["l"] == "a fault label"
-        if state["k"] == 2:  # the swap happened: go back, so the next kill hits a replace again
-            run("ingest", manifest, "--k", 1, "--replace", "--no-progress")
-    run("ingest", manifest, "--k", 2, "--replace", "--no-progress")
-    assert set(_pack_state(db)) == {"fault"}, "a staged or retired build was left behind"
+    run("ingest", manifest, "--k", 2, "--replace", "--no-progress")  # resumes the last replacement
+    assert set(pack_states(db)) == {"fault"}, "a staged or retired build was left behind"
     assert_layers_whole(db, "fault", k=2)
-    assert_equals_brute_force(db, fault_pack, k=2)
+    assert_edges_equal_brute_force(db, "fault", fault_pack, layers=LAYERS, k=2)
     assert db.read("MATCH (e:Explanation {id: 'fault-label'})-[:EXPLAINS]->(f:Feature) "
                    "RETURN collect(f.key) AS keys")[0]["keys"] == ["fault/2/res/5"]
+
+
+def import_writing(db) -> bool:
+    """Whether the server runs a label import's statement (in its one open transaction)."""
+    running = db.read("SHOW TRANSACTIONS YIELD currentQuery RETURN currentQuery")
+    return any(row["currentQuery"] and "MERGE (e:Explanation" in row["currentQuery"] for row in running)
+
+
+def labelled(db):
+    return (db.read("MATCH (e:Explanation) RETURN count(e) AS n")[0]["n"],
+            db.read("MATCH (f:Feature {pack: 'fault'}) WHERE f.label IS NOT NULL RETURN count(f) AS n")[0]["n"])
 
 
 def test_killed_label_import_is_all_or_nothing(db, fault_pack):
@@ -152,14 +155,10 @@ def test_killed_label_import_is_all_or_nothing(db, fault_pack):
             for layer in range(LAYERS) for index in range(WIDTH)]
     path = fault_pack / "all-labels.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    duration = run("labels", "import", path)
-    db.write("MATCH (e:Explanation) DETACH DELETE e")
-    db.write("MATCH (f:Feature {pack: 'fault'}) REMOVE f.label, f.label_by")
-    for delay in kill_points(duration):
-        kill_after(delay, "labels", "import", path)
-        stored, labelled = settled(lambda: (
-            db.read("MATCH (e:Explanation) RETURN count(e) AS n")[0]["n"],
-            db.read("MATCH (f:Feature {pack: 'fault'}) WHERE f.label IS NOT NULL RETURN count(f) AS n")[0]["n"]))
-        assert (stored, labelled) in ((0, 0), (len(rows), len(rows))), (stored, labelled)
+    rng = np.random.default_rng(RNG_SEED)
+    for _ in range(KILLS):
+        # Killed while its transaction is open on the server: nothing may be committed.
+        kill_when(start("labels", "import", path), lambda: import_writing(db), float(rng.uniform(0, 0.05)))
+        assert settled(lambda: labelled(db)) == (0, 0)
     run("labels", "import", path)
-    assert db.read("MATCH (e:Explanation) RETURN count(e) AS n")[0]["n"] == len(rows)
+    assert labelled(db) == (len(rows), len(rows))

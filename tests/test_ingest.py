@@ -1,22 +1,19 @@
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from flowdb.atlas import default_dir
+from flowdb.atlas import Atlas, default_dir
 from flowdb.errors import BuildConflict, PackError
 from flowdb.ingest import ingest
 from flowdb.manifest import load_manifest
 from flowdb.plan import make_plan
 from flowdb.queries import run_template
 from flowdb.synth import SynthSpec, synthesize
-from helpers import brute_force_edges, sort_edges
+from helpers import assert_edges_equal_brute_force, kill_when, settled, sort_edges
 
 
 def counts(db, pack):
@@ -30,15 +27,7 @@ def counts(db, pack):
 def test_stored_edges_equal_brute_force(db, planted_pack, k):
     pack_dir, _ = planted_pack
     ingest(load_manifest(pack_dir / "manifest.toml", k=k), db)
-    stored = sort_edges(run_template(db, "edges", {"pack": "planted"}))
-    expected = sort_edges(brute_force_edges(pack_dir, layers=4, k=k))
-    assert len(stored) == len(expected) == 512 * (3 * 4 - 1) * k
-    cols = ["src_layer", "src_module", "dst_layer", "dst_module", "dst_index", "kind", "rank"]
-    assert (stored[cols] == expected[cols]).all().all()
-    np.testing.assert_allclose(stored["cosine"], expected["cosine"], atol=1e-5)
-    differ = stored["src_index"] != expected["src_index"]
-    # Different predecessors only where two cosines tie.
-    assert (np.abs(stored["cosine"][differ] - expected["cosine"][differ]) < 1e-6).all()
+    assert assert_edges_equal_brute_force(db, "planted", pack_dir, layers=4, k=k) == 512 * (3 * 4 - 1) * k
 
 
 def test_planted_lineage_is_recovered(db, planted_pack):
@@ -141,23 +130,17 @@ def resumable_pack(tmp_path_factory, flowdb_home):
 
 def _ingest_process(manifest):
     return subprocess.Popen([sys.executable, "-m", "flowdb.cli", "ingest", str(manifest), "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _kill_when(db, proc, ready, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if ready():
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed: " + proc.stdout.read().decode()
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+def _pack_state(db):
+    rows = db.read("MATCH (p:Pack {name: 'resumable'}) RETURN p.status AS status, p.layers_done AS done")
+    return rows[0] if rows else None
 
 
 def _layers_done(db):
-    rows = db.read("MATCH (p:Pack {name: 'resumable'}) RETURN p.layers_done AS done")
-    return rows[0]["done"] if rows else []
+    state = _pack_state(db)
+    return state["done"] if state else []
 
 
 @pytest.mark.parametrize("kill_at", ["matching", "first-layer-written", "half-written"])
@@ -176,15 +159,22 @@ def test_killed_ingest_resumes_to_the_same_graph(db, resumable_pack, kill_at):
         ready = lambda: len(_layers_done(db)) >= 1  # noqa: E731
     else:
         ready = lambda: len(_layers_done(db)) >= 4  # noqa: E731
-    proc = _ingest_process(resumable_pack)
-    _kill_when(db, proc, ready)
+    kill_when(_ingest_process(resumable_pack), ready)
+    # The kill landed where it was aimed: mid-match nothing is written and the atlas is
+    # part done; mid-write the pack is building, with some layers and not all.
+    state = settled(lambda: _pack_state(db))
+    if kill_at == "matching":
+        assert state is None and 2 <= len(Atlas(atlas).layers_done()) < 8, state
+    else:
+        assert state["status"] == "building" and (1 if kill_at == "first-layer-written" else 4) \
+            <= len(state["done"]) < 8, state
     # Readers never see half a layer: each layer is all there or absent.
     per_layer = db.read("MATCH (f:Feature {pack: 'resumable'}) RETURN f.layer AS layer, count(f) AS n")
     assert all(row["n"] == 3 * 4096 for row in per_layer)
-    assert len(_layers_done(db)) < 8
     rerun = _ingest_process(resumable_pack)
-    assert rerun.wait(timeout=300) == 0, rerun.stdout.read().decode()
+    assert rerun.wait(timeout=300) == 0, rerun.stdout.read()
     assert counts(db, "resumable") == reference_counts
     resumed = sort_edges(run_template(db, "edges", {"pack": "resumable"}))
     assert resumed.equals(reference)
     assert db.read("MATCH (p:Pack {name: 'resumable'}) RETURN p.status AS s")[0]["s"] == "complete"
+    assert assert_edges_equal_brute_force(db, "resumable", resumable_pack.parent, layers=8, k=1) == len(reference)

@@ -1,10 +1,16 @@
 import http.server
+import ipaddress
+import json
 import os
+import re
+import socket
 import stat
 import subprocess
 import threading
+from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 from neo4j import GraphDatabase
 from neo4j.exceptions import AuthError, ClientError
@@ -16,11 +22,8 @@ from flowdb.settings import flowdb_home
 
 
 @pytest.fixture
-def managed(neo4j_settings) -> ManagedServer:
-    """The session's managed server (its FLOWDB_HOME is private to the session)."""
-    if not neo4j_settings.managed:
-        pytest.skip("the session's server is a container, not flowdb's managed Neo4j")
-    return ManagedServer.default()
+def managed(managed_server) -> ManagedServer:
+    return managed_server
 
 
 def _share_session_jars(root) -> None:
@@ -59,10 +62,8 @@ def test_start_status_stop_cycle(neo4j_settings, tmp_path, monkeypatch):
         ManagedServer(root, port).stop()
 
 
-def test_a_stranger_on_the_port_is_not_taken_for_ours(neo4j_settings, tmp_path, monkeypatch):
-    if not neo4j_settings.managed:
-        pytest.skip("the session's server is a container: no managed server holds a port")
-    port = os.environ["FLOWDB_NEO4J_PORT"]  # the session's server answers there
+def test_a_stranger_on_the_port_is_not_taken_for_ours(managed, tmp_path, monkeypatch):
+    port = str(managed.port)  # the managed server answers there
     monkeypatch.setenv("FLOWDB_HOME", str(tmp_path / "elsewhere"))
     monkeypatch.setenv("FLOWDB_NEO4J_PORT", port)
     result = CliRunner().invoke(cli, ["neo4j", "start"])
@@ -121,7 +122,7 @@ def test_load_csv_fetches_no_url(managed):
 
 
 def test_files_are_private_to_their_owner(managed):
-    home = flowdb_home()
+    home = managed.home
     assert _mode(home) == 0o700 and _mode(managed.root) == 0o700
     assert _mode(managed.password_file) == 0o600
     command = subprocess.run(["ps", "-ww", "-o", "args=", "-p", str(managed.pid())],
@@ -164,3 +165,89 @@ def test_a_stranger_pid_is_neither_killed_nor_waited_for(neo4j_settings, tmp_pat
         server.stop()
         stranger.kill()
         stranger.wait()
+
+
+def _tcp_listeners() -> dict[int, tuple[str, int]]:
+    """Listening TCP sockets of this network namespace: inode -> (address, port)."""
+    found = {}
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        if not os.path.exists(table):
+            continue
+        for line in open(table).read().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A":  # TCP_LISTEN
+                continue
+            address, port = fields[1].split(":")
+            raw = bytes.fromhex(address)
+            # The kernel prints each 32-bit word in host (little-endian) order.
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            found[int(fields[9])] = (socket.inet_ntop(family, raw), int(port, 16))
+    return found
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def _ipv4_if_mapped(address: str) -> str:
+    ip = ipaddress.ip_address(address)
+    return str(getattr(ip, "ipv4_mapped", None) or ip)
+
+
+def _own_addresses() -> set[str]:
+    """This machine's IPv4 addresses other than loopback, from the kernel's routing trie."""
+    lines = open("/proc/net/fib_trie").read().splitlines()
+    return {lines[i - 1].split()[-1] for i, line in enumerate(lines)
+            if "/32 host LOCAL" in line and not lines[i - 1].split()[-1].startswith("127.")}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads Linux's /proc")
+def test_the_server_listens_on_loopback_only(managed):
+    listeners = _tcp_listeners()
+    ours = [listeners[inode] for inode in _socket_inodes(managed.pid()) if inode in listeners]
+    # Java binds IPv6 sockets: 127.0.0.1 shows as ::ffff:127.0.0.1.
+    ours = [(_ipv4_if_mapped(address), port) for address, port in ours]
+    assert ("127.0.0.1", managed.port) in ours, ours  # Bolt, and it is found here
+    assert all(ipaddress.ip_address(address).is_loopback for address, _ in ours), ours
+    for address in _own_addresses():  # from another machine's side: nothing answers
+        with pytest.raises(ConnectionRefusedError), socket.create_connection((address, managed.port), timeout=5):
+            pass
+
+
+def _compose_settings(environment: dict) -> dict:
+    """Neo4j settings from the neo4j image's NEO4J_ variables: '_' is '.', '__' is '_'."""
+    return {name[len("NEO4J_"):].replace("__", "\0").replace("_", ".").replace("\0", "_"): str(value)
+            for name, value in environment.items() if name.startswith("NEO4J_") and name != "NEO4J_AUTH"}
+
+
+def test_compose_file_keeps_its_neo4j_private(managed):
+    """docker/compose.yaml as the README describes it: no default password, ports on
+    loopback only, LOAD CSV refused from files and from the network."""
+    compose = yaml.safe_load((Path(__file__).parents[1] / "docker" / "compose.yaml").read_text())
+    services = compose["services"]
+    neo4j = services["neo4j"]
+    # ${NEO4J_PASSWORD:?...}: compose stops when it is unset or empty; no :- or - default.
+    required = r"\$\{NEO4J_PASSWORD:\?[^}]*\}"
+    assert re.fullmatch(f"neo4j/{required}", neo4j["environment"]["NEO4J_AUTH"])
+    assert re.fullmatch(required, services["flowdb"]["environment"]["NEO4J_PASSWORD"])
+    for service in services.values():
+        assert not re.search(r"NEO4J_PASSWORD:?-", json.dumps(service)), service
+        for port in service.get("ports", []):
+            host = port["host_ip"] if isinstance(port, dict) else str(port).rsplit(":", 2)[0]
+            assert host == "127.0.0.1", port
+    settings = _compose_settings(neo4j["environment"])
+    assert settings["dbms.security.allow_csv_import_from_file_urls"] == "false"
+    assert {"0.0.0.0/0", "::/0"} <= set(settings["internal.dbms.cypher_ip_blocklist"].split(","))
+    # The names are settings Neo4j 5.26 knows: the managed server runs with the same values.
+    with GraphDatabase.driver(managed.uri, auth=managed.auth()) as driver:
+        known = {row["name"]: row["value"] for row in driver.execute_query(
+            "CALL dbms.listConfig() YIELD name, value RETURN name, value").records}
+    assert known["dbms.security.allow_csv_import_from_file_urls"] == "false"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ from flowdb.errors import BuildConflict
 from flowdb.ingest import ingest, pack_lock
 from flowdb.manifest import load_manifest
 from flowdb.queries import run_template
-from helpers import brute_force_edges, sort_edges
+from helpers import assert_edges_equal_brute_force
 
 
 def invoke(*args):
@@ -56,16 +57,12 @@ def test_changed_sae_weights_are_a_new_build(db, pack_copy):
         "RETURN f.key AS key, f.label AS label")}
     # A changed SAE's index names another feature: its old label must not follow it.
     assert labels == {"planted/2/res/5": None, "planted/1/res/5": "on an SAE that stays"}
-    stored = sort_edges(run_template(db, "edges", {"pack": "planted"}))
-    expected = sort_edges(brute_force_edges(pack_copy, layers=4, k=1))
-    np.testing.assert_allclose(stored["cosine"], expected["cosine"], atol=1e-5)
+    assert_edges_equal_brute_force(db, "planted", pack_copy, layers=4, k=1)
     # A fresh build after another change must not reuse the match cache of the old files.
     graph.drop_pack(db, "planted")
     rewrite_decoder(pack_copy, "mlp", 3, seed=2)
     ingest(load_manifest(manifest), db)
-    stored = sort_edges(run_template(db, "edges", {"pack": "planted"}))
-    expected = sort_edges(brute_force_edges(pack_copy, layers=4, k=1))
-    np.testing.assert_allclose(stored["cosine"], expected["cosine"], atol=1e-5)
+    assert_edges_equal_brute_force(db, "planted", pack_copy, layers=4, k=1)
 
 
 def test_moved_pack_is_the_same_build(db, pack_copy, tmp_path):
@@ -175,9 +172,7 @@ def test_two_ingests_at_once_end_in_one_graph(db, planted_pack):
     for code, output in outputs:
         assert "Traceback" not in output
         assert code == 0 or (code == 1 and "being written by another flowdb command" in output), output
-    stored = sort_edges(run_template(db, "edges", {"pack": "planted"}))
-    expected = sort_edges(brute_force_edges(planted_pack[0], layers=4, k=1))
-    assert len(stored) == len(expected)
+    assert_edges_equal_brute_force(db, "planted", planted_pack[0], layers=4, k=1)
     assert db.read("MATCH (f:Feature) WITH f.key AS key, count(*) AS n WHERE n > 1 RETURN count(*) AS d")[0]["d"] == 0
 
 
@@ -253,12 +248,33 @@ def test_read_mode_allows_strings_that_look_like_commands(db):
     assert invoke("cypher", "CALL dbms.components() YIELD name RETURN name").exit_code == 0
 
 
-def test_home_files_are_private(flowdb_home, db):
-    cache = flowdb_home / "cache"
-    if cache.exists():
-        for path in cache.rglob("*"):
-            assert not path.stat().st_mode & 0o077 or path.is_dir(), path
-    assert not os.stat(flowdb_home).st_mode & 0o077
+def exposed(home) -> list[str]:
+    """What under home (itself included) its group or others may use, with the mode."""
+    return [f"{path} {stat.S_IMODE(path.lstat().st_mode):o}" for path in [home, *home.rglob("*")]
+            if not path.is_symlink() and path.lstat().st_mode & 0o077]
+
+
+def test_home_files_are_private(flowdb_home, db, planted_pack):
+    ingest(load_manifest(planted_pack[0] / "manifest.toml"), db)  # fills the digest cache and an atlas
+    assert (flowdb_home / "cache").is_dir() and (flowdb_home / "atlas").is_dir()
+    assert exposed(flowdb_home) == []
+
+
+@pytest.mark.parametrize("command", [
+    ("match", "{manifest}", "--out", "{tmp}/atlas", "--no-progress"),
+    ("ingest", "{manifest}", "--uri", "{uri}", "--user", "neo4j", "--password", "{password}", "--no-progress"),
+], ids=lambda c: c[0])
+def test_a_home_a_command_creates_is_private(db, planted_pack, managed_server, tmp_path, command):
+    """Run as a user would: a parent of mode 0755 and umask 022, so only flowdb's own
+    care can make what it creates 0700 (directories) and 0600 (files)."""
+    os.chmod(tmp_path, 0o755)
+    home = tmp_path / "home"
+    args = [a.format(manifest=planted_pack[0] / "manifest.toml", tmp=tmp_path, uri=managed_server.uri,
+                     password=managed_server.auth()[1]) for a in command]
+    done = subprocess.run([sys.executable, "-m", "flowdb.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "FLOWDB_HOME": str(home)}, umask=0o022, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert home.is_dir() and exposed(home) == []
 
 
 def test_a_lost_lease_stops_the_writer(db, monkeypatch):

@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -86,3 +87,67 @@ def test_hook_z_attention_sae_is_refused_with_reason(tmp_path):
     info = inspect(ref("path", tmp_path / "att", "att"))
     with pytest.raises(PackError, match="concatenated attention-head outputs"):
         check_same_space(info, residual_d_in=64)
+
+
+def test_bfloat16_weights_are_read_as_float32(tmp_path):
+    torch = pytest.importorskip("torch")  # the model extra; bfloat16 has no numpy dtype
+    from safetensors.torch import save_file
+
+    w_dec = np.random.default_rng(2).standard_normal((40, 24)).astype(np.float32)
+    write_sae(tmp_path / "s", w_dec, "blocks.0.hook_resid_post", "m")
+    rounded = torch.from_numpy(w_dec).bfloat16()
+    save_file({"W_dec": rounded}, str(tmp_path / "s" / "sae_weights.safetensors"))
+    rows = load_decoder(ref("path", tmp_path / "s"))[1]
+    np.testing.assert_array_equal(rows[5:17], rounded.float().numpy()[5:17])
+    np.testing.assert_array_equal(np.asarray(rows), rounded.float().numpy())
+
+
+# Matches layer 1 of a two-layer residual pack with tiles of 8 rows, and prints this
+# process's peak RSS before and after, in bytes. VmHWM, not ru_maxrss: a child's
+# ru_maxrss starts from its parent's RSS at fork, here the test's arrays.
+MATCH_ONE_LAYER = """
+import re, sys
+import numpy as np
+from flowdb.build import match_layer
+from flowdb.manifest import load_manifest
+from flowdb.matching import Matcher
+from flowdb.plan import make_plan
+
+plan = make_plan(load_manifest(sys.argv[1]))
+matcher = Matcher.for_device("cpu", query_tile=8, base_tile=8)
+peak = lambda: int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read())[1]) * 1024
+before = peak()
+layer = match_layer(plan, 1, matcher)
+after = peak()
+np.save(sys.argv[2], layer.indices["res"][:, 0])
+print(before, after)
+"""
+
+
+def test_a_wide_decoder_is_never_whole_in_memory(tmp_path):
+    """Two decoders of 128 MiB each (256 MiB files, with W_enc): matching one against the
+    other in small tiles raises the matcher's peak RSS by far less than one decoder.
+    Few rows and a wide d_in keep the search itself cheap."""
+    import subprocess
+    import sys
+
+    rows, d = 256, 131072
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((rows, d), dtype=np.float32)
+    planted = rng.permutation(rows)  # query i is a noisy copy of base row planted[i]
+    queries = base[planted] + np.float32(0.1) * rng.standard_normal((rows, d), dtype=np.float32)
+    for layer, w_dec in enumerate((base, queries)):
+        write_sae(tmp_path / f"res_{layer}", w_dec, f"blocks.{layer}.hook_resid_post", "m")
+    decoder_bytes = base.nbytes + queries.nbytes
+    del base, queries
+    manifest = tmp_path / "m.toml"
+    manifest.write_text('name = "wide"\nmodel = "m"\nlayers = [0, 1]\n[match]\nk = 1\n'
+                        f'[modules.res]\npath = "{tmp_path}/res_{{layer}}"\n')
+    found = tmp_path / "top1.npy"
+    # One thread: FAISS's thread pool costs more than it gains on tiles this small.
+    done = subprocess.run([sys.executable, "-c", MATCH_ONE_LAYER, str(manifest), str(found)],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    before, after = map(int, done.stdout.split()[-2:])
+    assert (np.load(found) == planted).all()  # it did search both decoders
+    assert after - before < decoder_bytes / 4, (before, after, decoder_bytes)
