@@ -455,15 +455,15 @@ def cypher(statement, pairs, write, fmt, settings):
     """Run raw Cypher; read-only unless --write."""
     import pandas as pd
 
-    from flowdb.errors import DatabaseError, QueryError
-    from flowdb.queries import refuse_in_read_mode
+    from flowdb import guard
+    from flowdb.errors import DatabaseError, QueryError, ReadOnlyRefused
 
-    if not write:
-        refuse_in_read_mode(statement)
     params = _parse_params(pairs)
     with _connect(settings) as db:
         try:
-            rows = (db.write if write else db.read)(statement, **params)
+            rows = db.write(statement, **params) if write else guard.read(db, statement, params)
+        except ReadOnlyRefused as exc:
+            raise QueryError(f"{exc} (flowdb cypher reads by default; use --write to run it)") from None
         except DatabaseError as exc:
             hint = " (use --write to change the graph)" if not write and "write" in str(exc).lower() else ""
             raise QueryError(f"{exc}{hint}") from None

@@ -25,6 +25,14 @@ class QueryError(FlowdbError):
     """An unknown template, a missing or unknown parameter, or a failing query."""
 
 
+class ReadOnlyRefused(QueryError):
+    """Neo4j's plan of a statement run read-only shows it does more than read the graph."""
+
+
+class StatementRejected(QueryError):
+    """Neo4j cannot plan a statement (syntax, unknown procedure, several statements)."""
+
+
 class DatabaseError(FlowdbError):
     """Neo4j answered but refused or stopped the work (unknown database, conflict, ...)."""
 

@@ -207,32 +207,6 @@ def run_template(db, name: str, params: dict[str, Any] | None = None, timeout_s:
 class IncompleteBuildWarning(UserWarning):
     """A query read a pack whose build is not complete."""
 
-# Raw Cypher in read mode: what a read transaction would still allow but a reader
-# must not do (read files or URLs, commit on its own, administer the server).
-_STRINGS_AND_COMMENTS = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|//[^\n]*|/\*.*?\*/", re.S)
-_WRITE_ONLY = (
-    (re.compile(r"\bLOAD\s+CSV\b", re.I), "LOAD CSV"),
-    (re.compile(r"\bIN\s+(?:\d+\s+)?(?:CONCURRENT\s+)?TRANSACTIONS\b", re.I), "CALL ... IN TRANSACTIONS"),
-    (re.compile(r"\bTERMINATE\s+TRANSACTIONS?\b", re.I), "TERMINATE TRANSACTIONS"),
-    (re.compile(r"\bSHOW\s+(?:\w+\s+)*?(?:TRANSACTIONS?|SETTINGS?|USERS?|ROLES?|PRIVILEGES|SERVERS?)\b", re.I),
-     "administration commands"),
-    (re.compile(r"\b(?:CREATE|DROP|ALTER|RENAME|GRANT|DENY|REVOKE|START|STOP|ENABLE|DEALLOCATE|REALLOCATE)"
-                r"\s+(?:OR\s+REPLACE\s+)?(?:COMPOSITE\s+|CURRENT\s+)?"
-                r"(?:USER|ROLE|DATABASE|ALIAS|SERVER|DATABASES|PRIVILEGE)\b", re.I), "administration commands"),
-    (re.compile(r"\bCALL\s+dbms\.(?!components\b)", re.I), "dbms procedures"),
-    (re.compile(r"\bUSE\s+system\b", re.I), "the system database"),
-)
-
-
-def refuse_in_read_mode(statement: str) -> None:
-    """Raise QueryError when raw Cypher does what only --write may do."""
-    # Literals and comments say nothing; backticked names are read as plain names.
-    bare = _STRINGS_AND_COMMENTS.sub(" ", statement).replace("`", "")
-    for pattern, what in _WRITE_ONLY:
-        if pattern.search(bare):
-            raise QueryError(f"{what} runs only with --write (flowdb cypher reads by default)")
-
-
 def records(frame) -> list[dict]:
     """A DataFrame's rows as JSON-ready dicts: missing values (NaN, NA, NaT) become None."""
     import pandas as pd

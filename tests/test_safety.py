@@ -224,30 +224,6 @@ def test_json_output_is_json(db):
     assert rows == [{"x": 1.5, "y": "a"}, {"x": None, "y": None}]
 
 
-@pytest.mark.parametrize("statement", [
-    "LOAD CSV FROM 'file:///etc/passwd' AS line RETURN line",
-    "load  csv with headers from 'http://127.0.0.1:1/x' as l return l",
-    "MATCH (n) CALL (n) { SET n.x = 1 } IN TRANSACTIONS RETURN 1",
-    "TERMINATE TRANSACTIONS 'neo4j-transaction-1'",
-    "SHOW TRANSACTIONS",
-    "SHOW SETTINGS",
-    "CREATE USER eve SET PASSWORD 'x'",
-    "CALL dbms.listConfig()",
-    "CALL `dbms`.`listConfig`()",
-    "EXPLAIN USE system SHOW USERS",
-])
-def test_read_mode_refuses_what_only_write_may_do(db, statement):
-    result = invoke("cypher", statement)
-    assert result.exit_code == 1 and one_line_error(result), result.output
-    assert "--write" in result.output
-
-
-def test_read_mode_allows_strings_that_look_like_commands(db):
-    result = invoke("cypher", "RETURN 'LOAD CSV FROM x' AS text // SHOW USERS", "--format", "csv")
-    assert result.exit_code == 0 and "LOAD CSV FROM x" in result.output
-    assert invoke("cypher", "CALL dbms.components() YIELD name RETURN name").exit_code == 0
-
-
 def exposed(home) -> list[str]:
     """What under home (itself included) its group or others may use, with the mode."""
     return [f"{path} {stat.S_IMODE(path.lstat().st_mode):o}" for path in [home, *home.rglob("*")]
