@@ -33,6 +33,7 @@ import pandas as pd
 from flowdb import __version__
 from flowdb.build import LayerBuild, classified, match_layer
 from flowdb.errors import BusyError, FlowdbError
+from flowdb.files import regular_file
 from flowdb.graph import feature_key, threshold_properties
 from flowdb.matching import Matcher
 from flowdb.modules import MODULES, RESIDUAL
@@ -59,7 +60,7 @@ class Atlas:
     @property
     def info(self) -> dict:
         try:
-            info = json.loads((self.root / "atlas.json").read_text())
+            info = json.loads(regular_file(self.root / "atlas.json", "atlas").read_text())
         except (OSError, ValueError) as exc:
             raise FlowdbError(f"{self.root / 'atlas.json'} is unreadable ({exc})") from None
         if info.get("format") != FORMAT:
@@ -90,7 +91,7 @@ class Atlas:
                               "run flowdb match on its manifest again to finish it")
 
     def layer_meta(self, layer: int) -> dict:
-        return json.loads((self.root / "layers" / f"{layer}.json").read_text())
+        return json.loads(regular_file(self.root / "layers" / f"{layer}.json", "atlas").read_text())
 
     def matchers(self) -> str:
         """The backends that searched this atlas's layers, e.g. "faiss-cpu"."""
@@ -115,7 +116,7 @@ class Atlas:
 
     def read_layer(self, layer: int) -> LayerBuild:
         built = self.read_layer_header(layer)
-        edges = pd.read_parquet(self._part("edges", layer),
+        edges = pd.read_parquet(regular_file(self._part("edges", layer), "atlas"),
                                 columns=["source_module", "target_index", "rank", "source_index", "cosine"])
         n_res = built.widths[RESIDUAL.name]
         for place, part in edges.groupby("source_module", sort=False):
@@ -123,7 +124,7 @@ class Atlas:
             built.indices[place] = part["source_index"].to_numpy(np.int32).reshape(n_res, -1)
             built.scores[place] = part["cosine"].to_numpy(np.float32).reshape(n_res, -1)
         built = classified(built, self.plan)
-        stored = pd.read_parquet(self._part("residual", layer), columns=["category"])["category"]
+        stored = pd.read_parquet(regular_file(self._part("residual", layer), "atlas"), columns=["category"])["category"]
         if not np.array_equal(stored.to_numpy(object), built.categories):
             raise FlowdbError(f"atlas {self.root}: layer {layer}'s stored categories differ from its "
                               "edges under its thresholds; the atlas is damaged: match it again")

@@ -51,6 +51,7 @@ from flowdb import __version__, graph
 from flowdb.build import LayerBuild
 from flowdb.database import Database, neo4j_errors
 from flowdb.errors import FlowdbError
+from flowdb.files import regular_file
 from flowdb.modules import MODULES, RESIDUAL
 from flowdb.neo4j_server import ManagedServer
 from flowdb.settings import private_dir
@@ -136,7 +137,7 @@ class ImportFiles:
         """Import files written before (by write_import_files, maybe in another process)."""
         directory = Path(directory).absolute()
         try:
-            state = json.loads((directory / MANIFEST).read_text())
+            state = json.loads(regular_file(directory / MANIFEST, "import files").read_text())
         except (OSError, ValueError) as exc:
             raise FlowdbError(f"{directory} holds no flowdb import files ({exc})") from None
         if state.get("format") != FORMAT:

@@ -624,9 +624,10 @@ def validate_curve(tables, out):
     `validate deactivation --csv` table (one per budget)."""
     import pandas as pd
 
+    from flowdb.files import regular_file
     from flowdb.plots import plot_budget_curve
 
-    table = pd.concat([pd.read_csv(path) for path in tables], ignore_index=True)
+    table = pd.concat([pd.read_csv(regular_file(path, "table")) for path in tables], ignore_index=True)
     shown = table[table["matcher"].isin(["top-1", "random-active", "exhaustive"])]
     columns = ["pack", "train_tokens", "residual_ev", "residual_l0", "matcher", "trials", "success_rate",
                "success_lo", "success_hi", "activation_change"]

@@ -321,7 +321,7 @@ def pack_facts(db: Database, pack_name: str) -> dict:
     planted = pack.plan.sae(pack.layers.start, RESIDUAL.name)
     home = Path(planted.ref.location).parents[2] if planted is not None and planted.ref.kind == "path" else None
     facts = {"train_tokens": np.nan, "residual_ev": np.nan, "residual_l0": np.nan, "architecture": ""}
-    if home is not None and (home / "spec.json").exists() and (home / "quality.csv").exists():
+    if home is not None and (home / "spec.json").is_file() and (home / "quality.csv").is_file():
         spec = json.loads((home / "spec.json").read_text())
         residual = pd.read_csv(home / "quality.csv").query("module == 'res'")
         facts.update(train_tokens=spec["train_tokens"], architecture=spec["architecture"],

@@ -7,28 +7,33 @@ labelled feature also gets `label`, its best explanation: the highest-scoring on
 where the API gave scores, else the first by explanation id (bulk exports carry no
 scores). Rows that match no stored feature are counted by reason, not dropped silently.
 
-An import is all-or-nothing per file: every row of a file is checked before any is
-written, and the file's explanations and its features' labels go in one transaction.
+An import is all-or-nothing per file: a file is read as a stream (memory does not grow
+with it), its rows checked and written as they come in one transaction, which commits
+only once the last row has passed; any bad row rolls the whole file back.
 A fetch records every feature it asked about (with the problem, when the answer was
 unusable), so a stopped or failing run resumes with the features not yet asked.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
+import math
 import os
 import re
 import time
+import zlib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from flowdb import graph
 from flowdb.database import Database
 from flowdb.errors import FlowdbError
+from flowdb.files import regular_file
 
 NEURONPEDIA_API = "https://www.neuronpedia.org/api"
 REQUIRED_FIELDS = ("modelId", "layer", "index", "description")
@@ -42,6 +47,11 @@ RETRY_AFTER_MAX_S = 60.0  # a server asking for longer is treated as asking for 
 CONNECT_TIMEOUT_S = 10.0
 CHUNK_BYTES = 64 * 1024
 MAX_ANSWER_BYTES = 32 * 1024 * 1024  # a feature's page is kilobytes; more is not an answer
+# One explanation row, embedding included, is kilobytes: a longer one is not a row.
+MAX_ROW_BYTES = 16 * 1024 * 1024
+READ_BYTES = 1 << 16
+MAX_DEPTH = 32
+SOURCES_SHOWN = 12
 
 
 @dataclass
@@ -54,6 +64,8 @@ class LabelReport:
     not_found: int = 0
     failed: int = 0  # answers that were unusable; recorded on the feature as np_problem
     labelled: set = field(default_factory=set, repr=False)  # keys whose label was (re)computed
+    unknown: set = field(default_factory=set)  # "model/source" no stored SAE has; the first few
+    known: list = field(default_factory=list)  # every stored SAE's "model/source"
 
     @property
     def features(self) -> int:
@@ -71,7 +83,32 @@ class LabelReport:
         if self.unmatched:
             reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.unmatched.items()))
             text += f"; {sum(self.unmatched.values())} rows matched no feature ({reasons})"
+        if self.unknown:
+            text += f"; unknown sources: {_listed(sorted(self.unknown), counted=False)}; " + (
+                f"the stored SAEs have {_listed(self.known)}" if self.known else
+                "no stored SAE has a Neuronpedia source (set neuronpedia in the manifest's [modules.*])")
         return text
+
+    def add(self, part: LabelReport) -> None:
+        """Count in what one committed file (or answer) stored."""
+        self.rows += part.rows
+        self.explanations += part.explanations
+        self.unmatched.update(part.unmatched)
+        self.labelled |= part.labelled
+        for name in part.unknown:
+            self.note_unknown(name)
+
+    def note_unknown(self, name: str) -> None:
+        # One more than is shown, so the summary can say there were more.
+        if len(self.unknown) <= SOURCES_SHOWN:
+            self.unknown.add(name)
+
+
+def _listed(names: list[str], counted: bool = True) -> str:
+    if len(names) <= SOURCES_SHOWN:
+        return ", ".join(names)
+    shown = ", ".join(names[:SOURCES_SHOWN])
+    return f"{shown}, ... ({len(names)} in all)" if counted else f"{shown}, ..."
 
 
 # --- checking rows -------------------------------------------------------------------------
@@ -81,8 +118,15 @@ class _RowProblem(ValueError):
 
 
 def _shown(value) -> str:
-    text = json.dumps(value, default=str)
+    try:
+        text = json.dumps(value, default=str)
+    except (RecursionError, ValueError):  # nested deeper than the encoder goes, or NaN-like
+        return f"a {type(value).__name__} nested too deeply to show"
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _index(value) -> int:
@@ -110,8 +154,6 @@ def _checked(row) -> dict:
     missing = [name for name in REQUIRED_FIELDS if row.get(name) is None or row.get(name) == ""]
     if missing:
         raise _RowProblem(f"lacks {', '.join(missing)}")
-    if row.get("scores") is not None and not isinstance(row["scores"], list):
-        raise _RowProblem(f"has scores {_shown(row['scores'])}; it must be a list")
     checked = {"modelId": _text(row, "modelId", True), "source": _text(row, "layer", True),
                "index": _index(row["index"]), "description": _text(row, "description", True),
                **{name: _text(row, name, False) for name in KEPT_FIELDS}, "score": _score(row)}
@@ -120,9 +162,23 @@ def _checked(row) -> dict:
 
 
 def _score(row: dict) -> float | None:
-    values = [s.get("value") for s in row.get("scores") or [] if isinstance(s, dict)]
-    values = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return float(max(values)) if values else None
+    """The best of an explanation's scores: each a number, or an object whose value is a
+    number (Neuronpedia's form) or null (not scored). Anything else is refused, not skipped."""
+    scores = row.get("scores")
+    if scores is None:
+        return None
+    if not isinstance(scores, list):
+        raise _RowProblem(f"has scores {_shown(scores)}; it must be a list")
+    values = []
+    for number, entry in enumerate(scores, start=1):
+        value = entry.get("value", "missing") if isinstance(entry, dict) else entry
+        if isinstance(entry, dict) and value is None:
+            continue
+        if not _number(value):
+            raise _RowProblem(f"has scores entry {number} {_shown(entry)}; each must be a finite number "
+                              'or an object like {"value": 0.9}')
+        values.append(float(value))
+    return max(values) if values else None
 
 
 def _explanation_id(row: dict) -> str:
@@ -146,40 +202,124 @@ def export_files(path: str | Path) -> list[Path]:
     raise FlowdbError(f"{path}: no such file or directory")
 
 
-def read_file(file: Path) -> list[dict]:
-    """Every row of one export file, checked; FlowdbError names the first bad row and field."""
+class LabelFileError(FlowdbError):
+    """A label file that cannot be read, or a row of it that is wrong."""
+
+
+TOO_DEEP = "JSON nested deeper than Python's parser goes"
+
+
+def read_file(file: Path) -> Iterator[dict]:
+    """Every row of one export file, checked, as it is read; LabelFileError names the
+    first bad row and field."""
     try:
-        return [_checked_at(file, number, row) for number, row in _raw_rows(file)]
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
-        raise FlowdbError(f"{file}: unreadable export ({exc})") from None
+        regular_file(file, "label file", error=LabelFileError)
+        for number, row in _raw_rows(file):
+            yield _checked_at(file, number, row)
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
+        raise LabelFileError(f"{file}: unreadable export ({exc})") from None
 
 
-def _raw_rows(file: Path) -> Iterable[tuple[int, object]]:
+def _raw_rows(file: Path) -> Iterator[tuple[int, object]]:
     if file.name.endswith(".json"):
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise FlowdbError(f"{file}: not JSON ({exc})") from None
-        rows = data.get("explanations") if isinstance(data, dict) else data
-        if not isinstance(rows, list):
-            raise FlowdbError(f"{file}: neither a list of explanations nor an object with one")
-        yield from enumerate(rows, start=1)
+        yield from _json_rows(file)
         return
     opener = gzip.open if file.name.endswith(".gz") else open
     with opener(file, "rt", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+        number = 0
+        # A bounded readline: one endless line is refused, not held.
+        while line := handle.readline(MAX_ROW_BYTES + 1):
+            number += 1
+            if len(line) > MAX_ROW_BYTES:
+                raise _too_long(file, number)
             if line.strip():
-                try:
-                    yield number, json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise FlowdbError(f"{file}: row {number} is not JSON ({exc})") from None
+                yield number, _decoded(file, number, line)
+
+
+def _decoded(file: Path, number: int, line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise LabelFileError(f"{file}: row {number} is not JSON ({exc})") from None
+    except RecursionError:
+        raise LabelFileError(f"{file}: row {number} is {TOO_DEEP}") from None
+
+
+def _too_long(file: Path, number: int) -> LabelFileError:
+    return LabelFileError(f"{file}: row {number} is longer than {MAX_ROW_BYTES >> 20} MiB; "
+                          "an explanation row is kilobytes")
+
+
+def _json_rows(file: Path) -> Iterator[tuple[int, object]]:
+    """The rows of a JSON list of explanations, or of an object's "explanations" list,
+    parsed incrementally by ijson: a row is held only while it is checked."""
+    import ijson
+
+    with open(file, "rb") as handle:
+        bounded = _RowBound(handle, file)
+        try:
+            yield from _rows_of(ijson.basic_parse(bounded, use_float=True), file, bounded)
+        except ijson.JSONError as exc:
+            raise LabelFileError(f"{file}: not JSON ({str(exc).strip().splitlines()[0]})") from None
+
+
+def _rows_of(events, file: Path, bounded: _RowBound) -> Iterator[tuple[int, object]]:
+    """(number, row) from ijson's basic events. Depth is counted here and bounded:
+    ijson's prefixed events grow with depth squared, and a row nests three deep."""
+    from ijson.common import ObjectBuilder
+
+    depth, number, rows_at, found, after_key, row = 0, 0, None, False, False, None
+    for event, value in events:
+        if row is None and depth == rows_at and event != "end_array":
+            row = ObjectBuilder()
+        if row is not None:
+            row.event(event, value)
+        if event in ("start_map", "start_array"):
+            if event == "start_array" and (depth == 0 or after_key):
+                rows_at, found = depth + 1, True
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise LabelFileError(f"{file}: row {number + 1} is JSON nested more than {MAX_DEPTH} "
+                                     "deep; an explanation row nests three deep")
+        elif event in ("end_map", "end_array"):
+            depth -= 1
+            if rows_at is not None and depth < rows_at:
+                rows_at = None  # the list of rows has ended
+        after_key = depth == 1 and event == "map_key" and value == "explanations"
+        if row is not None and depth == rows_at:
+            number += 1
+            bounded.row_read(number + 1)
+            yield number, row.value
+            row = None
+    if not found:
+        raise LabelFileError(f"{file}: neither a list of explanations nor an object with one")
+
+
+class _RowBound:
+    """A binary file read for ijson that refuses more than MAX_ROW_BYTES (plus what
+    the parser reads ahead) between two rows, so a value too long to be a row is
+    refused before it is held whole."""
+
+    def __init__(self, handle, file: Path):
+        self.handle, self.file = handle, file
+        self.since_row, self.row = 0, 1
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.handle.read(READ_BYTES if size is None or size < 0 else min(size, READ_BYTES))
+        self.since_row += len(data)
+        if self.since_row > MAX_ROW_BYTES + 2 * READ_BYTES:
+            raise _too_long(self.file, self.row)
+        return data
+
+    def row_read(self, next_row: int) -> None:
+        self.since_row, self.row = 0, next_row
 
 
 def _checked_at(file: Path, number: int, row) -> dict:
     try:
         return _checked(row)
     except _RowProblem as exc:
-        raise FlowdbError(f"{file}: row {number} {exc}") from None
+        raise LabelFileError(f"{file}: row {number} {exc}") from None
 
 
 # --- storing -------------------------------------------------------------------------------
@@ -191,58 +331,66 @@ def _sources(db: Database, pack: str | None) -> dict[tuple[str, str], list[dict]
     return joined
 
 
-def _joined(rows: list[dict], sources: dict, report: LabelReport) -> list[dict]:
-    """One stored row per (explanation, feature); rows matching no feature are counted."""
-    batch = []
-    for row in rows:
-        report.rows += 1
-        targets = sources.get((row["modelId"], row["source"]))
-        if not targets:
-            report.unmatched["with an unknown model/source"] += 1
-            continue
-        in_range = [t for t in targets if row["index"] < (t["n"] or 0)]
-        if not in_range:
-            report.unmatched["with an index beyond the SAE's width"] += 1
-            continue
-        batch += [{**row, "key": graph.feature_key(t["pack"], t["layer"], t["module"], row["index"])}
-                  for t in in_range]
-    return batch
+def _joined(row: dict, sources: dict, report: LabelReport) -> list[dict]:
+    """The stored rows of one explanation, one per feature it names; one naming none is counted."""
+    report.rows += 1
+    targets = sources.get((row["modelId"], row["source"]))
+    if not targets:
+        report.unmatched["with an unknown model/source"] += 1
+        report.note_unknown(f"{row['modelId']}/{row['source']}")
+        return []
+    in_range = [t for t in targets if row["index"] < (t["n"] or 0)]
+    if not in_range:
+        report.unmatched["with an index beyond the SAE's width"] += 1
+        return []
+    return [{**row, "key": graph.feature_key(t["pack"], t["layer"], t["module"], row["index"])}
+            for t in in_range]
 
 
-def _store(db: Database, rows: list[dict], sources: dict, report: LabelReport) -> None:
-    """Write checked rows and their features' best labels in one transaction."""
-    batch = _joined(rows, sources, report)
-    if not batch:
-        return
-    keys = sorted({row["key"] for row in batch})
+def _store(db: Database, rows: Callable[[], Iterable[dict]], sources: dict, report: LabelReport) -> None:
+    """Write checked rows and their features' best labels in one transaction, committed
+    only once `rows()` has given its last row: an exception from it stores nothing."""
     with db.session() as session:
-        report.explanations += session.execute_write(_write_all, batch, keys)
-    report.labelled.update(keys)
+        report.add(session.execute_write(_write_all, rows, sources))
 
 
-def _write_all(tx, batch: list[dict], keys: list[str]) -> int:
-    # Re-run whole on a transient error: MERGE by explanation id makes that harmless.
-    stored = sum(graph.write_explanations(tx, batch[start:start + WRITE_BATCH])
-                 for start in range(0, len(batch), WRITE_BATCH))
+def _write_all(tx, rows: Callable[[], Iterable[dict]], sources: dict) -> LabelReport:
+    # Re-run whole on a transient error (rows() reads the file again): MERGE by id makes that harmless.
+    part, batch = LabelReport(), []
+    for row in rows():
+        batch += _joined(row, sources, part)
+        if len(batch) >= WRITE_BATCH:
+            _write_batch(tx, batch, part)
+            batch = []
+    _write_batch(tx, batch, part)
+    keys = sorted(part.labelled)
     for start in range(0, len(keys), WRITE_BATCH):
         graph.set_best_labels(tx, keys[start:start + WRITE_BATCH])
-    return stored
+    return part
+
+
+def _write_batch(tx, batch: list[dict], part: LabelReport) -> None:
+    if batch:
+        part.explanations += graph.write_explanations(tx, batch)
+        part.labelled.update(row["key"] for row in batch)
 
 
 def import_labels(db: Database, path: str | Path, pack: str | None = None) -> LabelReport:
-    """Import an export file by file, each file in one transaction after checking all its rows.
+    """Import an export file by file, each file in one transaction that commits only when
+    all its rows have been read and passed.
 
     A bad row stops the import; earlier files stay committed (importing them again
     stores nothing new: explanations are merged by id)."""
-    report = LabelReport()
+    if pack is not None:
+        graph.require_pack(db, pack)
     sources = _sources(db, pack)
+    report = LabelReport(known=sorted(f"{model}/{source}" for model, source in sources))
     for file in export_files(path):
         try:
-            rows = read_file(file)
-        except FlowdbError as exc:
-            raise FlowdbError(f"{exc}; nothing of this file was stored ({report.files} earlier "
-                              f"file(s) with {report.explanations} explanations are committed)") from None
-        _store(db, rows, sources, report)
+            _store(db, functools.partial(read_file, file), sources, report)
+        except LabelFileError as exc:
+            raise LabelFileError(f"{exc}; nothing of this file was stored ({report.files} earlier "
+                                 f"file(s) with {report.explanations} explanations are committed)") from None
         report.files += 1
     return report
 
@@ -296,7 +444,7 @@ def _fetch_one(db: Database, session, url: str, feature: dict, sources: dict,
         report.not_found += 1
     else:
         report.fetched += 1
-        _store(db, rows, sources, report)
+        _store(db, lambda: rows, sources, report)
     graph.mark_fetched(db, feature["key"])
 
 
@@ -334,15 +482,44 @@ def _retry_class():
     return NotedRetry
 
 
-def _session(api_key: str | None, retries: int, backoff_s: float):
+def origin(url: str) -> str:
+    """scheme://host:port, the port spelled out, so that equal origins compare equal."""
+    from urllib3.util import parse_url
+
+    parsed = parse_url(url)
+    scheme = (parsed.scheme or "http").lower()
+    port = parsed.port or {"http": 80, "https": 443}.get(scheme)
+    return f"{scheme}://{(parsed.host or '').lower()}:{port}"
+
+
+def _session_class():
     import requests
+
+    class OriginBoundSession(requests.Session):
+        """Follows a redirect only within the origin it was sent to, so the API key is never
+        sent elsewhere (requests would keep a custom header such as x-api-key on any host)."""
+
+        def rebuild_auth(self, prepared_request, response):
+            # Called for each redirect before it is followed.
+            sent_to, sent_on = origin(response.request.url), origin(prepared_request.url)
+            if sent_on != sent_to:
+                raise FlowdbError(
+                    f"{response.request.url}: the server redirected to {sent_on}, another origin than "
+                    f"{sent_to}; flowdb follows no redirect away from the API's origin (its key stays "
+                    "there): set NEURONPEDIA_API_URL or --api-url to where the API answers")
+            super().rebuild_auth(prepared_request, response)
+
+    return OriginBoundSession
+
+
+def _session(api_key: str | None, retries: int, backoff_s: float):
     from requests.adapters import HTTPAdapter
 
     retry = _retry_class()(
         total=retries, status_forcelist=RETRY_STATUSES, allowed_methods=frozenset({"GET"}),
         backoff_factor=backoff_s, respect_retry_after_header=True,
         raise_on_status=False)  # the last answer comes back, so its status can be reported
-    session = requests.Session()
+    session = _session_class()()
     adapter = HTTPAdapter(max_retries=retry)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
@@ -374,6 +551,8 @@ def _get(session, url: str, deadline_s: float):
         return json.loads(body)
     except ValueError:
         raise _Unusable("the answer is not JSON") from None
+    except RecursionError:
+        raise _Unusable(f"the answer is {TOO_DEEP}") from None
 
 
 def _answer_expected(response, url: str) -> bool:

@@ -31,6 +31,7 @@ from pydantic import Field, ValidationError
 
 from flowdb.classify import ClassifyTable, Thresholds
 from flowdb.errors import ManifestError
+from flowdb.files import read_small_text
 from flowdb.modules import NAMES as MODULES
 from flowdb.schema import NonEmpty, Strict, explain
 from flowdb.settings import flowdb_home
@@ -131,7 +132,7 @@ def load_manifest(path: str | Path, *, k: int | None = None,
     """Parse and check a manifest; k and thresholds given here override the file."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(read_small_text(path, "manifest", error=ManifestError))
     except FileNotFoundError:
         raise ManifestError(f"{path}: no such manifest") from None
     except (OSError, UnicodeDecodeError, RuntimeError) as exc:

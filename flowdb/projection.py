@@ -52,10 +52,12 @@ from pathlib import Path
 import numpy as np
 
 from flowdb.errors import FlowdbError, PackError
+from flowdb.files import read_small_text, regular_file
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+MODEL_JSON_BYTES = 16 << 20  # config.json and a shard index; the largest models' index is ~100 kB
 
 
 @dataclass(frozen=True)
@@ -289,21 +291,24 @@ class _LocalFiles:
         self.where = str(directory)
 
     def exists(self, name: str) -> bool:
-        return (self.directory / name).is_file()
+        return (self.directory / name).exists()
+
+    def file(self, name: str) -> str:
+        return str(regular_file(self.directory / name, "model file"))
 
     def text(self, name: str) -> str:
-        return (self.directory / name).read_text()
+        return read_small_text(self.directory / name, "model file", max_bytes=MODEL_JSON_BYTES)
 
     def keys(self, name: str) -> list[str]:
         from safetensors import safe_open
 
-        with safe_open(str(self.directory / name), framework="pt") as handle:
+        with safe_open(self.file(name), framework="pt") as handle:
             return list(handle.keys())
 
     def tensors(self, name: str, keys: list[str]) -> dict:
         from safetensors import safe_open
 
-        with safe_open(str(self.directory / name), framework="pt") as handle:
+        with safe_open(self.file(name), framework="pt") as handle:
             return {key: handle.get_tensor(key) for key in keys}
 
 

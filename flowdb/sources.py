@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from flowdb.errors import PackError
+from flowdb.files import read_small_text, regular_file
 from flowdb.manifest import SourceRef
 from flowdb.settings import flowdb_home
 
@@ -66,7 +67,7 @@ def load_decoder(ref: SourceRef) -> tuple[SaeInfo, np.ndarray | SafetensorsRows]
     elif ref.kind == "npz":
         info = _inspect_npz(ref)
         try:
-            with np.load(ref.location) as data:
+            with np.load(local_file(Path(ref.location), ref)) as data:
                 w_dec = np.asarray(data["W_dec"], dtype=np.float32)
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
             raise PackError(f"{where(ref)}: cannot read W_dec ({exc})") from None
@@ -117,7 +118,7 @@ def _file_digest(path: Path, ref: SourceRef) -> str:
     any write changes ctime, which no user can set back, so a hit is the same content."""
     try:
         real = path.resolve(strict=True)
-        stat = real.stat()
+        stat = local_file(real, ref).stat()
     except (OSError, RuntimeError) as exc:  # missing, unreadable, or a symlink loop
         raise PackError(f"{where(ref)}: cannot read {path} ({type(exc).__name__})") from None
     stamp = f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
@@ -161,13 +162,23 @@ def _save_digest_cache(cache: dict) -> None:
         pass  # the cache only saves time
 
 
+def local_file(path: Path, ref: SourceRef) -> Path:
+    """An SAE file that exists and is a regular file, else PackError saying which."""
+    try:
+        return regular_file(path, "SAE", error=PackError, where=f"{where(ref)}: ")
+    except FileNotFoundError:
+        raise PackError(f"{where(ref)}: missing {path.name}") from None
+    except OSError as exc:
+        raise PackError(f"{where(ref)}: cannot read {path} ({exc.strerror})") from None
+
+
 def _inspect_saelens_dir(ref: SourceRef) -> SaeInfo:
     directory = Path(ref.location)
     cfg_path = directory / CFG_FILE
     if not directory.is_dir():
         raise PackError(f"{where(ref)}: no such directory")
     try:
-        cfg = json.loads(cfg_path.read_text())
+        cfg = json.loads(read_small_text(cfg_path, CFG_FILE, error=PackError, where=f"{where(ref)}: "))
     except FileNotFoundError:
         raise PackError(f"{where(ref)}: missing {CFG_FILE}") from None
     except (OSError, ValueError) as exc:
@@ -190,8 +201,7 @@ def _inspect_saelens_dir(ref: SourceRef) -> SaeInfo:
 def _safetensor_shape(path: Path, key: str, ref: SourceRef) -> tuple[int, ...]:
     from safetensors import safe_open
 
-    if not path.exists():
-        raise PackError(f"{where(ref)}: missing {path.name}")
+    local_file(path, ref)
     try:
         with safe_open(str(path), framework="numpy") as handle:
             if key not in handle.keys():
@@ -252,6 +262,7 @@ class SafetensorsRows:
     def _open(self, framework: str):
         from safetensors import safe_open
 
+        local_file(self.path, self.ref)
         try:
             return safe_open(str(self.path), framework=framework)
         except Exception as exc:
@@ -259,9 +270,7 @@ class SafetensorsRows:
 
 
 def _inspect_npz(ref: SourceRef) -> SaeInfo:
-    path = Path(ref.location)
-    if not path.exists():
-        raise PackError(f"{where(ref)}: missing file")
+    path = local_file(Path(ref.location), ref)
     try:
         with zipfile.ZipFile(path) as archive, archive.open("W_dec.npy") as member:
             version = np.lib.format.read_magic(member)
@@ -347,6 +356,9 @@ def load_sae(ref: SourceRef, device: str = "cpu"):
     if ref.kind == "npz":
         raise PackError(f"{where(ref)}: running SAEs needs a sae-lens directory or release; "
                         "convert the params.npz with sae-lens first")
+    if ref.kind == "path":
+        for name in (CFG_FILE, WEIGHTS_FILE):
+            local_file(Path(ref.location) / name, ref)
     try:
         if ref.kind == "path":
             return SAE.load_from_disk(ref.location, device=device)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -219,3 +223,66 @@ def kill_when(proc, reached, delay: float = 0.0, timeout: float = 300.0) -> str:
     # A process that exited before the signal is reaped with its own exit status.
     assert proc.returncode == -signal.SIGKILL, f"the command ended by itself (exit {proc.returncode}): {output}"
     return output
+
+
+# --- running the command line in a subprocess -----------------------------------------------
+
+@dataclass
+class Finished:
+    code: int
+    stdout: str
+    stderr: str
+    peak_rss: int  # bytes: the command's own peak resident memory (VmHWM at exit)
+
+
+# The command line, reporting its peak memory at exit. Not getrusage: a child's
+# ru_maxrss starts at the RSS of the process it was forked from (here pytest's), as
+# Linux keeps the high-water mark across exec; VmHWM belongs to the new program alone.
+_REPORTING_CLI = """
+import atexit, sys
+report = sys.argv.pop(1)
+
+def write_peak():
+    with open("/proc/self/status") as status, open(report, "w") as out:
+        out.write(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+
+atexit.register(write_peak)
+from flowdb.cli import cli
+cli(prog_name="flowdb")
+"""
+
+
+def run_flowdb(*args, timeout: float = 120, env: dict | None = None) -> Finished:
+    """`flowdb ARGS` in a fresh interpreter; a hang fails the test at `timeout` seconds."""
+    with tempfile.TemporaryDirectory() as scratch:
+        report = Path(scratch) / "peak"
+        try:
+            done = subprocess.run([sys.executable, "-c", _REPORTING_CLI, str(report), *map(str, args)],
+                                  capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=timeout,
+                                  env={**os.environ, **(env or {})})
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"flowdb {' '.join(map(str, args))} still ran after {timeout} s") from None
+        return Finished(done.returncode, done.stdout, done.stderr, int(report.read_text()) * 1024)  # kB
+
+
+def assert_one_line_error(result: Finished, *fragments: str) -> str:
+    """A refusal as the house rules want it: non-zero exit, one "Error:" line on stderr,
+    no traceback; returns that line."""
+    assert result.code != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def serve(handler):
+    """A threaded HTTP server on 127.0.0.1 (a free port) running `handler`; shut it down after."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server

@@ -1,5 +1,6 @@
 import gzip
 import json
+import os
 import socket
 import threading
 import time
@@ -11,8 +12,11 @@ from click.testing import CliRunner
 from flowdb.cli import cli
 from flowdb.errors import DatabaseError, FlowdbError
 from flowdb.ingest import ingest
-from flowdb.labels import fetch_labels, import_labels
+from flowdb.labels import fetch_labels, import_labels, origin
 from flowdb.manifest import load_manifest
+from helpers import assert_one_line_error, run_flowdb, serve
+
+HANG = 60  # seconds: refusals here take well under one; a hang fails the test here
 
 # The public export's explanation fields (formats.md), in order.
 EXPORT_FIELDS = ("id", "modelId", "layer", "index", "authorId", "description", "embedding", "typeName",
@@ -387,3 +391,209 @@ def test_an_unreachable_server_stops_the_run_unrecorded(labelled_pack):
 def test_fetch_cli_unknown_pack(labelled_pack, neuronpedia_server):
     result = CliRunner().invoke(cli, ["labels", "fetch", "nosuch", "--api-url", neuronpedia_server])
     assert result.exit_code == 1 and "no pack named 'nosuch'" in result.output
+
+
+# --- credentials stay with their origin ------------------------------------------------------
+
+class Elsewhere(BaseHTTPRequestHandler):
+    """Another origin: records every request's headers and answers a label, which must
+    never be stored."""
+
+    seen: list = []
+
+    def do_GET(self):  # noqa: N802
+        Elsewhere.seen.append(dict(self.headers))
+        explained(self, "planted-model", "0-planted-res", "0")
+
+    def log_message(self, *args):
+        pass
+
+
+def redirect_to(location):
+    def answer(handler, *_):
+        handler.send_response(302)
+        handler.send_header("Location", location + handler.path)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+    return answer
+
+
+@pytest.fixture
+def elsewhere():
+    Elsewhere.seen = []
+    server = serve(Elsewhere)
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("target", ["another port", "another host", "another scheme"])
+def test_a_redirect_to_another_origin_is_refused_and_the_key_stays(labelled_pack, neuronpedia_server,
+                                                                   elsewhere, target):
+    api = neuronpedia_server.removesuffix("/api")
+    api_port = api.rsplit(":", 1)[1]
+    location = {"another port": f"http://127.0.0.1:{elsewhere}",
+                "another host": f"http://localhost:{elsewhere}",  # the same server under another name
+                "another scheme": f"https://127.0.0.1:{api_port}"}[target]
+    FakeNeuronpedia.plans = {"0": [redirect_to(location)]}
+    result = run_flowdb("labels", "fetch", "planted", "--module", "res", "--limit", "2", "--rate", "50",
+                        "--no-progress", "--api-url", neuronpedia_server,
+                        env={"NEURONPEDIA_API_KEY": "secret-key"}, timeout=HANG)
+    line = assert_one_line_error(result, f"redirected to {location}, another origin than {api}")
+    assert "secret-key" not in line
+    assert [key for _, key, _ in FakeNeuronpedia.seen] == ["secret-key"]  # the API's origin had it
+    assert Elsewhere.seen == []  # nothing was sent elsewhere, so neither was the key
+    assert stored_explanations(labelled_pack) == 0
+    assert problems(labelled_pack, [0, 1]) == [(False, None, None), (False, None, None)]
+
+
+def test_a_redirect_within_the_origin_is_followed_with_the_key(labelled_pack, neuronpedia_server, monkeypatch):
+    monkeypatch.setenv("NEURONPEDIA_API_KEY", "secret-key")
+    FakeNeuronpedia.plans = {"0": [redirect_to(neuronpedia_server.removesuffix("/api")), explained]}
+    report = fetch(labelled_pack, neuronpedia_server, limit=1)
+    assert (report.fetched, report.failed) == (1, 0)
+    assert [key for _, key, _ in FakeNeuronpedia.seen] == ["secret-key", "secret-key"]
+    assert problems(labelled_pack, [0]) == [(True, None, "strong 0")]
+
+
+def test_origins_compare_with_default_ports_spelled_out():
+    assert origin("https://Example.org/api") == origin("https://example.org:443/x") == "https://example.org:443"
+    assert origin("http://example.org/api") == "http://example.org:80"
+    assert len({origin("http://example.org/"), origin("https://example.org/"), origin("http://example.org:8080/"),
+                origin("http://example.com/")}) == 4
+
+
+# --- deep nesting -----------------------------------------------------------------------------
+
+def test_deeply_nested_json_from_the_server_is_recorded_as_unusable(labelled_pack, neuronpedia_server):
+    FakeNeuronpedia.plans = {"0": [send_body(b"[" * 100_000 + b"]" * 100_000)]}
+    report = fetch(labelled_pack, neuronpedia_server)
+    assert (report.failed, report.fetched) == (1, 1)
+    (fetched0, problem0, label0), = problems(labelled_pack, [0])
+    assert fetched0 and "nested deeper" in problem0 and label0 is None
+
+
+@pytest.mark.parametrize("name, text", [
+    ("deep.jsonl", "[" * 100_000 + "]" * 100_000 + "\n"),
+    ("deep.json", "[" + "[" * 100_000 + "]" * 100_000 + "]"),
+    ("deep-object.json", '{"explanations": [' + '{"a": ' * 50_000 + "1" + "}" * 50_000 + "]}")])
+def test_deeply_nested_label_files_are_refused_in_one_line(labelled_pack, tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    line = assert_one_line_error(run_flowdb("labels", "import", path, timeout=HANG), str(path), "row 1", "nested")
+    assert "unexpected" not in line
+    assert stored_explanations(labelled_pack) == 0
+
+
+# --- scores and unknown sources --------------------------------------------------------------
+
+def test_bare_number_scores_are_stored_and_pick_the_label(labelled_pack, tmp_path):
+    rows = [{**export_row(1, "0-planted-res", 4, "scored low"), "scores": [{"value": 0.2}]},
+            {**export_row(2, "0-planted-res", 4, "scored high"), "scores": [0.9]},
+            {**export_row(3, "0-planted-res", 4, "unscored"), "scores": [{"value": None}]}]
+    import_labels(labelled_pack, write_jsonl(tmp_path / "rows.jsonl", rows))
+    stored = labelled_pack.read("MATCH (e:Explanation)-[:EXPLAINS]->(f:Feature {key: 'planted/0/res/4'}) "
+                                "RETURN e.description AS d, e.score AS score, f.label AS label ORDER BY d")
+    assert [(r["d"], r["score"]) for r in stored] == [("scored high", 0.9), ("scored low", 0.2), ("unscored", None)]
+    assert {r["label"] for r in stored} == {"scored high"}  # by id it would be "scored low"
+
+
+@pytest.mark.parametrize("scores", [["0.9"], [{"val": 0.9}], [True], [[0.9]], [{"value": "high"}], [float("nan")]])
+def test_scores_that_are_not_numbers_are_refused_not_dropped(labelled_pack, tmp_path, scores):
+    rows = [export_row(1, "0-planted-res", 1, "good"), {**export_row(2, "0-planted-res", 2, "bad"), "scores": scores}]
+    with pytest.raises(FlowdbError) as caught:
+        import_labels(labelled_pack, write_jsonl(tmp_path / "rows.jsonl", rows))
+    message = str(caught.value)
+    assert "row 2" in message and "scores entry 1" in message and "\n" not in message
+    assert stored_explanations(labelled_pack) == 0
+
+
+def test_unknown_sources_are_named_with_the_stored_ones(labelled_pack, tmp_path):
+    rows = [export_row(1, "0-planted-res", 1, "known"), export_row(2, "9-other-res", 1, "unknown"),
+            {**export_row(3, "0-planted-res", 1, "other model"), "modelId": "gpt2-small"}]
+    report = import_labels(labelled_pack, write_jsonl(tmp_path / "rows.jsonl", rows))
+    summary = report.summary()
+    assert "2 with an unknown model/source" in summary
+    assert "unknown sources: gpt2-small/0-planted-res, planted-model/9-other-res;" in summary
+    stored = sorted(f"planted-model/{layer}-planted-{module}" for layer in range(4) for module in ("mlp", "res"))
+    assert f"the stored SAEs have {', '.join(stored)}" in summary
+
+
+def test_import_into_an_unknown_pack_names_the_packs(labelled_pack, tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", [export_row(1, "0-planted-res", 1, "known")])
+    with pytest.raises(FlowdbError, match="planted"):
+        import_labels(labelled_pack, path, pack="nope")
+    assert stored_explanations(labelled_pack) == 0
+
+
+# --- only regular files; memory does not grow with the file ---------------------------------
+
+def test_a_fifo_as_label_file_is_refused_at_once(labelled_pack, tmp_path):
+    fifo = tmp_path / "labels.jsonl"
+    os.mkfifo(fifo)
+    assert_one_line_error(run_flowdb("labels", "import", fifo, timeout=HANG), str(fifo), "FIFO")
+    assert stored_explanations(labelled_pack) == 0
+
+
+def test_a_fifo_in_an_export_directory_stops_there(labelled_pack, tmp_path):
+    write_export(tmp_path, {"2-planted-res": [export_row(i, "2-planted-res", i, f"c {i}") for i in range(10)]})
+    fifo = tmp_path / "v1" / "planted-model" / "2-planted-res" / "explanations" / "batch-1.jsonl.gz"
+    os.mkfifo(fifo)
+    line = assert_one_line_error(run_flowdb("labels", "import", tmp_path, timeout=HANG), str(fifo), "FIFO")
+    assert "1 earlier file(s) with 10 explanations are committed" in line
+    assert stored_explanations(labelled_pack) == 10
+
+
+def big_rows(count: int):
+    """Export rows with a 1536-wide embedding, as Neuronpedia's carry: about 30 kB each."""
+    embedding = [round(0.001 * i + 0.123456789, 9) for i in range(1536)]
+    for i in range(count):
+        yield {**export_row(i, f"{i // 512 % 4}-planted-res", i % 512, f"concept {i}"), "embedding": embedding}
+
+
+def peak_import(path) -> int:
+    result = run_flowdb("labels", "import", path, timeout=600)
+    assert result.code == 0, result.stderr
+    return result.peak_rss
+
+
+@pytest.fixture
+def small_import_peak(labelled_pack, tmp_path):
+    """The peak memory of importing a 3-row file: what the command needs whatever the file."""
+    peak = peak_import(write_jsonl(tmp_path / "small.jsonl", list(big_rows(3))))
+    labelled_pack.write("MATCH (e:Explanation) DETACH DELETE e")
+    return peak
+
+
+@pytest.mark.parametrize("form", ["json", "jsonl"])
+def test_import_memory_does_not_grow_with_the_file(labelled_pack, small_import_peak, tmp_path, form):
+    count = 6000
+    path = tmp_path / f"big.{form}"
+    with path.open("w") as handle:
+        if form == "json":  # one line, as the audit's 300 MB file
+            handle.write("[" + ", ".join(json.dumps(row) for row in big_rows(count)) + "]")
+        else:
+            handle.writelines(json.dumps(row) + "\n" for row in big_rows(count))
+    size = path.stat().st_size
+    assert size > 100 * 2**20
+    peak = peak_import(path)
+    assert stored_explanations(labelled_pack) == count
+    # Holding the parsed file would cost several times its size; a stream holds a batch.
+    assert peak - small_import_peak < 48 * 2**20, (peak, small_import_peak, size)
+    print(f"{form}: {size / 2**20:.0f} MiB file, peak RSS {peak / 2**20:.0f} MiB "
+          f"(a 3-row file: {small_import_peak / 2**20:.0f} MiB)")
+
+
+@pytest.mark.parametrize("form", ["json", "jsonl"])
+def test_a_row_without_end_is_refused_without_holding_it(labelled_pack, small_import_peak, tmp_path, form):
+    path = tmp_path / f"endless.{form}"
+    with path.open("w") as handle:
+        handle.write('[{"description": "' if form == "json" else '{"description": "')
+        for _ in range(128):
+            handle.write("x" * 2**20)
+    result = run_flowdb("labels", "import", path, timeout=HANG)
+    assert_one_line_error(result, str(path), "row 1 is longer than 16 MiB")
+    assert result.peak_rss - small_import_peak < 48 * 2**20, (result.peak_rss, small_import_peak)
+    assert stored_explanations(labelled_pack) == 0
+    print(f"{form}: one 128 MiB row, peak RSS {result.peak_rss / 2**20:.0f} MiB "
+          f"(a 3-row file: {small_import_peak / 2**20:.0f} MiB)")

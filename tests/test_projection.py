@@ -9,6 +9,10 @@ and check that it is the only departure.
 """
 
 import json
+import os
+import subprocess
+import sys
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import pytest
@@ -26,6 +30,7 @@ from flowdb.projection import (
     read_safetensors_tensor,
 )
 from flowdb.sources import SaeInfo, check_same_space
+from helpers import serve
 
 N_LAYERS = 2
 
@@ -412,3 +417,55 @@ def test_hook_z_attention_saes_are_matched_through_w_o(db, tmp_path):
     sae = db.read("MATCH (s:SAE {key: 'zpack/1/att'}) RETURN s.projection AS p, s.projection_post_norm AS post, "
                   "s.projected_from_d_in AS d_z, s.d_in AS d_in, s.projection_model AS model")[0]
     assert sae == {"p": "W_O", "post": True, "d_z": 32, "d_in": 48, "model": str(tmp_path / "gemma2")}
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    """Another origin: records who sent which Authorization."""
+
+    seen: list = []
+
+    def do_GET(self):  # noqa: N802
+        _Recorder.seen.append((self.path, self.headers.get("Authorization")))
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_hub_redirect_to_another_origin_carries_no_token(tmp_path):
+    """The Hub answers downloads with redirects to other hosts (its CDN), so they must be
+    followed; huggingface_hub drops the token on a redirect off its origin. This holds
+    it to that, for the Hub reads flowdb makes itself (the W_O of a Hub model)."""
+    _Recorder.seen = []
+    elsewhere = serve(_Recorder)
+    hub_seen = []
+
+    class Hub(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            hub_seen.append((self.path, self.headers.get("Authorization")))
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{elsewhere.server_address[1]}{self.path}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    hub = serve(Hub)
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{hub.server_address[1]}", "HF_TOKEN": "hf_secret",
+           "HF_HOME": str(tmp_path / "hf")}
+    code = "from flowdb.projection import load_attention_output; load_attention_output('org/model', 0)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    for server in (hub, elsewhere):
+        server.shutdown()
+        server.server_close()
+    assert done.returncode != 0  # nothing there is a model
+    assert ("/api/models/org/model", "Bearer hf_secret") in hub_seen  # the Hub's own origin had it
+    assert _Recorder.seen, "the redirect was not followed, so this test shows nothing"
+    assert [token for _, token in _Recorder.seen if token] == []
