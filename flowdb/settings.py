@@ -8,7 +8,6 @@ neo4j and the password kept in FLOWDB_HOME/neo4j/password (see flowdb.neo4j_serv
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import stat
@@ -85,29 +84,25 @@ def make_private(path: Path) -> None:
 
 def env_int(name: str, default: int | None, low: int, high: int) -> int | None:
     """An integer variable in [low, high]; default when unset or empty."""
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or not low <= value <= high:
-        raise ConfigError(f"{name}={text!r}: give a whole number from {low} to {high}")
-    return value
+    return _env_number(name, default, low, high, int, "a whole number")
 
 
 def env_float(name: str, default: float, low: float, high: float) -> float:
     """A finite number variable in [low, high]; default when unset or empty."""
+    return _env_number(name, default, low, high, float, "a number")
+
+
+def _env_number(name, default, low, high, parse, what: str):
     text = os.environ.get(name, "").strip()
     if not text:
         return default
     try:
-        value = float(text)
+        value = parse(text)
     except ValueError:
-        value = math.nan
-    if not low <= value <= high:  # NaN fails too
-        raise ConfigError(f"{name}={text!r}: give a number from {low:g} to {high:g}")
+        value = None
+    if value is None or not low <= value <= high:  # NaN fails the comparison too
+        shown = [f"{bound:g}" if isinstance(bound, float) else str(bound) for bound in (low, high)]
+        raise ConfigError(f"{name}={text!r}: give {what} from {shown[0]} to {shown[1]}")
     return value
 
 
