@@ -10,20 +10,21 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 from flowdb.errors import FlowdbError
 
 
-def query(name: str, db=None, **params):
+def query(name: str, db=None, timeout_s: float | None = None, **params):
     """Run a query template (see `flowdb query --list`); returns a pandas DataFrame.
 
-    >>> flowdb.query("lineage", feature="gemma-2-2b-gemmascope-16k/24/res/14548")
+    >>> flowdb.query("lineage", feature="gemma-2-2b-gemmascope-16k/24/res/14548", timeout_s=5)
 
     Without db, connects as the CLI does (NEO4J_* variables, else the managed server).
+    timeout_s: stop the query after this many seconds (default $FLOWDB_QUERY_TIMEOUT, else 60).
     """
     from flowdb.database import connect
     from flowdb.queries import run_template
 
     if db is not None:
-        return run_template(db, name, params)
+        return run_template(db, name, params, timeout_s=timeout_s)
     with connect() as database:
-        return run_template(database, name, params)
+        return run_template(database, name, params, timeout_s=timeout_s)
 
 
 __all__ = ["FlowdbError", "__version__", "query"]

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from flowdb import __version__
 from flowdb.build import LayerBuild, classified, match_layer
@@ -38,9 +39,10 @@ from flowdb.graph import feature_key, threshold_properties
 from flowdb.matching import Matcher
 from flowdb.modules import MODULES, RESIDUAL
 from flowdb.plan import BuildPlan, layer_ranges
-from flowdb.settings import flowdb_home
+from flowdb.settings import home_dir, private_dirs
 
 FORMAT = 1
+LAYER_KEYS = frozenset({"layer", "widths", "saes", "searched", "matcher", "edges", "thresholds"})
 
 
 class Atlas:
@@ -63,6 +65,9 @@ class Atlas:
             info = json.loads(regular_file(self.root / "atlas.json", "atlas").read_text())
         except (OSError, ValueError) as exc:
             raise FlowdbError(f"{self.root / 'atlas.json'} is unreadable ({exc})") from None
+        if not isinstance(info, dict) or not {"format", "pack", "fingerprint", "plan"} <= info.keys():
+            raise self._damaged("atlas.json is not an atlas record (a JSON object with format, pack, "
+                                "fingerprint and plan)")
         if info.get("format") != FORMAT:
             raise FlowdbError(f"{self.root}: atlas format {info.get('format')!r}, "
                               f"this flowdb reads {FORMAT}; match it again")
@@ -70,7 +75,10 @@ class Atlas:
 
     @property
     def plan(self) -> BuildPlan:
-        return BuildPlan.from_json(self.info["plan"])
+        try:
+            return BuildPlan.from_json(self.info["plan"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise self._damaged(f"atlas.json holds no readable build plan ({type(exc).__name__}: {exc})") from None
 
     @property
     def fingerprint(self) -> str:
@@ -85,13 +93,45 @@ class Atlas:
         return [layer for layer in self.plan.layers if layer not in done]
 
     def require_complete(self) -> None:
+        """Refuse an atlas that lacks a layer or holds a damaged one, before anything is
+        loaded from it: every layer is read back whole (footers, pages, row counts against
+        layers/L.json, categories against edges), one at a time."""
         missing = self.missing()
         if missing:
             raise FlowdbError(f"atlas {self.root} lacks layers {layer_ranges(missing)}; "
                               "run flowdb match on its manifest again to finish it")
+        for layer in self.layers_done():
+            self.read_layer(layer)
 
     def layer_meta(self, layer: int) -> dict:
-        return json.loads(regular_file(self.root / "layers" / f"{layer}.json", "atlas").read_text())
+        name = f"layers/{layer}.json"
+        try:
+            meta = json.loads(regular_file(self.root / name, "atlas").read_text())
+        except (OSError, ValueError) as exc:
+            raise self._damaged(f"{name} is unreadable ({exc})") from None
+        if not (isinstance(meta, dict) and LAYER_KEYS <= meta.keys() and isinstance(meta["widths"], dict)
+                and _count(meta["widths"].get(RESIDUAL.name)) and _count(meta["edges"])):
+            raise self._damaged(f"{name} is not a layer record (a JSON object with "
+                                f"{', '.join(sorted(LAYER_KEYS))}; widths.res and edges counts)")
+        return meta
+
+    def _damaged(self, what: str) -> FlowdbError:
+        return FlowdbError(f"atlas {self.root} is damaged: {what}; match it again "
+                           "(flowdb match MANIFEST --out a new directory)")
+
+    def _read_part(self, table: str, layer: int, columns: list[str], rows: int) -> pd.DataFrame:
+        """One layer's Parquet file of a table, whole, holding the rows its layer record says."""
+        path = self._part(table, layer)
+        name = path.relative_to(self.root)
+        try:
+            frame = pd.read_parquet(regular_file(path, "atlas"), columns=columns)
+        except FileNotFoundError:
+            raise self._damaged(f"{name} is missing") from None
+        except (OSError, ValueError, pa.ArrowException) as exc:  # truncated, bad footer, bad pages
+            raise self._damaged(f"{name} is unreadable ({str(exc).strip().splitlines()[0]})") from None
+        if len(frame) != rows:
+            raise self._damaged(f"{name} holds {len(frame)} rows, layers/{layer}.json records {rows}")
+        return frame
 
     def matchers(self) -> str:
         """The backends that searched this atlas's layers, e.g. "faiss-cpu"."""
@@ -107,27 +147,30 @@ class Atlas:
         seconds = sum(built.search_seconds for built in timed)
         return sum(built.search_flops() for built in timed) / seconds / 1e9 if seconds else None
 
-    def read_layer_header(self, layer: int) -> LayerBuild:
+    def read_layer_header(self, layer: int, meta: dict | None = None) -> LayerBuild:
         """A layer's widths, searches, provenance and matcher, without its edges."""
-        meta = self.layer_meta(layer)
+        meta = meta or self.layer_meta(layer)
         return LayerBuild(layer, meta["widths"], saes=meta["saes"],
                           searched={p: tuple(v) for p, v in meta["searched"].items()},
                           matcher=meta["matcher"], search_seconds=meta.get("search_seconds", 0.0))
 
     def read_layer(self, layer: int) -> LayerBuild:
-        built = self.read_layer_header(layer)
-        edges = pd.read_parquet(regular_file(self._part("edges", layer), "atlas"),
-                                columns=["source_module", "target_index", "rank", "source_index", "cosine"])
+        meta = self.layer_meta(layer)
+        built = self.read_layer_header(layer, meta)
+        edges = self._read_part("edges", layer, ["source_module", "target_index", "rank", "source_index", "cosine"],
+                                meta["edges"])
         n_res = built.widths[RESIDUAL.name]
         for place, part in edges.groupby("source_module", sort=False):
             part = part.sort_values(["target_index", "rank"])
+            if place not in MODULES or len(part) % n_res:
+                raise self._damaged(f"layer {layer}'s edges from {place!r} do not give each of its "
+                                    f"{n_res} residual features the same number of matches")
             built.indices[place] = part["source_index"].to_numpy(np.int32).reshape(n_res, -1)
             built.scores[place] = part["cosine"].to_numpy(np.float32).reshape(n_res, -1)
         built = classified(built, self.plan)
-        stored = pd.read_parquet(regular_file(self._part("residual", layer), "atlas"), columns=["category"])["category"]
+        stored = self._read_part("residual", layer, ["category"], n_res)["category"]
         if not np.array_equal(stored.to_numpy(object), built.categories):
-            raise FlowdbError(f"atlas {self.root}: layer {layer}'s stored categories differ from its "
-                              "edges under its thresholds; the atlas is damaged: match it again")
+            raise self._damaged(f"layer {layer}'s stored categories differ from its edges under its thresholds")
         return built
 
     def layers(self) -> Iterator[LayerBuild]:
@@ -173,6 +216,17 @@ class Atlas:
         _atomic(self.root / "thresholds.parquet", lambda path: thresholds.to_parquet(path, index=False))
 
 
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# The edges table's columns and types, in the atlas and in flowdb export alike; read
+# back as a directory, the atlas adds the target's `layer` from its partition names.
+EDGE_SCHEMA = {"source": object, "target": object, "kind": object, "cosine": np.float32, "rank": np.int16,
+               "above": bool, "source_layer": np.int32, "source_module": object, "source_index": np.int32,
+               "target_index": np.int32}
+
+
 def _edges_frame(pack: str, built: LayerBuild, place: str) -> pd.DataFrame:
     module = MODULES[place]
     scores, indices = built.scores[place], built.indices[place]
@@ -191,7 +245,7 @@ def _edges_frame(pack: str, built: LayerBuild, place: str) -> pd.DataFrame:
 
 def _atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Write through a private dot-file beside path, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dirs(path.parent)  # as private as the 0600 files mkstemp makes
     fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
@@ -205,7 +259,7 @@ def _atomic(path: Path, write: Callable[[Path], object]) -> None:
 
 def default_dir(plan: BuildPlan) -> Path:
     """Where ingest keeps a pack's atlas: one per build fingerprint."""
-    return flowdb_home() / "atlas" / f"{plan.name}-{plan.fingerprint()}"
+    return home_dir("atlas") / f"{plan.name}-{plan.fingerprint()}"
 
 
 def match(plan: BuildPlan, out: str | Path, matcher: Matcher | None = None, device: str = "auto",
@@ -255,8 +309,12 @@ def _claim(atlas: Atlas, plan: BuildPlan) -> None:
 @contextmanager
 def _writer_lock(root: Path):
     """One writer per atlas directory (an OS lock: released when its process dies)."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "a+") as handle:
+    try:
+        private_dirs(root)
+        handle = open(root / ".lock", "a+")
+    except OSError as exc:
+        raise FlowdbError(f"cannot write an atlas in {root} ({exc.strerror}); choose another --out") from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -54,7 +54,7 @@ from flowdb.errors import FlowdbError
 from flowdb.files import regular_file
 from flowdb.modules import MODULES, RESIDUAL
 from flowdb.neo4j_server import ManagedServer
-from flowdb.settings import private_dir
+from flowdb.settings import import_memory, import_threads, private_dir
 
 ID_SPACE = "flow"
 ID_TYPE = "actual"  # the ids in the files, dense from 0, are the node ids
@@ -429,7 +429,7 @@ def _require_empty(server: ManagedServer) -> None:
         raise FlowdbError(
             f"the managed Neo4j under {server.root} already holds {nodes:,} node{'s' * (nodes != 1)}; "
             "a bulk load only builds a new database: use flowdb load without --bulk, "
-            "or empty the database first")
+            "or delete its packs first (flowdb packs lists them; flowdb delete PACK --yes)")
 
 
 def _import(server: ManagedServer, files: ImportFiles) -> None:
@@ -460,8 +460,7 @@ def _import(server: ManagedServer, files: ImportFiles) -> None:
 
 
 def _tuning() -> list[str]:
-    threads = os.environ.get("FLOWDB_IMPORT_THREADS")
-    memory = os.environ.get("FLOWDB_IMPORT_MEMORY")
+    threads, memory = import_threads(), import_memory()
     return [*([f"--threads={threads}"] if threads else []),
             *([f"--max-off-heap-memory={memory}"] if memory else [])]
 

@@ -79,6 +79,9 @@ def _connect(settings):
 @click.version_option(package_name="flowdb")
 def cli():
     """Feature-flow graphs of SAE packs in Neo4j (Laptev et al., ICML 2025)."""
+    from flowdb.settings import check_environment
+
+    check_environment()  # a bad FLOWDB_* variable fails before any work, not after an hour's
 
 
 @cli.group()
@@ -368,6 +371,26 @@ def packs(settings):
                    f"k={row['k']}\tthresholds {row['rule']}\t{row['status']}\tbuild {row['build']}{note}")
 
 
+@cli.command()
+@click.argument("pack")
+@click.option("--yes", is_flag=True, help="Really delete: there is no undo.")
+@connection_options
+def delete(pack, yes, settings):
+    """Delete PACK from the database: its features, edges, SAE and Pack nodes, and labels no
+    other pack uses (its atlas under FLOWDB_HOME/atlas stays, for a later ingest)."""
+    from flowdb import graph
+    from flowdb.errors import FlowdbError
+    from flowdb.ingest import delete_pack
+
+    with _connect(settings) as db:
+        graph.require_pack(db, pack)
+        if not yes:
+            raise FlowdbError(f"this deletes pack {pack!r} ({graph.count_features(db, pack):,} features) from "
+                              f"{db.where} for good; run again with --yes to do it")
+        features = delete_pack(db, pack)
+    click.echo(f"deleted pack {pack!r}: {features:,} features and their edges")
+
+
 def _parse_params(pairs):
     params = {}
     for pair in pairs:
@@ -435,14 +458,14 @@ def _echo_notes(frame) -> None:
 
 
 def _echo_frame(frame, fmt: str) -> None:
-    from flowdb.queries import records
+    from flowdb.queries import csv_text, records, table_text
 
     if fmt == "csv":
-        click.echo(frame.to_csv(index=False), nl=False)
+        click.echo(csv_text(frame), nl=False)
     elif fmt == "json":
         click.echo(json.dumps(records(frame), indent=2, default=str, allow_nan=False))
     else:
-        click.echo(frame.to_string(index=False) if len(frame) else "(no rows)")
+        click.echo(table_text(frame) if len(frame) else "(no rows)")
 
 
 @cli.command()

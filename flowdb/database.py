@@ -124,6 +124,18 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _host_and_port_parse(uri: str) -> bool:
+    """Whether the URI's host and port read as such (a port of letters, or a broken IPv6
+    address, would otherwise fail inside the driver with no message of flowdb's)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(uri)
+        return parts.port is None or 0 < parts.port
+    except ValueError:
+        return False
+
+
 def connect(settings: Neo4jSettings | None = None) -> Database:
     """Connect to the configured Neo4j, starting the managed one when none is configured.
 
@@ -140,7 +152,7 @@ def connect(settings: Neo4jSettings | None = None) -> Database:
     else:
         uri, auth = settings.uri, (settings.username, settings.password)
         scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
-        if scheme not in BOLT_SCHEMES:
+        if scheme not in BOLT_SCHEMES or not _host_and_port_parse(uri):
             raise Neo4jUnavailable(f"cannot connect to {uri!r}: not a Neo4j URI "
                                    "(a Neo4j URI is bolt://HOST:PORT or neo4j://HOST:PORT)")
     with neo4j_errors(uri=uri, database=settings.database):

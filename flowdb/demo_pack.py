@@ -33,7 +33,8 @@ import pandas as pd
 
 from flowdb.errors import FlowdbError
 from flowdb.hooks import MODULE_HOOKS, hook_point
-from flowdb.settings import flowdb_home
+from flowdb.manifest import check_pack_name
+from flowdb.settings import flowdb_home, home_dir
 
 ARCHITECTURES = ("jumprelu", "topk")
 
@@ -81,6 +82,7 @@ def budget_spec(budget: str, **overrides) -> DemoPackSpec:
     if budget not in BUDGETS:
         raise FlowdbError(f"no budget named {budget!r}; known: {', '.join(BUDGETS)}")
     spec = replace(BUDGETS[budget], **{k: v for k, v in overrides.items() if v is not None})
+    check_pack_name(spec.name)
     if spec.architecture not in ARCHITECTURES:
         raise FlowdbError(f"architecture must be one of {', '.join(ARCHITECTURES)}")
     if not 0 <= spec.first_layer <= spec.last_layer:
@@ -203,8 +205,7 @@ def build_demo_pack(spec: DemoPackSpec = DemoPackSpec(), model_and_tokenizer=Non
     cached = _cached(out, spec)
     if cached is not None:
         return out, cached
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{spec.name}.partial-", dir=out.parent))
+    work = Path(tempfile.mkdtemp(prefix=f".{spec.name}.partial-", dir=home_dir("packs")))
     try:
         quality = _build(spec, work, model_and_tokenizer, show_progress)
         try:

@@ -5,6 +5,10 @@ class FlowdbError(Exception):
     """A problem the user can act on; the message says what and where."""
 
 
+class ConfigError(FlowdbError):
+    """An environment variable flowdb reads holds a value it cannot use."""
+
+
 class ManifestError(FlowdbError):
     """The pack manifest is malformed or names something that does not exist."""
 

@@ -1,13 +1,18 @@
-"""`flowdb export`: every stored match edge of a pack as CSV or Parquet."""
+"""`flowdb export`: every stored match edge of a pack as CSV or Parquet, in the flow
+atlas's edge schema (flowdb.atlas.EDGE_SCHEMA, plus the target's layer)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import pandas as pd
+
 from flowdb import graph
+from flowdb.atlas import EDGE_SCHEMA
 from flowdb.database import Database
 from flowdb.errors import FlowdbError
+from flowdb.modules import MODULES, RESIDUAL
 from flowdb.queries import run_template
 
 FORMATS = (".csv", ".parquet")
@@ -20,7 +25,7 @@ def export_edges(db: Database, pack: str, out: str | Path):
     if out.suffix not in FORMATS:
         raise FlowdbError(f"{out}: export writes {' or '.join(FORMATS)} files")
     graph.require_pack(db, pack)
-    edges = run_template(db, "edges", {"pack": pack})
+    edges = atlas_edges(pack, run_template(db, "edges", {"pack": pack}))
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target and renamed: a failed export leaves no half file.
     partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
@@ -33,3 +38,27 @@ def export_edges(db: Database, pack: str, out: str | Path):
     finally:
         partial.unlink(missing_ok=True)
     return edges
+
+
+def atlas_edges(pack: str, stored: pd.DataFrame) -> pd.DataFrame:
+    """The `edges` template's rows in the atlas's columns: feature keys, the relationship
+    type as stored (RESIDUAL, MLP, ATTENTION), `above`, and the target's layer last."""
+    def key(layer, module, index) -> pd.Series:
+        return pack + "/" + layer.astype(str) + "/" + module + "/" + index.astype(str)
+
+    kinds = {module.edge_type.lower(): module.edge_type for module in MODULES.values()}
+    frame = pd.DataFrame({
+        "source": key(stored["src_layer"], stored["src_module"], stored["src_index"]),
+        "target": key(stored["dst_layer"], RESIDUAL.name, stored["dst_index"]),
+        "kind": stored["kind"].map(kinds), "cosine": stored["cosine"], "rank": stored["rank"],
+        "above": stored["above"], "source_layer": stored["src_layer"], "source_module": stored["src_module"],
+        "source_index": stored["src_index"], "target_index": stored["dst_index"]})
+    if frame["above"].isna().any():  # a build from before per-edge thresholds were stored
+        frame["above"] = frame["above"].astype("boolean")
+        schema = {**EDGE_SCHEMA, "above": "boolean"}
+    else:
+        schema = EDGE_SCHEMA
+    frame = frame.astype(schema)
+    frame["layer"] = stored["dst_layer"].astype("int64")
+    frame.attrs = stored.attrs
+    return frame

@@ -171,6 +171,10 @@ def store_complete_pack(db: Database, props: dict, layers_done: list[int], saes:
         props=props, done=list(layers_done), saes=saes, now=datetime.now(UTC).isoformat())
 
 
+def count_features(db: Database, pack: str) -> int:
+    return db.read("MATCH (f:Feature {pack: $pack}) RETURN count(f) AS n", pack=pack)[0]["n"]
+
+
 def count_nodes(db: Database) -> int:
     return db.read("MATCH (n) RETURN count(n) AS n")[0]["n"]
 

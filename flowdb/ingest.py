@@ -175,6 +175,21 @@ def _write(db: Database, plan: BuildPlan, atlas: Atlas, target: str, report: Ing
     report.write_seconds = time.perf_counter() - started
 
 
+def delete_pack(db: Database, pack: str) -> int:
+    """Delete a stored pack and any replacement of it staged or retired beside it, under the
+    pack's lock (no ingest of it runs meanwhile); returns the features deleted. A delete
+    that stops part way leaves the pack "dropping": running it again (or an ingest) finishes it."""
+    graph.require_pack(db, pack)
+    with pack_lock(db, pack) as lease:
+        features = 0
+        for name in (pack + graph.STAGED_SUFFIX, pack + graph.RETIRED_SUFFIX, pack):
+            if graph.read_pack(db, name) is not None:
+                lease.check()
+                features += graph.count_features(db, name)
+                graph.drop_pack(db, name)
+    return features
+
+
 class Lease:
     """A held pack lock; check() refuses to go on once another command has taken it."""
 

@@ -37,7 +37,12 @@ from flowdb.schema import NonEmpty, Strict, explain
 from flowdb.settings import flowdb_home
 
 MAX_K = 10
+# A pack name becomes part of file names (the atlas FLOWDB_HOME/atlas/NAME-FINGERPRINT
+# and its lock and dot-files), so it is short and plain: far below the 255 bytes of a name.
+MAX_PACK_NAME = 100
 PACK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+PACK_NAME_RULE = (f"at most {MAX_PACK_NAME} characters: letters, digits, '.', '_' or '-', "
+                  "starting with a letter or digit")
 _TEMPLATE_FIELD = re.compile(r"\{([^{}]*)\}")
 _LAYER_FIELD = re.compile(r"^layer(?:([+-])(\d+))?$")
 _SOURCE_KEYS = ("path", "npz", "release")
@@ -167,7 +172,7 @@ class MatchTable(Strict):
 class ManifestTable(Strict):
     """The whole manifest: the one schema every key is checked against."""
 
-    name: Annotated[str, Field(strict=True, pattern=PACK_NAME.pattern)]
+    name: Annotated[str, Field(strict=True, pattern=PACK_NAME.pattern, max_length=MAX_PACK_NAME)]
     model: NonEmpty
     layers: Annotated[list[Annotated[int, Field(strict=True, ge=0)]], Field(min_length=2, max_length=2)]
     match: MatchTable = MatchTable()
@@ -207,12 +212,24 @@ def _manifest_message(exc: ValidationError) -> str:
     problem = exc.errors()[0]
     loc = tuple(str(p) for p in problem["loc"])
     if loc == ("name",) and problem["type"] != "missing":
-        return f"name {problem['input']!r} must be letters, digits, '.', '_' or '-' (no '/')"
+        return pack_name_problem(problem["input"])
     if loc[:1] == ("layers",) and problem["type"] != "missing":
         return f"layers must be [first, last] with 0 <= first <= last, got {raw_input(exc)!r}"
     if loc == ("match", "k"):
         return f"k must be an integer from 1 to {MAX_K}, got {problem['input']!r}"
     return explain(exc, ManifestTable, "the manifest")
+
+
+def pack_name_problem(name) -> str:
+    shown = repr(name) if not isinstance(name, str) or len(name) <= 40 else f"{name[:40]!r}... ({len(name)} characters)"
+    return f"pack name {shown} is not allowed: {PACK_NAME_RULE}"
+
+
+def check_pack_name(name: str) -> str:
+    """The name, or ManifestError saying what a pack name may be."""
+    if not isinstance(name, str) or len(name) > MAX_PACK_NAME or not PACK_NAME.match(name):
+        raise ManifestError(pack_name_problem(name))
+    return name
 
 
 def raw_input(exc: ValidationError):

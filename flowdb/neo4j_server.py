@@ -32,7 +32,8 @@ from importlib import resources
 from pathlib import Path
 
 from flowdb.errors import Neo4jUnavailable
-from flowdb.settings import flowdb_home, make_private, managed_port, private_dir
+from flowdb.settings import flowdb_home, java_heap, make_private, managed_port, private_dir
+from flowdb.settings import page_cache_mb as page_cache_mb_setting
 
 NEO4J_VERSION = "5.26.30"
 START_TIMEOUT_S = 180
@@ -182,8 +183,8 @@ class ManagedServer:
             self._refuse_during_import()
             self.fetch()
             self._make_files_private()
-            self._spawn(heap or os.environ.get("FLOWDB_NEO4J_HEAP", DEFAULT_HEAP),
-                        page_cache_mb or int(os.environ.get("FLOWDB_NEO4J_PAGECACHE_MB", "1024")))
+            self._spawn(heap or java_heap("FLOWDB_NEO4J_HEAP", DEFAULT_HEAP),
+                        page_cache_mb or page_cache_mb_setting())
         self._wait_until_up(auth)
 
     def _wait_until_up(self, auth: tuple[str, str]) -> None:
@@ -303,7 +304,7 @@ class ManagedServer:
                 ("server.directories.import", self.import_dir))).encode())
         private_dir(self.dbms_dir)
         extra = os.environ.get("FLOWDB_NEO4J_JAVA_OPTS", DEFAULT_JAVA_OPTS).split()
-        heap = heap or os.environ.get("FLOWDB_NEO4J_ADMIN_HEAP", DEFAULT_ADMIN_HEAP)
+        heap = heap or java_heap("FLOWDB_NEO4J_ADMIN_HEAP", DEFAULT_ADMIN_HEAP)
         cmd = ["java", f"-Xmx{heap}", *extra, "-cp", str(self.lib / "*"), ADMIN_TOOL, *args]
         env = {**os.environ, "NEO4J_HOME": str(self.dbms_dir), "NEO4J_CONF": str(conf)}
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

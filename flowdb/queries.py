@@ -6,14 +6,15 @@ Header lines at the top of each file ("// key: value"):
     // param: feature string required  the feature, PACK/LAYER/MODULE/INDEX
     // param: t_res float 0.0  residual edges below this cosine are not followed
     // columns: key, layer, module, ...
+    // feature: res     (optional) the feature parameter must name a feature of this module
 Parameters are always passed to Neo4j as Cypher parameters, never spliced into
 the text. The CLI and the Python API read the same files.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
-import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -24,9 +25,18 @@ from typing import Any
 import numpy as np
 
 from flowdb.errors import QueryError, QueryTimeout
+from flowdb.manifest import MAX_K  # no build stores more matches per module
+from flowdb.settings import query_timeout_s
 
-QUERY_TIMEOUT_S = 60.0  # no template a researcher waits for runs longer by default
 PARAM_TYPES = {"string": str, "int": int, "float": float, "bool": bool}
+MAX_LAYER = 1_000_000
+MAX_LIMIT = 1_000_000
+# Bounds (inclusive) of the parameters templates share by name: a value outside them
+# would give an empty or meaningless answer, or overflow Neo4j's 64-bit integers.
+PARAM_RANGES = {"max_rank": (1, MAX_K), "limit": (1, MAX_LIMIT), "layer": (0, MAX_LAYER),
+                "first_layer": (0, MAX_LAYER), "last_layer": (0, MAX_LAYER),
+                "t_res": (-1.0, 1.0), "t_mod": (-1.0, 1.0)}
+INT64 = (-(1 << 63), (1 << 63) - 1)
 _HEADER = re.compile(r"^//\s*(\w+):\s*(.*)$")
 _PARAM_USE = re.compile(r"\$([A-Za-z_]\w*)")
 
@@ -44,13 +54,21 @@ class Param:
         if value is None:
             return None
         if isinstance(value, str) and self.type != "string":
-            return self._parse(value)
+            return self._in_range(self._parse(value))
         expected = {"string": (str,), "int": (numbers.Integral,), "float": (numbers.Real,),
                     "bool": (bool, np.bool_)}[self.type]
         if isinstance(value, (bool, np.bool_)) != (self.type == "bool") or not isinstance(value, expected):
             raise QueryError(f"parameter {self.name} must be {self.type}, got {value!r}")
         # numpy scalars (a layer read from a DataFrame, say) become plain Python values
-        return {"int": int, "float": float, "bool": bool, "string": str}[self.type](value)
+        return self._in_range({"int": int, "float": float, "bool": bool, "string": str}[self.type](value))
+
+    def _in_range(self, value: Any) -> Any:
+        if self.type == "float" and not math.isfinite(value):
+            raise QueryError(f"parameter {self.name} must be a finite number, got {value!r}")
+        low, high = PARAM_RANGES.get(self.name, INT64 if self.type == "int" else (-math.inf, math.inf))
+        if self.type in ("int", "float") and not low <= value <= high:
+            raise QueryError(f"parameter {self.name} must be from {low:g} to {high:g}, got {value!r}")
+        return value
 
     def _parse(self, value: str) -> Any:
         try:
@@ -59,7 +77,7 @@ class Param:
                     raise ValueError(value)
                 return value.lower() in ("true", "1", "yes")
             return PARAM_TYPES[self.type](value)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise QueryError(f"parameter {self.name} must be {self.type}, got {value!r}") from None
 
 
@@ -71,6 +89,7 @@ class Template:
     columns: tuple[str, ...]
     cypher: str
     path: str
+    feature_module: str | None = None  # "// feature: res": the feature parameter must be of this module
 
     def bind(self, given: dict[str, Any]) -> dict[str, Any]:
         """Check and coerce parameters; defaults fill what is not given."""
@@ -107,7 +126,8 @@ def parse_template(text: str, path: str) -> Template:
             raise QueryError(f"{path}: template header lacks '// {key}:'")
     params = tuple(_parse_param(spec, path) for spec in header.get("param", []))
     columns = tuple(c.strip() for c in header["columns"][0].split(","))
-    return Template(header["name"][0], " ".join(header["answers"]), params, columns, text, path)
+    return Template(header["name"][0], " ".join(header["answers"]), params, columns, text, path,
+                    (header.get("feature") or [None])[0])
 
 
 def _parse_param(spec: str, path: str) -> Param:
@@ -154,7 +174,7 @@ def run_template(db, name: str, params: dict[str, Any] | None = None, timeout_s:
 
     A traversal over a deep graph can grow without bound (paths multiply with
     max_rank at every layer), so the server stops any template after timeout_s
-    (default QUERY_TIMEOUT_S, or $FLOWDB_QUERY_TIMEOUT) and the error says how to
+    (default $FLOWDB_QUERY_TIMEOUT, else 60) and the error says how to
     narrow it.
 
     When the pack it reads is not completely built, the frame's attrs["warning"]
@@ -167,6 +187,8 @@ def run_template(db, name: str, params: dict[str, Any] | None = None, timeout_s:
 
     template = get_template(name)
     bound = template.bind(params or {})
+    if timeout_s is not None and not (isinstance(timeout_s, numbers.Real) and 0.1 <= timeout_s <= 86_400):
+        raise QueryError(f"timeout_s must be a number of seconds from 0.1 to 86400, got {timeout_s!r}")
     # One round trip for what the answer's notes need and which typed keys exist:
     # on a warm server the template itself takes a few milliseconds.
     pack = _pack_of(bound)
@@ -175,12 +197,13 @@ def run_template(db, name: str, params: dict[str, Any] | None = None, timeout_s:
     if _pack_of(bound) != pack:  # the references were Neuronpedia URLs or ids
         pack = _pack_of(bound)
         context = graph.query_context(db, pack, [])
+    check_against_pack(db, template, bound, pack, context.record)
     note = thresholds_note(template, bound, context.rules if pack else None)
     if note == OLD_BUILD:
         raise QueryError(f"template {name}: pack {_pack_of(bound)!r} was built by an older flowdb that "
                          "stored no per-edge thresholds; pass t_res/t_mod or every_edge=true, or ingest "
                          "it again with --replace")
-    limit = timeout_s or float(os.environ.get("FLOWDB_QUERY_TIMEOUT", QUERY_TIMEOUT_S))
+    limit = timeout_s or query_timeout_s()
     try:
         rows = db.read(template.cypher, timeout_s=limit, **bound)
     except QueryTimeout:
@@ -204,6 +227,40 @@ def run_template(db, name: str, params: dict[str, Any] | None = None, timeout_s:
     return frame
 
 
+def check_against_pack(db, template: Template, bound: dict[str, Any], pack: str, record) -> None:
+    """Refuse what the pack read cannot answer, naming what it has, rather than return no rows:
+    an unknown pack, a layer or module it lacks, a max_rank above its k, a feature of the
+    wrong module."""
+    from flowdb import graph
+
+    if bound.get("pack") is not None and (record is None or "~" in pack):
+        graph.require_pack(db, pack)  # raises, naming the stored packs
+    if record is None:
+        return
+    where = f"pack {pack!r}"
+    layer = bound.get("layer")
+    if layer is not None and not record.first_layer <= layer <= record.last_layer:
+        raise QueryError(f"{where} has layers {record.first_layer}-{record.last_layer}; "
+                         f"layer {layer} is not among them")
+    born_in = [m for m in record.plan.get("modules", []) if m != "res"]
+    if bound.get("module") is not None and bound["module"] not in born_in:
+        raise QueryError(f"template {template.name}: module {bound['module']!r} is not one residual "
+                         f"features are born in; {where} has {', '.join(born_in) or 'none'}")
+    max_rank = bound.get("max_rank")
+    if max_rank is not None and record.k is not None and max_rank > record.k:
+        raise QueryError(f"max_rank {max_rank} is above {where}'s k={record.k}: it stores each feature's "
+                         f"top {record.k} match(es) per module; give max_rank 1 to {record.k}, or ingest "
+                         f"it again with --k {max_rank} --replace")
+    feature = bound.get("feature")
+    if template.feature_module and feature is not None:
+        module = str(feature).split("/")[2] if str(feature).count("/") == 3 else None
+        if module != template.feature_module:
+            raise QueryError(f"template {template.name} starts at a {template.feature_module} feature, "
+                             f"and {feature} is of module {module}: flowdb matches only {template.feature_module} "
+                             f"features to their predecessors (flowdb query descendants -p feature={feature} "
+                             "shows what it feeds)")
+
+
 class IncompleteBuildWarning(UserWarning):
     """A query read a pack whose build is not complete."""
 
@@ -213,6 +270,35 @@ def records(frame) -> list[dict]:
 
     return [{column: _json_ready(value, pd) for column, value in row.items()}
             for row in frame.to_dict(orient="records")]
+
+
+MISSING = "null"  # how a table shows a missing value, whatever its column's type
+
+
+def table_text(frame) -> str:
+    """A frame as a text table in which every missing value reads MISSING (pandas shows NaN,
+    <NA> or None, by column type)."""
+    shown = frame.copy()
+    for column in shown.columns:
+        if shown[column].dtype.kind != "f":  # float columns keep their formatting; na_rep marks them
+            shown[column] = shown[column].astype(object).where(shown[column].notna(), MISSING)
+    return shown.to_string(index=False, na_rep=MISSING)
+
+
+def csv_text(frame) -> str:
+    """A frame as CSV: list and map cells as JSON (not Python's repr), missing values empty."""
+    import json
+
+    import pandas as pd
+
+    def cell(value):
+        return json.dumps(_json_ready(value, pd)) if isinstance(value, (list, tuple, dict)) else value
+
+    written = frame.copy()
+    for column in written.columns:
+        if written[column].dtype == object:
+            written[column] = written[column].map(cell)
+    return written.to_csv(index=False)
 
 
 def _json_ready(value, pd):

@@ -12,8 +12,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-Cosine = Annotated[float, Field(strict=True, ge=-1.0, le=1.0)]
-Level = Annotated[float, Field(strict=True, ge=0.0, le=1.0)]
+Cosine = Annotated[float, Field(strict=True, ge=-1.0, le=1.0, allow_inf_nan=False)]
+Level = Annotated[float, Field(strict=True, ge=0.0, le=1.0, allow_inf_nan=False)]
 NonEmpty = Annotated[str, Field(strict=True, min_length=1)]
 
 

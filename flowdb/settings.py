@@ -9,18 +9,32 @@ neo4j and the password kept in FLOWDB_HOME/neo4j/password (see flowdb.neo4j_serv
 from __future__ import annotations
 
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from flowdb.errors import Neo4jUnavailable
+from flowdb.errors import ConfigError, Neo4jUnavailable
 
 DEFAULT_MANAGED_PORT = 7688  # not 7687, so a user's own Neo4j is never shadowed
+DEFAULT_PAGECACHE_MB = 1024
+DEFAULT_QUERY_TIMEOUT_S = 60.0  # no template a researcher waits for runs longer by default
+_JAVA_SIZE = re.compile(r"^[1-9]\d*[kKmMgG]?$")  # -Xmx's syntax: bytes, or k/m/g
+_ADMIN_MEMORY = re.compile(r"^(?:[1-9]\d*[kKmMgG]?|(?:100|[1-9]\d?)%)$")  # neo4j-admin: a size or a percentage
 
 
 def flowdb_home() -> Path:
     """The one directory for flowdb's Neo4j jars, data, logs and caches."""
     return Path(os.environ.get("FLOWDB_HOME") or Path.home() / ".flowdb").expanduser()
+
+
+def home_dir(*parts: str) -> Path:
+    """FLOWDB_HOME/parts..., each level created 0700 (or made so): a folder created with
+    parents=True would get the umask's 0755 instead."""
+    path = private_dir(flowdb_home())
+    for part in parts:
+        path = private_dir(path / part)
+    return path
 
 
 def private_dir(path: Path) -> Path:
@@ -40,6 +54,18 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+def private_dirs(path: Path) -> Path:
+    """Create path and whichever of its parents are missing, each 0700; existing ones are
+    left as they are (an atlas may live anywhere the user points it)."""
+    missing, folder = [], path
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
 def make_private(path: Path) -> None:
     """Take group and other permissions away from one file or directory."""
     try:
@@ -54,8 +80,71 @@ def make_private(path: Path) -> None:
             "point FLOWDB_HOME at a directory of your own") from None
 
 
+# --- environment variables: each checked here, so a bad value is one line naming it ----
+
+def env_int(name: str, default: int | None, low: int, high: int) -> int | None:
+    """An integer variable in [low, high]; default when unset or empty."""
+    return _env_number(name, default, low, high, int, "a whole number")
+
+
+def env_float(name: str, default: float, low: float, high: float) -> float:
+    """A finite number variable in [low, high]; default when unset or empty."""
+    return _env_number(name, default, low, high, float, "a number")
+
+
+def _env_number(name, default, low, high, parse, what: str):
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = parse(text)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:  # NaN fails the comparison too
+        shown = [f"{bound:g}" if isinstance(bound, float) else str(bound) for bound in (low, high)]
+        raise ConfigError(f"{name}={text!r}: give {what} from {shown[0]} to {shown[1]}")
+    return value
+
+
+def env_pattern(name: str, default: str | None, pattern: re.Pattern, what: str) -> str | None:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    if not pattern.match(text):
+        raise ConfigError(f"{name}={text!r}: give {what}")
+    return text
+
+
 def managed_port() -> int:
-    return int(os.environ.get("FLOWDB_NEO4J_PORT") or DEFAULT_MANAGED_PORT)
+    return env_int("FLOWDB_NEO4J_PORT", DEFAULT_MANAGED_PORT, 1, 65535)
+
+
+def page_cache_mb() -> int:
+    return env_int("FLOWDB_NEO4J_PAGECACHE_MB", DEFAULT_PAGECACHE_MB, 8, 1 << 24)
+
+
+def java_heap(name: str, default: str) -> str:
+    """FLOWDB_NEO4J_HEAP or FLOWDB_NEO4J_ADMIN_HEAP: a size for java -Xmx."""
+    return env_pattern(name, default, _JAVA_SIZE, "a Java heap size such as 4g, 512m or 2048k")
+
+
+def query_timeout_s() -> float:
+    return env_float("FLOWDB_QUERY_TIMEOUT", DEFAULT_QUERY_TIMEOUT_S, 0.1, 86_400.0)
+
+
+def import_threads() -> int | None:
+    return env_int("FLOWDB_IMPORT_THREADS", None, 1, 1024)
+
+
+def import_memory() -> str | None:
+    return env_pattern("FLOWDB_IMPORT_MEMORY", None, _ADMIN_MEMORY,
+                       "a size such as 4g or 512m, or a share of memory such as 80%")
+
+
+def check_environment() -> None:
+    """Check every FLOWDB_* variable flowdb reads, so a bad one fails before any work."""
+    managed_port(), page_cache_mb(), query_timeout_s(), import_threads(), import_memory()
+    java_heap("FLOWDB_NEO4J_HEAP", ""), java_heap("FLOWDB_NEO4J_ADMIN_HEAP", "")
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from flowdb.errors import PackError
+from flowdb.errors import FlowdbError, PackError
 from flowdb.files import read_small_text, regular_file
 from flowdb.manifest import SourceRef
-from flowdb.settings import flowdb_home
+from flowdb.settings import flowdb_home, home_dir
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -151,14 +151,14 @@ def _digest_cache() -> dict:
 def _save_digest_cache(cache: dict) -> None:
     path = _digest_cache_path()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        home_dir("cache")
         # A private temporary file per process, then an atomic rename: concurrent
         # commands never read half a cache.
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".digests-", suffix=".tmp")
         with os.fdopen(fd, "w") as handle:
             json.dump(cache, handle)
         os.replace(tmp, path)
-    except OSError:
+    except (OSError, FlowdbError):
         pass  # the cache only saves time
 
 
@@ -181,24 +181,68 @@ def _inspect_saelens_dir(ref: SourceRef) -> SaeInfo:
         cfg = json.loads(read_small_text(cfg_path, CFG_FILE, error=PackError, where=f"{where(ref)}: "))
     except FileNotFoundError:
         raise PackError(f"{where(ref)}: missing {CFG_FILE}") from None
-    except (OSError, ValueError) as exc:
-        raise PackError(f"{where(ref)}: unreadable {CFG_FILE} ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise PackError(f"{where(ref)}: unreadable {CFG_FILE} ({type(exc).__name__}: {exc})") from None
+    cfg = _cfg_fields(cfg, ref)
     metadata = cfg.get("metadata") or {}
     # sae-lens < 6 wrote a flat cfg with "hook_point"; 6.x nests facts under "metadata".
     hook = metadata.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
     np_id = metadata.get("neuronpedia_id") or cfg.get("neuronpedia_id")
-    try:
-        d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
-    except (KeyError, TypeError, ValueError):
-        raise PackError(f"{where(ref)}: {CFG_FILE} lacks integer d_in and d_sae") from None
-    shape = _safetensor_shape(directory / WEIGHTS_FILE, "W_dec", ref)
+    d_in, d_sae = cfg["d_in"], cfg["d_sae"]
+    shape, dtype = _safetensor_header(directory / WEIGHTS_FILE, "W_dec", ref)
     if shape != (d_sae, d_in):
         raise PackError(f"{where(ref)}: W_dec has shape {list(shape)} but {CFG_FILE} says "
                         f"[d_sae, d_in] = [{d_sae}, {d_in}]")
+    _check_dtype(dtype, cfg.get("dtype"), ref)
     return SaeInfo(ref, d_in, d_sae, hook, np_id)
 
 
-def _safetensor_shape(path: Path, key: str, ref: SourceRef) -> tuple[int, ...]:
+# What each cfg.json key flowdb reads must hold; metadata's string keys are checked alike.
+_CFG_STRINGS = ("hook_name", "hook_point", "neuronpedia_id", "dtype")
+# safetensors' dtype codes, by the names cfg.json gives them (sae-lens writes "float32",
+# some tools "torch.float32").
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def _cfg_fields(cfg, ref: SourceRef) -> dict:
+    """cfg.json as flowdb reads it, or PackError naming the key that has the wrong shape."""
+    if not isinstance(cfg, dict):
+        raise PackError(f"{where(ref)}: {CFG_FILE} holds a JSON {_json_kind(cfg)}, not an object "
+                        "with d_in, d_sae and dtype")
+    for key in ("d_in", "d_sae"):
+        value = cfg.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise PackError(f"{where(ref)}: {CFG_FILE} key {key} must be a positive integer, got {value!r}")
+    metadata = cfg.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise PackError(f"{where(ref)}: {CFG_FILE} key metadata must be an object, got a JSON "
+                        f"{_json_kind(metadata)}")
+    for table, prefix in ((cfg, ""), (metadata or {}, "metadata.")):
+        for key in _CFG_STRINGS:
+            if table.get(key) is not None and not isinstance(table[key], str):
+                raise PackError(f"{where(ref)}: {CFG_FILE} key {prefix}{key} must be a string, "
+                                f"got a JSON {_json_kind(table[key])}")
+    return cfg
+
+
+def _json_kind(value) -> str:
+    kinds = ((bool, "boolean"), (int, "number"), (float, "number"), (str, "string"), (list, "list"),
+             (dict, "object"), (type(None), "null"))
+    return next(name for kind, name in kinds if isinstance(value, kind))
+
+
+def _check_dtype(found: str, declared: str | None, ref: SourceRef) -> None:
+    """W_dec must be floating point, and of the dtype cfg.json declares where it declares one."""
+    name = SAFETENSORS_DTYPES.get(found)
+    if name is None:
+        raise PackError(f"{where(ref)}: W_dec is stored as {found}; a decoder must be floating point "
+                        f"({', '.join(SAFETENSORS_DTYPES.values())})")
+    if declared is not None and declared.removeprefix("torch.") != name:
+        raise PackError(f"{where(ref)}: W_dec is stored as {name} but {CFG_FILE} says dtype {declared!r}")
+
+
+def _safetensor_header(path: Path, key: str, ref: SourceRef) -> tuple[tuple[int, ...], str]:
+    """A tensor's shape and safetensors dtype code (F32, BF16, I8, ...), from the header only."""
     from safetensors import safe_open
 
     local_file(path, ref)
@@ -206,7 +250,8 @@ def _safetensor_shape(path: Path, key: str, ref: SourceRef) -> tuple[int, ...]:
         with safe_open(str(path), framework="numpy") as handle:
             if key not in handle.keys():
                 raise PackError(f"{where(ref)}: {path.name} has no tensor {key}")
-            return tuple(handle.get_slice(key).get_shape())
+            tensor = handle.get_slice(key)
+            return tuple(tensor.get_shape()), tensor.get_dtype()
     except PackError:
         raise
     except Exception as exc:  # safetensors raises its own untyped errors on bad headers

@@ -23,6 +23,7 @@ import pandas as pd
 
 from flowdb.errors import FlowdbError
 from flowdb.hooks import MODULE_HOOKS, hook_point
+from flowdb.manifest import check_pack_name
 
 # Shares of planted categories among residual features (layer 0 has no R_{L-1}).
 SHARES = {"translated": 0.35, "processed": 0.25, "newborn": 0.25, "from-nowhere": 0.15}
@@ -42,6 +43,7 @@ class SynthSpec:
     seed: int = 0
 
     def check(self) -> None:
+        check_pack_name(self.name)
         if self.layers < 1 or self.width < 8 or self.d_model < 64:
             raise FlowdbError("synth needs --layers >= 1, --width >= 8 and --d-model >= 64 "
                               "(smaller spaces make chance cosines as high as planted ones)")

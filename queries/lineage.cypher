@@ -1,7 +1,8 @@
 // name: lineage
 // answers: Where a feature comes from: every step back along its residual chain to the
 // answers: origin, with the residual, MLP and attention predecessors of each step.
-// param: feature string required  the feature, PACK/LAYER/MODULE/INDEX
+// param: feature string required  the feature, PACK/LAYER/MODULE/INDEX (a residual one)
+// feature: res
 // param: t_res float null  residual cut-off (default: the thresholds stored with the build)
 // param: t_mod float null  MLP/attention cut-off (default: the thresholds stored with the build)
 // param: max_rank int 1  use only each feature's top max_rank matches per module

@@ -54,9 +54,9 @@ def test_ingest_export_and_query(runner, db, planted_pack, tmp_path):
         result = invoke(runner, "export", "planted", "--out", out)
         assert result.exit_code == 0, result.output
         edges = reader(out)
-        assert list(edges.columns) == ["src_layer", "src_module", "src_index", "dst_layer",
-                                       "dst_module", "dst_index", "kind", "cosine", "rank"]
-        assert len(edges) == 5632 and set(edges["kind"]) == {"residual", "mlp", "attention"}
+        assert list(edges.columns) == ["source", "target", "kind", "cosine", "rank", "above", "source_layer",
+                                       "source_module", "source_index", "target_index", "layer"]
+        assert len(edges) == 5632 and set(edges["kind"]) == {"RESIDUAL", "MLP", "ATTENTION"}
     lineage = invoke(runner, "query", "lineage", "-p", "feature=planted/3/res/0", "--format", "json")
     assert lineage.exit_code == 0, lineage.output
     rows = json.loads(lineage.stdout)  # stderr says which thresholds applied

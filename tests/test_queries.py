@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 import flowdb
-from flowdb.errors import QueryError
+from flowdb.errors import FlowdbError, QueryError
 from flowdb.ingest import ingest
 from flowdb.labels import import_labels
 from flowdb.manifest import load_manifest
@@ -197,17 +197,19 @@ def test_unknown_template_and_parameter(graph):
 def test_parameters_are_never_spliced(graph):
     db, _, _ = graph
     hostile = "planted' }) DETACH DELETE f //"
-    assert run_template(db, "origins", {"pack": hostile}).empty
+    with pytest.raises(FlowdbError, match="stored packs: planted"):
+        run_template(db, "origins", {"pack": hostile})
     assert db.read("MATCH (f:Feature) RETURN count(f) AS n")[0]["n"] == 4 * 3 * 512
     assert "$pack" in get_template("origins").cypher
 
 
 def test_steering_set_keeps_the_chain_when_no_input_qualifies(graph):
-    """No MLP or attention edge reaches t_mod = 1.01: the residual chain alone is answered."""
+    """No MLP or attention edge reaches t_mod = 1 (random decoders are never parallel): the
+    residual chain alone is answered."""
     db, reference, _ = graph
     key = _seeds(reference, "processed", layer=2)[0]
-    frame = run_template(db, "steering-set", {"feature": key, "t_res": 0.5, "t_mod": 1.01})
-    expected_nodes, _ = reference.flow_graph(key, 0.5, 1.01, 1)
+    frame = run_template(db, "steering-set", {"feature": key, "t_res": 0.5, "t_mod": 1.0})
+    expected_nodes, _ = reference.flow_graph(key, 0.5, 1.0, 1)
     assert set(frame["key"]) == expected_nodes and key in set(frame["key"])
     assert "input" not in set(frame["role"])
 
