@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,11 +31,12 @@ import pandas as pd
 from flowdb import __version__
 from flowdb.build import LayerBuild, classified, match_layer
 from flowdb.errors import BusyError, FlowdbError
-from flowdb.graph import feature_key, threshold_properties
+from flowdb.graph import feature_key, layer_size, threshold_properties
 from flowdb.matching import Matcher
 from flowdb.modules import MODULES, RESIDUAL
 from flowdb.plan import BuildPlan, layer_ranges
 from flowdb.settings import flowdb_home
+from flowdb.writes import atomic_write, write_errors
 
 FORMAT = 1
 
@@ -99,6 +98,18 @@ class Atlas:
     def n_edges(self) -> int:
         return sum(self.layer_meta(layer)["edges"] for layer in self.layers_done())
 
+    def graph_size(self, layers: list[int] | None = None) -> tuple[int, int]:
+        """The nodes and relationships these layers (default: all done) add to a graph,
+        from each layer's record and its residual categories (no edge is read)."""
+        nodes = relationships = 0
+        for layer in self.layers_done() if layers is None else layers:
+            meta = self.layer_meta(layer)
+            categories = pd.read_parquet(self._part("residual", layer), columns=["category"])["category"]
+            n, r = layer_size(meta["widths"], len(meta["saes"]), meta["edges"],
+                              int((categories == "from-nowhere").sum()))
+            nodes, relationships = nodes + n, relationships + r
+        return nodes, relationships
+
     def read_layer(self, layer: int) -> LayerBuild:
         meta = self.layer_meta(layer)
         edges = pd.read_parquet(self._part("edges", layer),
@@ -126,7 +137,8 @@ class Atlas:
         """This atlas as flowdb.bulk imports it."""
         from flowdb.bulk import BulkPack
 
-        return BulkPack(self.plan.name, self.info["plan"], self.fingerprint, self.matchers(), self.layers)
+        return BulkPack(self.plan.name, self.info["plan"], self.fingerprint, self.matchers(), self.layers,
+                        self.graph_size)
 
     def _part(self, table: str, layer: int) -> Path:
         return self.root / table / f"layer={layer}" / "part.parquet"
@@ -143,12 +155,13 @@ class Atlas:
             "index": np.arange(built.widths["res"], dtype=np.int32), "category": built.categories,
             "s_res": s["res"], "s_mlp": s["mlp"], "s_att": s["att"]})
         for table, frame in (("edges", edges), ("residual", residual)):
-            _atomic(self._part(table, built.layer), lambda path, frame=frame: frame.to_parquet(path, index=False))
+            with atomic_write(self._part(table, built.layer), private=True) as partial:
+                frame.to_parquet(partial, index=False)
         meta = {"layer": built.layer, "widths": built.widths, "saes": built.saes,
                 "searched": built.searched, "matcher": built.matcher, "edges": len(edges),
                 "thresholds": threshold_properties(built)}
-        _atomic(self.root / "layers" / f"{built.layer}.json",
-                lambda path: path.write_text(json.dumps(meta, indent=1)))
+        with atomic_write(self.root / "layers" / f"{built.layer}.json", private=True) as partial:
+            partial.write_text(json.dumps(meta, indent=1))
 
     def write_summaries(self) -> None:
         """saes.parquet and thresholds.parquet over all layers."""
@@ -156,8 +169,9 @@ class Atlas:
         saes = pd.DataFrame([{"layer": m["layer"], "module": module, **sae}
                              for m in metas for module, sae in m["saes"].items()])
         thresholds = pd.DataFrame([{"layer": m["layer"], **m["thresholds"]} for m in metas])
-        _atomic(self.root / "saes.parquet", lambda path: saes.to_parquet(path, index=False))
-        _atomic(self.root / "thresholds.parquet", lambda path: thresholds.to_parquet(path, index=False))
+        for name, frame in (("saes.parquet", saes), ("thresholds.parquet", thresholds)):
+            with atomic_write(self.root / name, private=True) as partial:
+                frame.to_parquet(partial, index=False)
 
 
 def _edges_frame(pack: str, built: LayerBuild, place: str) -> pd.DataFrame:
@@ -174,18 +188,6 @@ def _edges_frame(pack: str, built: LayerBuild, place: str) -> pd.DataFrame:
         "rank": np.tile(np.arange(1, k + 1, dtype=np.int16), n_res),
         "above": built.above(place).reshape(-1), "source_layer": np.int32(source_layer),
         "source_module": place, "source_index": sources, "target_index": targets})
-
-
-def _atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a private dot-file beside path, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(Path(partial))
-        os.replace(partial, path)
-    finally:
-        Path(partial).unlink(missing_ok=True)
 
 
 # --- building ---------------------------------------------------------------------------
@@ -236,14 +238,17 @@ def _claim(atlas: Atlas, plan: BuildPlan) -> None:
         raise FlowdbError(f"{atlas.root} is not empty and holds no atlas; choose another --out")
     info = {"format": FORMAT, "pack": plan.name, "fingerprint": fingerprint,
             "flowdb_version": __version__, "plan": plan.to_json()}
-    _atomic(atlas.root / "atlas.json", lambda path: path.write_text(json.dumps(info, indent=1)))
+    with atomic_write(atlas.root / "atlas.json", private=True) as partial:
+        partial.write_text(json.dumps(info, indent=1))
 
 
 @contextmanager
 def _writer_lock(root: Path):
     """One writer per atlas directory (an OS lock: released when its process dies)."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "a+") as handle:
+    with write_errors(root / ".lock"):
+        root.mkdir(parents=True, exist_ok=True)
+        handle = open(root / ".lock", "a+")
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
