@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,11 +33,12 @@ from flowdb import __version__
 from flowdb.build import LayerBuild, classified, match_layer
 from flowdb.errors import BusyError, FlowdbError
 from flowdb.files import regular_file
-from flowdb.graph import feature_key, threshold_properties
+from flowdb.graph import feature_key, layer_size, threshold_properties
 from flowdb.matching import Matcher
 from flowdb.modules import MODULES, RESIDUAL
 from flowdb.plan import BuildPlan, layer_ranges
 from flowdb.settings import home_dir, private_dirs
+from flowdb.writes import atomic_write, write_errors
 
 FORMAT = 1
 LAYER_KEYS = frozenset({"layer", "widths", "saes", "searched", "matcher", "edges", "thresholds"})
@@ -154,6 +153,18 @@ class Atlas:
                           searched={p: tuple(v) for p, v in meta["searched"].items()},
                           matcher=meta["matcher"], search_seconds=meta.get("search_seconds", 0.0))
 
+    def graph_size(self, layers: list[int] | None = None) -> tuple[int, int]:
+        """The nodes and relationships these layers (default: all done) add to a graph,
+        from each layer's record and its residual categories (no edge is read)."""
+        nodes = relationships = 0
+        for layer in self.layers_done() if layers is None else layers:
+            meta = self.layer_meta(layer)
+            categories = self._read_part("residual", layer, ["category"], meta["widths"][RESIDUAL.name])["category"]
+            n, r = layer_size(meta["widths"], len(meta["saes"]), meta["edges"],
+                              int((categories == "from-nowhere").sum()))
+            nodes, relationships = nodes + n, relationships + r
+        return nodes, relationships
+
     def read_layer(self, layer: int) -> LayerBuild:
         meta = self.layer_meta(layer)
         built = self.read_layer_header(layer, meta)
@@ -181,7 +192,8 @@ class Atlas:
         """This atlas as flowdb.bulk imports it."""
         from flowdb.bulk import BulkPack
 
-        return BulkPack(self.plan.name, self.info["plan"], self.fingerprint, self.matchers(), self.layers)
+        return BulkPack(self.plan.name, self.info["plan"], self.fingerprint, self.matchers(), self.layers,
+                        self.graph_size)
 
     def _part(self, table: str, layer: int) -> Path:
         return self.root / table / f"layer={layer}" / "part.parquet"
@@ -198,13 +210,14 @@ class Atlas:
             "index": np.arange(built.widths["res"], dtype=np.int32), "category": built.categories,
             "s_res": s["res"], "s_mlp": s["mlp"], "s_att": s["att"]})
         for table, frame in (("edges", edges), ("residual", residual)):
-            _atomic(self._part(table, built.layer), lambda path, frame=frame: frame.to_parquet(path, index=False))
+            with atomic_write(self._part(table, built.layer), private=True) as partial:
+                frame.to_parquet(partial, index=False)
         meta = {"layer": built.layer, "widths": built.widths, "saes": built.saes,
                 "searched": built.searched, "matcher": built.matcher,
                 "search_seconds": built.search_seconds, "edges": len(edges),
                 "thresholds": threshold_properties(built)}
-        _atomic(self.root / "layers" / f"{built.layer}.json",
-                lambda path: path.write_text(json.dumps(meta, indent=1)))
+        with atomic_write(self.root / "layers" / f"{built.layer}.json", private=True) as partial:
+            partial.write_text(json.dumps(meta, indent=1))
 
     def write_summaries(self) -> None:
         """saes.parquet and thresholds.parquet over all layers."""
@@ -212,8 +225,9 @@ class Atlas:
         saes = pd.DataFrame([{"layer": m["layer"], "module": module, **sae}
                              for m in metas for module, sae in m["saes"].items()])
         thresholds = pd.DataFrame([{"layer": m["layer"], **m["thresholds"]} for m in metas])
-        _atomic(self.root / "saes.parquet", lambda path: saes.to_parquet(path, index=False))
-        _atomic(self.root / "thresholds.parquet", lambda path: thresholds.to_parquet(path, index=False))
+        for name, frame in (("saes.parquet", saes), ("thresholds.parquet", thresholds)):
+            with atomic_write(self.root / name, private=True) as partial:
+                frame.to_parquet(partial, index=False)
 
 
 def _count(value) -> bool:
@@ -241,18 +255,6 @@ def _edges_frame(pack: str, built: LayerBuild, place: str) -> pd.DataFrame:
         "rank": np.tile(np.arange(1, k + 1, dtype=np.int16), n_res),
         "above": built.above(place).reshape(-1), "source_layer": np.int32(source_layer),
         "source_module": place, "source_index": sources, "target_index": targets})
-
-
-def _atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a private dot-file beside path, then rename it into place."""
-    private_dirs(path.parent)  # as private as the 0600 files mkstemp makes
-    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(Path(partial))
-        os.replace(partial, path)
-    finally:
-        Path(partial).unlink(missing_ok=True)
 
 
 # --- building ---------------------------------------------------------------------------
@@ -303,17 +305,16 @@ def _claim(atlas: Atlas, plan: BuildPlan) -> None:
         raise FlowdbError(f"{atlas.root} is not empty and holds no atlas; choose another --out")
     info = {"format": FORMAT, "pack": plan.name, "fingerprint": fingerprint,
             "flowdb_version": __version__, "plan": plan.to_json()}
-    _atomic(atlas.root / "atlas.json", lambda path: path.write_text(json.dumps(info, indent=1)))
+    with atomic_write(atlas.root / "atlas.json", private=True) as partial:
+        partial.write_text(json.dumps(info, indent=1))
 
 
 @contextmanager
 def _writer_lock(root: Path):
     """One writer per atlas directory (an OS lock: released when its process dies)."""
-    try:
+    with write_errors(root / ".lock"):
         private_dirs(root)
         handle = open(root / ".lock", "a+")
-    except OSError as exc:
-        raise FlowdbError(f"cannot write an atlas in {root} ({exc.strerror}); choose another --out") from None
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

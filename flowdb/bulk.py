@@ -31,6 +31,7 @@ start it, then finish_import(db, ImportFiles.open(directory)).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -53,8 +54,9 @@ from flowdb.database import Database, neo4j_errors
 from flowdb.errors import FlowdbError
 from flowdb.files import regular_file
 from flowdb.modules import MODULES, RESIDUAL
-from flowdb.neo4j_server import ManagedServer
+from flowdb.neo4j_server import BULK_COST, ManagedServer
 from flowdb.settings import import_memory, import_threads, private_dir
+from flowdb.writes import write_errors
 
 ID_SPACE = "flow"
 ID_TYPE = "actual"  # the ids in the files, dense from 0, are the node ids
@@ -84,6 +86,18 @@ class BulkPack:
     fingerprint: str
     backend: str  # the matcher backend, stored as the Pack's matcher (as begin_pack does)
     layers: Callable[[], Iterable[LayerBuild]]
+    # The nodes and relationships of its layers, when known without reading them all
+    # (Atlas.graph_size); else counted from `layers`.
+    size: Callable[[], tuple[int, int]] | None = None
+
+    def graph_size(self) -> tuple[int, int]:
+        """The nodes and relationships this pack adds to a graph, its own nodes included."""
+        if self.size is not None:
+            nodes, relationships = self.size()
+        else:
+            sizes = [graph.built_layer_size(layer) for layer in self.layers()]
+            nodes, relationships = sum(n for n, _ in sizes), sum(r for _, r in sizes)
+        return nodes + graph.PACK_NODES, relationships
 
 
 @dataclass
@@ -130,7 +144,8 @@ class ImportFiles:
         state = {"format": FORMAT, "nodes": self.nodes, "relationships": self.relationships,
                  "n_nodes": self.n_nodes, "n_relationships": self.n_relationships,
                  "packs": [vars(rows) for rows in self.packs]}
-        _create_private(self.directory / MANIFEST).write_text(json.dumps(state, default=_plain))
+        with write_errors(self.directory / MANIFEST):
+            _create_private(self.directory / MANIFEST).write_text(json.dumps(state, default=_plain))
 
     @classmethod
     def open(cls, directory: str | Path) -> ImportFiles:
@@ -154,9 +169,17 @@ class _Group:
 
     def __init__(self, directory: Path, stem: str, columns: list[tuple[str, pa.DataType, str]]):
         self.header, self.data = f"{stem}.header.csv", f"{stem}.csv"
+        self.paths = [directory / self.header, directory / self.data]
         self.schema = pa.schema([(name, kind) for name, kind, _ in columns])
-        _create_private(directory / self.header).write_text(",".join(h for _, _, h in columns) + "\n")
-        self.stream = pa.OSFile(str(_create_private(directory / self.data)), "wb")
+        self.stream = self.writer = None
+        try:
+            with write_errors(self.paths[0]):
+                _create_private(self.paths[0]).write_text(",".join(h for _, _, h in columns) + "\n")
+            with write_errors(self.paths[1]):
+                self.stream = pa.OSFile(str(_create_private(self.paths[1])), "wb")
+        except BaseException:
+            self.remove()
+            raise
         # Quoting only where needed: numbers go out bare, strings in quotes.
         self.writer = pacsv.CSVWriter(self.stream, self.schema, write_options=pacsv.WriteOptions(
             include_header=False, batch_size=1 << 16))
@@ -166,12 +189,26 @@ class _Group:
         table = pa.Table.from_arrays([_arrow(columns[name], kind) for name, kind in
                                       zip(self.schema.names, self.schema.types)], schema=self.schema)
         if table.num_rows:
-            self.writer.write_table(table)
+            with write_errors(self.paths[1]):
+                self.writer.write_table(table)
             self.rows += table.num_rows
 
     def close(self) -> None:
-        self.writer.close()
-        self.stream.close()
+        writer, stream, self.writer, self.stream = self.writer, self.stream, None, None
+        with write_errors(self.paths[1]):
+            try:
+                if writer is not None:
+                    writer.close()  # writes what it still holds
+            finally:
+                if stream is not None:
+                    stream.close()
+
+    def remove(self) -> None:
+        """Close without a word (the failure that led here says more) and delete both files."""
+        with contextlib.suppress(OSError, FlowdbError):
+            self.close()
+        for path in self.paths:
+            path.unlink(missing_ok=True)
 
 
 def write_import_files(directory: Path, packs: list[BulkPack]) -> ImportFiles:
@@ -180,14 +217,28 @@ def write_import_files(directory: Path, packs: list[BulkPack]) -> ImportFiles:
     packs that share a name and layers whose matches point outside their SAEs."""
     _check_names(packs)
     directory = private_dir(Path(directory))
+    groups: list[_Group] = []
+    try:
+        return _write_import_files(directory, packs, groups)
+    except BaseException:  # nothing half-written is left: every file this call made goes
+        for group in groups:
+            group.remove()
+        (directory / MANIFEST).unlink(missing_ok=True)
+        raise
+
+
+def _write_import_files(directory: Path, packs: list[BulkPack], groups: list[_Group]) -> ImportFiles:
+    def add(stem: str, columns: list[tuple[str, pa.DataType, str]]) -> _Group:
+        groups.append(_Group(directory, stem, columns))
+        return groups[-1]
+
     labels = {m.name: f"Feature:{m.label}" for m in MODULES.values()}
-    features = {m.name: _Group(directory, f"features-{m.name}",
-                               _ID + _FEATURE_COLUMNS + (_RESIDUAL_COLUMNS if m is RESIDUAL else []))
+    features = {m.name: add(f"features-{m.name}",
+                            _ID + _FEATURE_COLUMNS + (_RESIDUAL_COLUMNS if m is RESIDUAL else []))
                 for m in MODULES.values()}
-    nowhere = _Group(directory, "nowhere", _ID + [("pack", pa.string(), "pack")])
-    edges = {m.edge_type: _Group(directory, f"edges-{m.edge_type}", _EDGE_COLUMNS) for m in MODULES.values()}
-    edges[FROM_NOWHERE] = _Group(directory, f"edges-{FROM_NOWHERE}", _EDGE_COLUMNS[:2])
-    groups = [*features.values(), nowhere, *edges.values()]
+    nowhere = add("nowhere", _ID + [("pack", pa.string(), "pack")])
+    edges = {m.edge_type: add(f"edges-{m.edge_type}", _EDGE_COLUMNS) for m in MODULES.values()}
+    edges[FROM_NOWHERE] = add(f"edges-{FROM_NOWHERE}", _EDGE_COLUMNS[:2])
     rows, next_id, pending = [], 0, []
     # Arrow formats CSV without the GIL: a layer's groups are written side by side, while
     # the next layer's rows are made (so at most two layers are in memory).
@@ -338,6 +389,7 @@ def bulk_load(server: ManagedServer, packs: list[BulkPack],
     _check_names(packs)
     with server.importing():
         _require_empty(server)
+        _require_space(server, packs)
         work = Path(tempfile.mkdtemp(prefix="files-", dir=private_dir(server.root / "bulk")))
         try:
             say(f"writing import files into {work}; Neo4j is stopped meanwhile")
@@ -430,6 +482,16 @@ def _require_empty(server: ManagedServer) -> None:
             f"the managed Neo4j under {server.root} already holds {nodes:,} node{'s' * (nodes != 1)}; "
             "a bulk load only builds a new database: use flowdb load without --bulk, "
             "or delete its packs first (flowdb packs lists them; flowdb delete PACK --yes)")
+
+
+def _require_space(server: ManagedServer, packs: list[BulkPack]) -> None:
+    """Refuse before the import files are written when the store's disk cannot take them
+    and the store they become (BULK_COST counts both)."""
+    sizes = [pack.graph_size() for pack in packs]
+    nodes, relationships = sum(n for n, _ in sizes), sum(r for _, r in sizes)
+    server.require_space(BULK_COST.bytes(nodes, relationships),
+                         f"bulk-loading {', '.join(pack.name for pack in packs)} "
+                         f"({nodes:,} nodes, {relationships:,} relationships)")
 
 
 def _import(server: ManagedServer, files: ImportFiles) -> None:

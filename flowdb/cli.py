@@ -95,8 +95,8 @@ def neo4j_start():
     from flowdb.neo4j_server import ManagedServer
 
     server = ManagedServer.default()
-    server.start()
-    click.echo(f"Neo4j answers on {server.uri} (home {server.root})")
+    server.start()  # refuses unless the default database takes queries
+    click.echo(f"running: Neo4j answers on {server.uri}, its default database online (home {server.root})")
 
 
 @neo4j.command("stop")
@@ -110,15 +110,15 @@ def neo4j_stop():
 
 @neo4j.command("status")
 def neo4j_status():
-    """Exit 0 only when the managed Neo4j answers on Bolt."""
+    """Exit 0 only when the managed Neo4j answers on Bolt and its default database is online."""
     from flowdb.neo4j_server import ManagedServer
 
     server = ManagedServer.default()
-    if server.answers():
-        click.echo(f"running: {server.uri} (pid {server.pid()}, home {server.root})")
-        return
-    click.echo(f"not answering on {server.uri}")
-    sys.exit(1)
+    if not server.answers():
+        click.echo(f"not answering on {server.uri} ({server.logs})")
+        sys.exit(1)
+    server.require_online()  # else one line: what is wrong, and where the logs are
+    click.echo(f"running: {server.uri}, default database online (pid {server.pid()}, home {server.root})")
 
 
 @cli.command()
@@ -600,6 +600,7 @@ def validate_deactivation(pack, layers, texts, samples, max_targets, exhaustive,
 
     from flowdb.deactivation import DeactivationSpec, deactivation_experiment, pack_facts, summarise, with_paper
     from flowdb.groups import GROUPS
+    from flowdb.writes import atomic_write
 
     layer_list = None
     if layers:
@@ -630,7 +631,8 @@ def validate_deactivation(pack, layers, texts, samples, max_targets, exhaustive,
     click.echo(f"{removals} removals in {seconds:.1f} s ({removals / max(seconds, 1e-9):.0f} per second, batched); "
                f"{len(trials)} matcher trials; {time.perf_counter() - started:.0f} s in all")
     if csv_path:
-        overall.assign(pack=pack, **facts).to_csv(csv_path, index=False)
+        with atomic_write(csv_path) as partial:
+            overall.assign(pack=pack, **facts).to_csv(partial, index=False)
         click.echo(f"wrote {csv_path}")
     if out:
         from flowdb.plots import plot_deactivation
@@ -686,6 +688,7 @@ def validate_steering(pack, seeds, method, strengths, generations, max_new_token
         compare_verdict,
         pick_seeds,
     )
+    from flowdb.writes import atomic_write
 
     try:
         grid_values = [float(x) for x in strengths.split(",")]
@@ -715,7 +718,8 @@ def validate_steering(pack, seeds, method, strengths, generations, max_new_token
     click.echo("best score at mean coherence >= 0.5, and grid points within half of each strategy's peak:")
     click.echo(compare_verdict(summary).to_string(index=False, float_format=fmt))
     if csv_path:
-        table.to_csv(csv_path, index=False)
+        with atomic_write(csv_path) as partial:
+            table.to_csv(partial, index=False)
         click.echo(f"wrote {csv_path}")
     if out:
         from flowdb.plots import plot_steering_comparison

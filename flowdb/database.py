@@ -7,24 +7,35 @@ to do. The graph's data model and its statements live in flowdb.graph.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flowdb.errors import DatabaseError, Neo4jUnavailable, QueryTimeout
 from flowdb.settings import Neo4jSettings
 
+if TYPE_CHECKING:
+    from flowdb.neo4j_server import ManagedServer
+
 BOLT_SCHEMES = ("bolt", "bolt+s", "bolt+ssc", "neo4j", "neo4j+s", "neo4j+ssc")
+
+# The driver logs each retry against a lost server as a WARNING, which Python prints on
+# stderr when no handler is set: a killed server gave ten such lines before flowdb's one.
+# An application that configures logging still gets them.
+logging.getLogger("neo4j").addHandler(logging.NullHandler())
 
 
 class Database:
     """A driver plus the database name; use as a context manager to close it."""
 
-    def __init__(self, driver, database: str | None, uri: str, username: str | None = None):
+    def __init__(self, driver, database: str | None, uri: str, username: str | None = None,
+                 server: ManagedServer | None = None):
         self.driver = driver
         self.database = database
         self.uri = uri
         self.username = username
+        self.server = server  # flowdb's managed server, whose disk flowdb can see; None: another
 
     @property
     def where(self) -> str:
@@ -159,7 +170,8 @@ def connect(settings: Neo4jSettings | None = None) -> Database:
         # Schema-less warnings ("property does not exist yet") are noise on a fresh graph.
         driver = GraphDatabase.driver(uri, auth=auth, connection_timeout=10,
                                       notifications_min_severity="OFF")
-    db = Database(driver, settings.database, uri, auth[0] if auth else None)
+    db = Database(driver, settings.database, uri, auth[0] if auth else None,
+                  server if settings.managed else None)
     try:
         # A session, not execute_query: the latter retries an unreachable server for 30 s.
         with neo4j_errors(uri=uri, database=settings.database):

@@ -51,3 +51,12 @@ class BusyError(FlowdbError):
 
 class StaleBuildError(FlowdbError):
     """The SAE files or manifest differ from what a stored graph was built from."""
+
+
+class WriteError(FlowdbError):
+    """A file flowdb writes could not be written; nothing half-written is left."""
+
+
+class DiskFullError(WriteError):
+    """No room: the device is full, or the write would pass a quota or file-size limit,
+    or a build would not fit in the store's free space."""

@@ -3,7 +3,6 @@ atlas's edge schema (flowdb.atlas.EDGE_SCHEMA, plus the target's layer)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +13,7 @@ from flowdb.database import Database
 from flowdb.errors import FlowdbError
 from flowdb.modules import MODULES, RESIDUAL
 from flowdb.queries import run_template
+from flowdb.writes import atomic_write
 
 FORMATS = (".csv", ".parquet")
 
@@ -26,17 +26,11 @@ def export_edges(db: Database, pack: str, out: str | Path):
         raise FlowdbError(f"{out}: export writes {' or '.join(FORMATS)} files")
     graph.require_pack(db, pack)
     edges = atlas_edges(pack, run_template(db, "edges", {"pack": pack}))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the target and renamed: a failed export leaves no half file.
-    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    try:
+    with atomic_write(out) as partial:  # a failed export leaves no half file
         if out.suffix == ".csv":
             edges.to_csv(partial, index=False)
         else:
             edges.to_parquet(partial, index=False)
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
     return edges
 
 

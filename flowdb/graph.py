@@ -179,6 +179,14 @@ def count_nodes(db: Database) -> int:
     return db.read("MATCH (n) RETURN count(n) AS n")[0]["n"]
 
 
+def stored_size(db: Database, name: str) -> tuple[int, int]:
+    """A stored pack's feature nodes and the relationships into them (its match edges and
+    marks), from the degree store: what deleting it touches, near enough."""
+    row = db.read("MATCH (f:Feature {pack: $name}) "
+                  "RETURN count(f) AS nodes, sum(COUNT { (f)<--() }) AS relationships", name=name)[0]
+    return row["nodes"], row["relationships"] or 0
+
+
 def record_plan(db: Database, name: str, plan: dict) -> None:
     db.write("MATCH (p:Pack {name: $name}) SET p.plan = $plan", name=name, plan=json.dumps(plan))
 
@@ -285,6 +293,21 @@ def _write_layer(tx, pack: str, layer: LayerBuild) -> tuple[int, int]:
         "WITH DISTINCT p SET p.layers_done = p.layers_done + $layer",
         pack=pack, saes=sae_properties(pack, layer), layer=number).consume()
     return edges, nowhere
+
+
+PACK_NODES = 2  # a pack's own nodes beside its layers': the Pack node and its Nowhere node
+
+
+def layer_size(widths: dict[str, int], n_saes: int, match_edges: int, from_nowhere: int) -> tuple[int, int]:
+    """The nodes and relationships one layer adds to the graph: its features and SAE
+    nodes; its match edges, FROM_NOWHERE marks and HAS_SAE links."""
+    return sum(int(w) for w in widths.values()) + n_saes, match_edges + from_nowhere + n_saes
+
+
+def built_layer_size(layer: LayerBuild) -> tuple[int, int]:
+    """layer_size of a classified layer in memory."""
+    marks = int(np.count_nonzero(np.asarray(layer.categories) == "from-nowhere"))
+    return layer_size(layer.widths, len(layer.saes), layer.n_edges(), marks)
 
 
 def sae_properties(pack: str, layer: LayerBuild) -> list[dict]:

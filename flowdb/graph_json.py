@@ -37,7 +37,6 @@ token positions, so some fields carry values chosen to render in the viewer
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from typing import Any
 import pandas as pd
 
 from flowdb.errors import FlowdbError
+from flowdb.writes import atomic_write
 
 SCHEMA_VERSION = 1  # features are Cantor-paired (layer, index), as circuit-tracer writes them
 POSITION = {"att": 0, "mlp": 1, "res": 2}  # ctx_idx of each module's features
@@ -204,12 +204,7 @@ def json_target(out: str | Path) -> Path:
 def write_graph_json(document: dict, out: str | Path) -> Path:
     """Write document as JSON to out atomically: a failed write leaves no half file."""
     out = json_target(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(document, indent=1, allow_nan=False, ensure_ascii=False)
-    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")  # renamed into place when whole
-    try:
+    with atomic_write(out) as partial:
         partial.write_text(text + "\n", encoding="utf-8")
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
     return out

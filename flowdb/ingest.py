@@ -151,6 +151,8 @@ def _write(db: Database, plan: BuildPlan, atlas: Atlas, target: str, report: Ing
     # Everything is checked and matched: from here on the database changes.
     stored = graph.read_pack(db, target)
     done = set(stored.layers_done) if stored else set()
+    _require_space(db, atlas, [layer for layer in atlas.layers_done() if layer not in done],
+                   0 if stored else graph.PACK_NODES, plan.name, replaces=target != plan.name)
     if stored:
         report.status = "resumed"
     else:
@@ -188,6 +190,26 @@ def delete_pack(db: Database, pack: str) -> int:
                 features += graph.count_features(db, name)
                 graph.drop_pack(db, name)
     return features
+
+
+def _require_space(db: Database, atlas: Atlas, layers: list[int], pack_nodes: int, pack: str,
+                   replaces: bool) -> None:
+    """Refuse before writing when the managed server's disk cannot take these layers and,
+    for a replacement, the log of deleting the build it replaces. The disk of a server
+    flowdb does not manage cannot be seen from here: not checked."""
+    if db.server is None or not layers:
+        return
+    from flowdb.neo4j_server import BOLT_COST, DELETE_COST
+
+    nodes, relationships = atlas.graph_size(layers)
+    nodes += pack_nodes
+    needed = BOLT_COST.bytes(nodes, relationships)
+    what = f"writing pack {pack!r} ({nodes:,} nodes, {relationships:,} relationships"
+    if replaces:
+        old_nodes, old_relationships = graph.stored_size(db, pack)
+        needed += DELETE_COST.bytes(old_nodes, old_relationships)
+        what += f", then deleting the {old_nodes:,} nodes of the build it replaces"
+    db.server.require_space(needed, what + ")")
 
 
 class Lease:

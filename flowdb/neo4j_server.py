@@ -18,6 +18,7 @@ local files nor URLs.
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import secrets
 import shutil
@@ -31,9 +32,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from flowdb.errors import Neo4jUnavailable
+from flowdb.errors import DiskFullError, Neo4jUnavailable
 from flowdb.settings import flowdb_home, java_heap, make_private, managed_port, private_dir
 from flowdb.settings import page_cache_mb as page_cache_mb_setting
+from flowdb.writes import write_errors
 
 NEO4J_VERSION = "5.26.30"
 START_TIMEOUT_S = 180
@@ -47,6 +49,36 @@ DEFAULT_ADMIN_HEAP = "2g"
 LAUNCHER = "FlowdbNeo4j"  # the launcher's class; its name in a command line marks our server
 USER = "neo4j"
 ADMIN_TOOL = "org.neo4j.cli.AdminTool"  # neo4j-admin's main class (jar neo4j-command-line)
+
+
+@dataclass(frozen=True)
+class StoreCost:
+    """What writing a graph costs the disk of the managed server's store, in bytes per
+    node and per relationship written (features and SAE nodes; match edges, marks and
+    links: a planted pack's mix, at k=1 and k=8)."""
+
+    per_node: float
+    per_relationship: float
+
+    def bytes(self, nodes: int, relationships: int) -> int:
+        return math.ceil(self.per_node * nodes + self.per_relationship * relationships)
+
+
+# Measured on Neo4j 5.26.30 by benchmarks/measure_store_bytes.py (planted packs of 4 layers
+# x 1,024 features, 12,302 nodes, at k=1 and k=8: 12,034 and 90,830 relationships): disk
+# blocks of the database's store and transaction logs, with the server stopped, after a
+# write minus before, solved for the two costs; rounded up. Over Bolt: 572 and 239 bytes.
+# Deleting costs too (the transaction log records it; the store does not shrink): 295
+# bytes per node or relationship deleted, paid when a replacement deletes the old build.
+# A bulk import writes almost no log (store: 248 and 76 bytes), but its import files are
+# on the same disk while it runs (78 and 37 bytes): together 326 and 113.
+BOLT_COST = StoreCost(per_node=600, per_relationship=250)
+DELETE_COST = StoreCost(per_node=300, per_relationship=300)
+BULK_COST = StoreCost(per_node=350, per_relationship=125)
+# Room a write leaves free beyond its estimate: Neo4j needs some for checkpoints, its
+# own logs and index updates, and a full disk stops it on a critical error.
+SPACE_MARGIN = 0.25
+MIN_SPACE_MARGIN = 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -99,6 +131,15 @@ class ManagedServer:
         return self.root / "logs" / "server.log"
 
     @property
+    def neo4j_log(self) -> Path:
+        """Neo4j's own log (debug.log): why a database failed, in full."""
+        return self.dbms_dir / "logs" / "debug.log"
+
+    @property
+    def logs(self) -> str:
+        return f"logs: {self.log_file}, {self.neo4j_log}"
+
+    @property
     def pid_file(self) -> Path:
         return self.root / "server.pid"
 
@@ -122,6 +163,19 @@ class ManagedServer:
                 f"{self.password_file} is empty; delete it, then run 'flowdb neo4j stop' and "
                 "'flowdb neo4j start' to generate a new password")
         return USER, password
+
+    def require_space(self, needed: int, what: str) -> None:
+        """Refuse (DiskFullError) when the disk that holds this server's store lacks
+        `needed` bytes plus a margin; `what` says what would have been written."""
+        margin = max(MIN_SPACE_MARGIN, math.ceil(needed * SPACE_MARGIN))
+        where = next(path for path in (self.data_dir, *self.data_dir.parents) if path.exists())
+        free = shutil.disk_usage(where).free
+        if free < needed + margin:
+            raise DiskFullError(
+                f"{what} needs about {_mib(needed + margin)} free on the disk of the managed Neo4j's "
+                f"store ({_mib(needed)} estimated + {_mib(margin)} to spare), but {where} has "
+                f"{_mib(free)} free; nothing was written: free some space, or move FLOWDB_HOME "
+                "to a larger disk")
 
     def fetched(self) -> bool:
         return (self.lib / f".complete-{NEO4J_VERSION}").exists()
@@ -164,6 +218,23 @@ class ManagedServer:
     def answers(self) -> bool:
         return bolt_probe(self.uri, self.auth()) == "ok"
 
+    def require_online(self) -> None:
+        """Refuse (Neo4jUnavailable) unless the server answers and its default database
+        takes queries: Bolt can answer while the database is offline or has stopped on
+        a critical error (a full disk), and then every query fails."""
+        state = bolt_probe(self.uri, self.auth())
+        if state == "refused":
+            raise self._password_refused()
+        if state == "down":
+            raise Neo4jUnavailable(f"the managed Neo4j does not answer on {self.uri} "
+                                   f"(start it with 'flowdb neo4j start'; {self.logs})")
+        status, problem = database_state(self.uri, self.auth())
+        if status != "online":
+            raise self._database_down(problem)
+
+    def _database_down(self, problem: str) -> Neo4jUnavailable:
+        return Neo4jUnavailable(f"the managed Neo4j answers on {self.uri}, but {problem}; see its {self.logs}")
+
     def start(self, heap: str | None = None, page_cache_mb: int | None = None) -> None:
         """Start the server unless it already answers; wait until Bolt answers."""
         auth = self.auth()
@@ -178,6 +249,7 @@ class ManagedServer:
         if state == "refused":
             raise self._password_refused()
         if state == "ok":
+            self.require_online()
             return
         if running is None:
             self._refuse_during_import()
@@ -192,17 +264,19 @@ class ManagedServer:
         while time.monotonic() < deadline:
             state = bolt_probe(self.uri, auth)
             if state == "ok":
-                return
+                status, problem = database_state(self.uri, auth)
+                if status == "online":
+                    return
+                if status != "starting":
+                    raise self._database_down(problem)
             if state == "refused":
                 raise self._password_refused()
             if self.pid() is None:
                 raise Neo4jUnavailable(
-                    f"the managed Neo4j exited during start: {self._last_log_line()} "
-                    f"(log: {self.log_file})")
+                    f"the managed Neo4j exited during start: {self._last_log_line()} ({self.logs})")
             time.sleep(0.5)
         raise Neo4jUnavailable(
-            f"the managed Neo4j did not answer on {self.uri} within {START_TIMEOUT_S}s "
-            f"(log: {self.log_file})")
+            f"the managed Neo4j did not answer on {self.uri} within {START_TIMEOUT_S}s ({self.logs})")
 
     def _spawn(self, heap: str, page_cache_mb: int) -> None:
         private_dir(self.log_file.parent)
@@ -382,6 +456,34 @@ def bolt_answers(uri: str, auth: tuple[str, str] | None, timeout_s: float = 3.0)
     return bolt_probe(uri, auth, timeout_s) == "ok"
 
 
+def database_state(uri: str, auth: tuple[str, str] | None, timeout_s: float = 10.0) -> tuple[str, str]:
+    """The server's default database: ("online", "") when it takes a read, else its
+    status ("starting", "offline", ...; "unavailable" when the system database calls it
+    online but it refuses every query, as after a critical error) and what is wrong."""
+    from neo4j import GraphDatabase
+    from neo4j.exceptions import DriverError, Neo4jError
+
+    from flowdb.database import _first_line
+
+    with GraphDatabase.driver(uri, auth=auth, connection_timeout=timeout_s) as driver:
+        try:
+            with driver.session(default_access_mode="READ") as session:
+                session.run("RETURN 1").consume()  # a transaction in the default database
+            return "online", ""
+        except (DriverError, Neo4jError, OSError) as exc:
+            failure = _first_line(exc)
+        try:
+            with driver.session(database="system") as session:
+                row = session.run("SHOW DEFAULT DATABASE YIELD name, currentStatus, statusMessage").single()
+        except (DriverError, Neo4jError, OSError):
+            row = None
+    if row is None:
+        return "unavailable", f"its default database refuses queries ({failure})"
+    status = row["currentStatus"] if row["currentStatus"] != "online" else "unavailable"
+    said = ((row["statusMessage"] or "").strip().splitlines() or [failure])[0]
+    return status, f"its default database {row['name']!r} is {status} ({said})"
+
+
 def _command_line(pid: int) -> str | None:
     """A live process's arguments, joined by spaces; None for no such process (or a zombie)."""
     if Path("/proc/self/cmdline").exists():
@@ -426,6 +528,10 @@ def _lock_free(path: Path) -> bool:
         os.close(fd)  # and with it the lock, if it was taken here
 
 
+def _mib(size: int) -> str:
+    return f"{size / 2**20:,.1f} MiB"
+
+
 def _write_new_password(path: Path) -> None:
     """Write a fresh password atomically: a concurrent flowdb sees no file or all of it,
     and the first writer's password wins."""
@@ -445,9 +551,10 @@ def _write_new_password(path: Path) -> None:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(fd, "wb") as out:
-        out.write(data)
+    with write_errors(path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "wb") as out:
+            out.write(data)
     make_private(path)  # O_CREAT's mode does not apply to a file that already existed
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from flowdb.errors import FlowdbError
+from flowdb.writes import atomic_write, write_errors
 
 FORMATS = (".png", ".svg", ".html")
 MODULE_COLOUR = {"res": "#1f77b4", "mlp": "#ff7f0e", "att": "#2ca02c"}
@@ -40,7 +41,8 @@ def _target(out: str | Path, formats: tuple[str, ...] = FORMATS) -> Path:
     out = Path(out)
     if out.suffix not in formats:
         raise FlowdbError(f"{out}: pictures are written as {', '.join(formats)}")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with write_errors(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -60,8 +62,18 @@ def _save(fig, out: Path, dpi: float = DPI) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(out, dpi=dpi)
-    plt.close(fig)
+    try:
+        with atomic_write(out) as partial:
+            fig.savefig(partial, dpi=dpi)
+    finally:
+        plt.close(fig)
+    return out
+
+
+def _save_html(fig, out: Path, **options) -> Path:
+    """A Plotly figure as one self-contained HTML file."""
+    with atomic_write(out) as partial:
+        fig.write_html(partial, include_plotlyjs=True, **options)
     return out
 
 
@@ -74,8 +86,7 @@ def _stacked_shares(table: pd.DataFrame, colours: dict[str, str], out: Path, tit
                          for name, colour in colours.items()])
         fig.update_layout(barmode="stack", title=title, xaxis_title="layer",
                           yaxis={"title": ylabel, "tickformat": ".0%"})
-        fig.write_html(out, include_plotlyjs=True)
-        return out
+        return _save_html(fig, out)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 0.4 * len(table) + 4), 4.2))
     bottom = pd.Series(0.0, index=table.index)
@@ -329,7 +340,7 @@ def _flow_html(layout: FlowLayout, out: Path, title: str) -> None:
         yaxis={"visible": False, "range": [nodes["y"].min() - 0.7, nodes["y"].max() + 0.5]},
         plot_bgcolor="white", annotations=annotations, hovermode="closest",
         legend={"itemsizing": "constant"})
-    fig.write_html(out, include_plotlyjs=True, post_script=_OPEN_ON_CLICK)
+    _save_html(fig, out, post_script=_OPEN_ON_CLICK)
 
 
 def plot_origins(origins: pd.DataFrame, out: str | Path, pack: str) -> Path:
@@ -380,8 +391,7 @@ def plot_deactivation(summary: pd.DataFrame, out: str | Path, pack: str) -> Path
                                      marker=dict(symbol="diamond", size=11, color="black"), showlegend=col == 1),
                           row=1, col=col)
         fig.update_layout(title=f"{pack}: removing each matcher's predecessor (Table 1)")
-        fig.write_html(out, include_plotlyjs=True)
-        return out
+        return _save_html(fig, out)
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     colours = plt.get_cmap("tab10")(np.arange(len(summary)) % 10)
@@ -444,8 +454,7 @@ def plot_steering_grid(table: pd.DataFrame, out: str | Path, title: str) -> Path
         fig = go.Figure([go.Scatter(x=part["s"], y=part["score"], mode="lines+markers", name=strategy,
                                     text=part["text"]) for strategy, part in steered.groupby("strategy")])
         fig.update_layout(title=title, xaxis_title="strength s", yaxis_title="proxy score")
-        fig.write_html(out, include_plotlyjs=True)
-        return out
+        return _save_html(fig, out)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for strategy, part in steered.groupby("strategy"):

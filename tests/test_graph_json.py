@@ -159,7 +159,7 @@ def test_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(Path, "write_text", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(FlowdbError, match=f"cannot write {out} "):
         write_graph_json({"other": 1}, out)
     assert out.read_text() == before and sorted(p.name for p in out.parent.iterdir()) == ["g.json"]
 
