@@ -251,13 +251,18 @@ class ManagedServer:
         if state == "ok":
             self.require_online()
             return
-        if running is None:
-            self._refuse_during_import()
-            self.fetch()
-            self._make_files_private()
-            self._spawn(heap or java_heap("FLOWDB_NEO4J_HEAP", DEFAULT_HEAP),
-                        page_cache_mb or page_cache_mb_setting())
-        self._wait_until_up(auth)
+        if running is not None:
+            self._wait_until_up(auth)
+            return
+        self._refuse_during_import()
+        self.fetch()
+        self._make_files_private()
+        self._spawn(heap or java_heap("FLOWDB_NEO4J_HEAP", DEFAULT_HEAP), page_cache_mb or page_cache_mb_setting())
+        try:
+            self._wait_until_up(auth)
+        except Neo4jUnavailable:
+            self.stop()  # a JVM this call started and gave up on must not stay behind, holding the store
+            raise
 
     def _wait_until_up(self, auth: tuple[str, str]) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S

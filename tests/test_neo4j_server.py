@@ -62,6 +62,29 @@ def test_start_status_stop_cycle(neo4j_settings, tmp_path, monkeypatch):
         ManagedServer(root, port).stop()
 
 
+def test_a_start_that_times_out_leaves_no_server_behind(neo4j_settings, tmp_path, monkeypatch):
+    """A JVM that start() spawned and gave up on is stopped, not left holding the store."""
+    import flowdb.neo4j_server as neo4j_server
+
+    root = tmp_path / "home" / "neo4j"
+    _share_session_jars(root)
+    server = ManagedServer(root, _free_port())
+    monkeypatch.setenv("FLOWDB_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(neo4j_server, "START_TIMEOUT_S", 1.0)  # far shorter than a JVM start
+    spawned = []
+    spawn = ManagedServer._spawn
+    monkeypatch.setattr(ManagedServer, "_spawn", lambda self, *a: (spawn(self, *a), spawned.append(self.pid())))
+    try:
+        with pytest.raises(neo4j_server.Neo4jUnavailable, match="did not answer .* within 1.0s"):
+            server.start(heap="512m")
+        assert spawned and spawned[0] is not None  # a JVM really was started
+        stat_file = Path(f"/proc/{spawned[0]}/stat")  # gone, or a zombie its parent has yet to reap
+        assert not stat_file.exists() or stat_file.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        assert server.pid() is None and not server.pid_file.exists()
+    finally:
+        server.stop()
+
+
 def test_a_stranger_on_the_port_is_not_taken_for_ours(managed, tmp_path, monkeypatch):
     port = str(managed.port)  # the managed server answers there
     monkeypatch.setenv("FLOWDB_HOME", str(tmp_path / "elsewhere"))
