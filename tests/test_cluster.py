@@ -52,7 +52,10 @@ def test_ray_tasks_write_the_same_atlas_as_one_process(ray_cluster, planted_pack
     for table, frame in frames(spread.root).items():
         pd.testing.assert_frame_equal(frame, frames(local.root)[table])
     for layer in local.layers_done():
-        assert spread.layer_meta(layer) == local.layer_meta(layer)
+        # Everything but the time the searches took, which each run measures for itself.
+        spread_meta, local_meta = spread.layer_meta(layer), local.layer_meta(layer)
+        assert spread_meta.pop("search_seconds") > 0 and local_meta.pop("search_seconds") > 0
+        assert spread_meta == local_meta
     pd.testing.assert_frame_equal(pd.read_parquet(spread.root / "thresholds.parquet"),
                                   pd.read_parquet(local.root / "thresholds.parquet"))
 
