@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,7 +39,7 @@ from flowdb.matching import Matcher
 from flowdb.modules import MODULES, RESIDUAL
 from flowdb.plan import BuildPlan, layer_ranges
 from flowdb.settings import home_dir, private_dirs
-from flowdb.writes import atomic_write, write_errors
+from flowdb.writes import atomic_write
 
 FORMAT = 1
 LAYER_KEYS = frozenset({"layer", "widths", "saes", "searched", "matcher", "edges", "thresholds"})
@@ -312,9 +313,11 @@ def _claim(atlas: Atlas, plan: BuildPlan) -> None:
 @contextmanager
 def _writer_lock(root: Path):
     """One writer per atlas directory (an OS lock: released when its process dies)."""
-    with write_errors(root / ".lock"):
+    try:
         private_dirs(root)
-        handle = open(root / ".lock", "a+")
+        handle = os.fdopen(os.open(root / ".lock", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600), "a+")
+    except OSError as exc:
+        raise FlowdbError(f"cannot write an atlas in {root} ({exc.strerror}); choose another --out") from None
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

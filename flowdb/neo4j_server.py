@@ -258,13 +258,12 @@ class ManagedServer:
         self.fetch()
         self._make_files_private()
         self._spawn(heap or java_heap("FLOWDB_NEO4J_HEAP", DEFAULT_HEAP), page_cache_mb or page_cache_mb_setting())
-        try:
-            self._wait_until_up(auth)
-        except Neo4jUnavailable:
-            self.stop()  # a JVM this call started and gave up on must not stay behind, holding the store
-            raise
+        self._wait_until_up(auth, spawned=True)
 
-    def _wait_until_up(self, auth: tuple[str, str]) -> None:
+    def _wait_until_up(self, auth: tuple[str, str], spawned: bool = False) -> None:
+        """Wait for Bolt and the default database. spawned: this call started the JVM, so
+        one that never answers is stopped rather than left behind holding the store (one
+        that answers with its database offline stays, for `status` and the logs to tell)."""
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             state = bolt_probe(self.uri, auth)
@@ -280,6 +279,8 @@ class ManagedServer:
                 raise Neo4jUnavailable(
                     f"the managed Neo4j exited during start: {self._last_log_line()} ({self.logs})")
             time.sleep(0.5)
+        if spawned:
+            self.stop()
         raise Neo4jUnavailable(
             f"the managed Neo4j did not answer on {self.uri} within {START_TIMEOUT_S}s ({self.logs})")
 

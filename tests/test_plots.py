@@ -52,9 +52,12 @@ def test_plot_errors(stored, tmp_path):
     assert result.exit_code == 1 and "pictures are written as .png, .svg, .html" in result.output
     result = CliRunner().invoke(cli, ["plot", "flow", "planted/99/res/1", "--out", str(tmp_path / "x.png")])
     assert result.exit_code == 1 and "no feature 'planted/99/res/1': pack 'planted' has layers 0-3" in result.output
+    with pytest.raises(FlowdbError, match="no pack named 'nosuch'.*stored packs: planted"):
+        run_template(stored, "origins", {"pack": "nosuch"})
+    from flowdb.plots import plot_origins
+
     with pytest.raises(FlowdbError, match="no residual features"):
-        from flowdb.plots import plot_origins
-        plot_origins(run_template(stored, "origins", {"pack": "nosuch"}), tmp_path / "o.png", "nosuch")
+        plot_origins(run_template(stored, "origins", {"pack": "planted"}).iloc[0:0], tmp_path / "o.png", "planted")
 
 
 def test_cypher_is_read_only_unless_write(stored):

@@ -97,6 +97,8 @@ def test_bfloat16_weights_are_read_as_float32(tmp_path):
     write_sae(tmp_path / "s", w_dec, "blocks.0.hook_resid_post", "m")
     rounded = torch.from_numpy(w_dec).bfloat16()
     save_file({"W_dec": rounded}, str(tmp_path / "s" / "sae_weights.safetensors"))
+    cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps({**cfg, "dtype": "bfloat16"}))  # as sae-lens writes it
     rows = load_decoder(ref("path", tmp_path / "s"))[1]
     np.testing.assert_array_equal(rows[5:17], rounded.float().numpy()[5:17])
     np.testing.assert_array_equal(np.asarray(rows), rounded.float().numpy())
