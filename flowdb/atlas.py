@@ -50,6 +50,7 @@ class Atlas:
 
     def __init__(self, root: str | Path):
         self.root = Path(root).absolute()
+        self.checked = False  # require_complete read every layer back already
 
     @classmethod
     def open(cls, root: str | Path) -> Atlas:
@@ -96,12 +97,15 @@ class Atlas:
         """Refuse an atlas that lacks a layer or holds a damaged one, before anything is
         loaded from it: every layer is read back whole (footers, pages, row counts against
         layers/L.json, categories against edges), one at a time."""
+        if self.checked:  # flowdb load checks every atlas before any is written, then loads each
+            return
         missing = self.missing()
         if missing:
             raise FlowdbError(f"atlas {self.root} lacks layers {layer_ranges(missing)}; "
                               "run flowdb match on its manifest again to finish it")
         for layer in self.layers_done():
             self.read_layer(layer)
+        self.checked = True
 
     def layer_meta(self, layer: int) -> dict:
         name = f"layers/{layer}.json"
@@ -110,7 +114,7 @@ class Atlas:
         except (OSError, ValueError) as exc:
             raise self._damaged(f"{name} is unreadable ({exc})") from None
         if not (isinstance(meta, dict) and LAYER_KEYS <= meta.keys() and isinstance(meta["widths"], dict)
-                and _count(meta["widths"].get(RESIDUAL.name)) and _count(meta["edges"])):
+                and _count(meta["widths"].get(RESIDUAL.name), low=1) and _count(meta["edges"])):
             raise self._damaged(f"{name} is not a layer record (a JSON object with "
                                 f"{', '.join(sorted(LAYER_KEYS))}; widths.res and edges counts)")
         return meta
@@ -231,8 +235,8 @@ class Atlas:
                 frame.to_parquet(partial, index=False)
 
 
-def _count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _count(value, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 # The edges table's columns and types, in the atlas and in flowdb export alike; read

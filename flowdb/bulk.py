@@ -177,12 +177,12 @@ class _Group:
                 _create_private(self.paths[0]).write_text(",".join(h for _, _, h in columns) + "\n")
             with write_errors(self.paths[1]):
                 self.stream = pa.OSFile(str(_create_private(self.paths[1])), "wb")
+                # Quoting only where needed: numbers go out bare, strings in quotes.
+                self.writer = pacsv.CSVWriter(self.stream, self.schema, write_options=pacsv.WriteOptions(
+                    include_header=False, batch_size=1 << 16))
         except BaseException:
             self.remove()
             raise
-        # Quoting only where needed: numbers go out bare, strings in quotes.
-        self.writer = pacsv.CSVWriter(self.stream, self.schema, write_options=pacsv.WriteOptions(
-            include_header=False, batch_size=1 << 16))
         self.rows = 0
 
     def write(self, columns: dict[str, object]) -> None:

@@ -58,6 +58,10 @@ class Database:
     def read(self, cypher: str, timeout_s: float | None = None, **params) -> list[dict]:
         """Run a query in a read transaction and return its rows as dicts; with
         timeout_s, the server stops it (QueryTimeout) once it has run that long."""
+        return self.read_with(cypher, params, timeout_s)
+
+    def read_with(self, cypher: str, params: dict, timeout_s: float | None = None) -> list[dict]:
+        """read() with the parameters as a dict: a user's may be named anything (timeout_s too)."""
         from neo4j import Query
 
         query = Query(cypher, timeout=timeout_s) if timeout_s else cypher

@@ -50,7 +50,7 @@ _POSITION = re.compile(r"\(line (\d+), column (\d+) \(offset: (\d+)\)\)")
 def read(db, statement: str, params: dict[str, Any] | None = None, timeout_s: float | None = None) -> list[dict]:
     """Run raw Cypher read-only, after check_read_only lets it through; rows as dicts."""
     check_read_only(db, statement, params)
-    return db.read(statement, timeout_s=timeout_s, **(params or {}))
+    return db.read_with(statement, params or {}, timeout_s)
 
 
 def check_read_only(db, statement: str, params: dict[str, Any] | None = None) -> None:

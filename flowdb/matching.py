@@ -2,9 +2,10 @@
 
 Every search is exact: the stored top-k equals brute force within 1e-5. Both the
 queries and the base are cut into tiles, each tile is normalised as it is read
-(so a memory-mapped 1M-wide decoder is never whole in memory), and each query
-tile keeps a running top-k merged over the base tiles. Memory is bounded by
-query_tile x d + base_tile x d + query_tile x base_tile, whatever the widths.
+(so a lazily read 1M-wide decoder is never whole in memory), each base tile is
+read once, and every query keeps a running top-k merged over the base tiles.
+Memory is bounded by query_tile x d + base_tile x d + query_tile x base_tile
+plus the [n_queries, k] results, whatever the widths.
 
 Backends (`--device auto|cpu|cuda`):
   numpy-cpu   one fp32 GEMM per tile pair through numpy's own BLAS, then an exact
@@ -125,19 +126,19 @@ class Matcher:
         tile_search = _TILE_SEARCHES[self.backend]()  # per search: it may keep a buffer
         query_tile = self.query_tile if self.backend.startswith("faiss") \
             else min(self.query_tile, SCORE_BLOCK_QUERY_TILE)
-        scores = np.empty((queries.shape[0], k), dtype=np.float32)
-        indices = np.empty((queries.shape[0], k), dtype=np.int64)
-        base_tiles = [(start, None) for start in range(0, n_base, self.base_tile)]
-        if len(base_tiles) == 1:  # read and normalise a base that fits once, not per query tile
-            base_tiles = [(0, normalise(base))]
-        for start in range(0, queries.shape[0], query_tile):
-            block = normalise(queries[start:start + query_tile])
-            best_s = best_i = None
-            for offset, ready in base_tiles:
-                tile = ready if ready is not None else normalise(base[offset:offset + self.base_tile])
-                s, i = tile_search(block, tile, min(k, tile.shape[0]))
-                best_s, best_i = merge_top_k(best_s, best_i, s, i + offset, k)
-            scores[start:start + query_tile], indices[start:start + query_tile] = best_s, best_i
+        n_queries = queries.shape[0]
+        scores = indices = None  # every query's running top-k over the base tiles searched so far
+        # Base tiles outer: each is read and normalised once (a lazily read decoder wider than a
+        # tile would otherwise be read again for every query tile); queries are read once per base tile.
+        for offset in range(0, n_base, self.base_tile):
+            tile = normalise(base[offset:offset + self.base_tile])
+            width = min(k, tile.shape[0])
+            found_s = np.empty((n_queries, width), dtype=np.float32)
+            found_i = np.empty((n_queries, width), dtype=np.int64)
+            for start in range(0, n_queries, query_tile):
+                s, i = tile_search(normalise(queries[start:start + query_tile]), tile, width)
+                found_s[start:start + query_tile], found_i[start:start + query_tile] = s, i + offset
+            scores, indices = merge_top_k(scores, indices, found_s, found_i, k)
         return scores, indices
 
 

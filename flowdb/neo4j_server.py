@@ -39,6 +39,7 @@ from flowdb.writes import write_errors
 
 NEO4J_VERSION = "5.26.30"
 START_TIMEOUT_S = 180
+DATABASE_FAILED = {"offline", "quarantined", "dirty"}  # default-database states that starting longer cannot mend
 # Bulk ingest is throughput work: the parallel collector and a 4 GB heap wrote
 # about 35% more relationships/s than G1 with 2 GB (benchmarks/bench_ingest.py).
 DEFAULT_HEAP = "4g"
@@ -265,13 +266,14 @@ class ManagedServer:
         one that never answers is stopped rather than left behind holding the store (one
         that answers with its database offline stays, for `status` and the logs to tell)."""
         deadline = time.monotonic() + START_TIMEOUT_S
+        problem = ""
         while time.monotonic() < deadline:
             state = bolt_probe(self.uri, auth)
             if state == "ok":
                 status, problem = database_state(self.uri, auth)
                 if status == "online":
                     return
-                if status != "starting":
+                if status in DATABASE_FAILED:  # anything else ("starting", "initial", ...) may still come online
                     raise self._database_down(problem)
             if state == "refused":
                 raise self._password_refused()
@@ -279,6 +281,8 @@ class ManagedServer:
                 raise Neo4jUnavailable(
                     f"the managed Neo4j exited during start: {self._last_log_line()} ({self.logs})")
             time.sleep(0.5)
+        if problem:  # Bolt answered, the database never came online: the server stays for status to tell
+            raise self._database_down(problem)
         if spawned:
             self.stop()
         raise Neo4jUnavailable(

@@ -26,7 +26,7 @@ import numpy as np
 
 from flowdb.errors import QueryError, QueryTimeout
 from flowdb.manifest import MAX_K  # no build stores more matches per module
-from flowdb.settings import query_timeout_s
+from flowdb.settings import QUERY_TIMEOUT_RANGE_S, query_timeout_s
 
 PARAM_TYPES = {"string": str, "int": int, "float": float, "bool": bool}
 MAX_LAYER = 1_000_000
@@ -187,8 +187,9 @@ def run_template(db, name: str, params: dict[str, Any] | None = None, timeout_s:
 
     template = get_template(name)
     bound = template.bind(params or {})
-    if timeout_s is not None and not (isinstance(timeout_s, numbers.Real) and 0.1 <= timeout_s <= 86_400):
-        raise QueryError(f"timeout_s must be a number of seconds from 0.1 to 86400, got {timeout_s!r}")
+    low, high = QUERY_TIMEOUT_RANGE_S
+    if timeout_s is not None and not (isinstance(timeout_s, numbers.Real) and low <= timeout_s <= high):
+        raise QueryError(f"timeout_s must be a number of seconds from {low:g} to {high:g}, got {timeout_s!r}")
     # One round trip for what the answer's notes need and which typed keys exist:
     # on a warm server the template itself takes a few milliseconds.
     pack = _pack_of(bound)

@@ -19,6 +19,7 @@ from flowdb.errors import ConfigError, Neo4jUnavailable
 DEFAULT_MANAGED_PORT = 7688  # not 7687, so a user's own Neo4j is never shadowed
 DEFAULT_PAGECACHE_MB = 1024
 DEFAULT_QUERY_TIMEOUT_S = 60.0  # no template a researcher waits for runs longer by default
+QUERY_TIMEOUT_RANGE_S = (0.1, 86_400.0)  # a tenth of a second to a day
 _JAVA_SIZE = re.compile(r"^[1-9]\d*[kKmMgG]?$")  # -Xmx's syntax: bytes, or k/m/g
 _ADMIN_MEMORY = re.compile(r"^(?:[1-9]\d*[kKmMgG]?|(?:100|[1-9]\d?)%)$")  # neo4j-admin: a size or a percentage
 
@@ -129,7 +130,7 @@ def java_heap(name: str, default: str) -> str:
 
 
 def query_timeout_s() -> float:
-    return env_float("FLOWDB_QUERY_TIMEOUT", DEFAULT_QUERY_TIMEOUT_S, 0.1, 86_400.0)
+    return env_float("FLOWDB_QUERY_TIMEOUT", DEFAULT_QUERY_TIMEOUT_S, *QUERY_TIMEOUT_RANGE_S)
 
 
 def import_threads() -> int | None:

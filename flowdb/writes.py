@@ -39,7 +39,7 @@ def atomic_write(path: str | Path, private: bool = False) -> Iterator[Path]:
     try:
         with write_errors(path):
             if not private:  # mkstemp makes 0600; a file the user asked for gets the usual mode
-                os.chmod(partial, 0o666 & ~_umask())
+                os.chmod(partial, 0o666 & ~_UMASK)
             yield partial
             os.replace(partial, path)
     finally:
@@ -67,7 +67,10 @@ def write_error(path: str | Path, exc: OSError) -> WriteError:
     return WriteError(f"cannot write {path} ({reason})")
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()  # once: setting it to read it is a race with other threads creating files

@@ -304,3 +304,11 @@ def test_cli_refuses_in_one_line_and_writes_with_write(stored):
     wrote = CliRunner().invoke(cli, ["cypher", "CREATE (:Scratch)", "--write"])
     assert wrote.exit_code == 0, wrote.output
     assert fingerprint(stored)["nodes"] == before["nodes"] + 1
+
+
+def test_parameters_may_have_any_name(stored):
+    """A user's $timeout_s or $cypher is a query parameter, not an argument of flowdb's own."""
+    result = CliRunner().invoke(cli, ["cypher", "RETURN $timeout_s AS t, $cypher AS c", "-p", "timeout_s=5",
+                                      "-p", "cypher=x", "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[-1] == "5,x"

@@ -385,6 +385,8 @@ DAMAGE = [
     ("residual/layer=3/part.parquet", _drop_a_row, "holds 511 rows, layers/3.json records 512"),
     ("layers/2.json", lambda p: p.write_text("[]"), "layers/2.json is not a layer record"),
     ("layers/3.json", lambda p: p.write_text("{"), "layers/3.json is unreadable"),
+    ("layers/1.json", lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "widths": {"res": 0}})),
+     "layers/1.json is not a layer record"),  # no residual features: nothing to divide the edges among
     ("atlas.json", lambda p: p.write_text("[1]"), "atlas.json is not an atlas record"),
     ("atlas.json", lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "plan": {"version": 2}})),
      "atlas.json holds no readable build plan (KeyError"),
