@@ -57,6 +57,17 @@ def chance_cosine(q: float, n: int, d: int) -> float:
     return math.sqrt(float(betaincinv(0.5, (d - 1) / 2, 2.0 * per_vector - 1.0)))
 
 
+def chance_cdf(t: float, n: int, d: int) -> float:
+    """P(largest of n random cosines in d dimensions <= t): the distribution chance_cosine
+    inverts, for drawing it beside observed top-1 scores."""
+    from scipy.special import betainc
+
+    t = min(max(t, -1.0), 1.0)
+    tail = 0.5 * float(betainc(0.5, (d - 1) / 2, t * t))
+    per_vector = 0.5 + tail if t >= 0 else 0.5 - tail
+    return per_vector ** n
+
+
 class LayerTable(Strict):
     """[classify.layer.N]: thresholds pinned at layer N."""
 

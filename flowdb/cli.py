@@ -906,6 +906,35 @@ def export_graph(feature, out, params, slug, settings):
                f"(scan {model}, slug {document['metadata']['slug']})")
 
 
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; any other than loopback requires the printed token for every request.")
+@click.option("--port", default=8047, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--feature", help="Open on this feature's page (a key, Neuronpedia URL or MODEL/SOURCE/INDEX).")
+@click.option("--open", "open_browser", is_flag=True, help="Open the URL in the default browser.")
+@click.option("--allow-host", "allow_hosts", multiple=True,
+              help="Another name the Host header may carry (a proxy's, say); loopback names always may.")
+@connection_options
+def serve(host, port, feature, open_browser, allow_hosts, settings):
+    """The flow explorer: find a feature, walk its flow graph, steer with it, in the browser."""
+    from flowdb.explorer.serve import serve as run
+
+    def connect():
+        db = _connect(settings)
+        if feature:
+            from flowdb.features import resolve_feature
+
+            try:
+                resolve_feature(db, feature)
+            except BaseException:
+                db.close()
+                raise
+        return db
+
+    run(connect, host=host, port=port, feature=feature, open_browser=open_browser,
+        allow_hosts=tuple(allow_hosts), echo=click.echo)
+
+
 @cli.group()
 def plot():
     """Pictures: a feature's flow graph, a pack's origins per layer (.png, .svg, .html)."""

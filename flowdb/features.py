@@ -20,6 +20,12 @@ _KEY = re.compile(r"^([^/\s]+)/(\d+)/([a-z]+)/(\d+)$")
 _NEURONPEDIA = re.compile(r"^([^/\s]+)/([^/\s]+)/(\d+)$")
 
 
+def is_reference(text: str) -> bool:
+    """Whether text reads as a feature reference (any of the three forms), not as words."""
+    text = str(text).strip()
+    return bool(text.startswith(("http://", "https://")) or _KEY.match(text) or _NEURONPEDIA.match(text))
+
+
 def resolve_feature(db, reference: str) -> str:
     """The stored key a reference names; QueryError (one line) when it names none."""
     text = str(reference).strip()

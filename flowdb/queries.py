@@ -269,7 +269,7 @@ def records(frame) -> list[dict]:
     """A DataFrame's rows as JSON-ready dicts: missing values (NaN, NA, NaT) become None."""
     import pandas as pd
 
-    return [{column: _json_ready(value, pd) for column, value in row.items()}
+    return [{column: json_ready(value, pd) for column, value in row.items()}
             for row in frame.to_dict(orient="records")]
 
 
@@ -293,7 +293,7 @@ def csv_text(frame) -> str:
     import pandas as pd
 
     def cell(value):
-        return json.dumps(_json_ready(value, pd)) if isinstance(value, (list, tuple, dict)) else value
+        return json.dumps(json_ready(value, pd)) if isinstance(value, (list, tuple, dict)) else value
 
     written = frame.copy()
     for column in written.columns:
@@ -302,12 +302,12 @@ def csv_text(frame) -> str:
     return written.to_csv(index=False)
 
 
-def _json_ready(value, pd):
+def json_ready(value, pd):
     """Missing values (at any depth of lists and maps) as None."""
     if isinstance(value, dict):
-        return {key: _json_ready(item, pd) for key, item in value.items()}
+        return {key: json_ready(item, pd) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_ready(item, pd) for item in value]
+        return [json_ready(item, pd) for item in value]
     try:
         return None if pd.isna(value) else value
     except (TypeError, ValueError):

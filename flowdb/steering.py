@@ -136,9 +136,16 @@ class Steerer:
     def generate(self, generation: GenerationSpec, edits: dict | None = None) -> str:
         return self.generate_many(generation, edits, 1)[0]
 
-    def generate_many(self, generation: GenerationSpec, edits: dict | None = None, n: int = 1) -> list[str]:
-        """n samples in one batched call (seeded once per call)."""
+    def generate_many(self, generation: GenerationSpec, edits: dict | None = None, n: int = 1,
+                      on_token=None) -> list[str]:
+        """n samples in one batched call (seeded once per call). on_token, when given, is
+        called at every generated token and stops generation by returning True."""
         import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class _Each(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), bool(on_token()), dtype=torch.bool)
 
         from flowdb.hooks import intervene
 
@@ -149,7 +156,8 @@ class Steerer:
                 stack.enter_context(intervene(self.model, edits))
             out = self.model.generate(ids, do_sample=True, top_p=generation.top_p,
                                       temperature=generation.temperature, max_new_tokens=generation.max_new_tokens,
-                                      pad_token_id=self.tokenizer.eos_token_id, num_return_sequences=n)
+                                      pad_token_id=self.tokenizer.eos_token_id, num_return_sequences=n,
+                                      stopping_criteria=StoppingCriteriaList([_Each()]) if on_token else None)
         return [self.tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out]
 
     def steer(self, spec: SteeringSpec, generation: GenerationSpec) -> dict:

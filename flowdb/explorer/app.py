@@ -1,0 +1,374 @@
+"""The flow explorer's web app (Starlette): pages, and the JSON API under /api/ they use.
+
+Pages are Jinja2 shells (autoescaped) whose script fetches the API and writes every
+value as text (textContent), so a label is never markup. plotly.js comes from the
+plotly wheel flowdb already depends on; nothing is fetched from a CDN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import tempfile
+import threading
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from urllib.parse import quote
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from flowdb.errors import (
+    DatabaseError,
+    FlowdbError,
+    Neo4jUnavailable,
+    QueryError,
+    QueryTimeout,
+)
+from flowdb.explorer import console, data
+from flowdb.explorer.security import TokenGuard, allowed_hosts
+from flowdb.explorer.steer_jobs import Busy, SteeringRunner
+from flowdb.features import is_reference
+
+log = logging.getLogger("flowdb.explorer")
+HERE = Path(__file__).parent
+SEARCH_LIMIT = 20
+NOT_FOUND = ("no feature", "no pack named", "no stored pack", "is beyond the SAE's width")
+
+
+def plotly_js() -> Path:
+    return Path(str(resources.files("plotly") / "package_data" / "plotly.min.js"))
+
+
+class Connection:
+    """One driver for the app's life, made on first use; a failed connect is retried by the
+    next request, and the driver itself reconnects once a stopped server is back."""
+
+    def __init__(self, connect: Callable[[], object], timeout_s: float | None = None):
+        self._connect, self._db, self._lock = connect, None, threading.Lock()
+        self.timeout_s = timeout_s
+
+    def __call__(self):
+        with self._lock:
+            if self._db is None:
+                self._db = _Timed(self._connect(), self.timeout_s)
+            return self._db
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+
+
+class _Timed:
+    """A Database whose reads stop at the query time limit unless given another."""
+
+    def __init__(self, db, timeout_s: float | None):
+        from flowdb.settings import query_timeout_s
+
+        self._db, self.timeout_s = db, timeout_s or query_timeout_s()
+
+    def read(self, cypher: str, timeout_s: float | None = None, **params):
+        return self._db.read_with(cypher, params, timeout_s or self.timeout_s)
+
+    def read_with(self, cypher: str, params: dict, timeout_s: float | None = None):
+        return self._db.read_with(cypher, params, timeout_s or self.timeout_s)
+
+    def __getattr__(self, name):
+        return getattr(self._db, name)
+
+
+def status_of(exc: Exception) -> int:
+    if isinstance(exc, Busy):
+        return 409
+    if isinstance(exc, QueryTimeout):
+        return 504
+    if isinstance(exc, Neo4jUnavailable):
+        return 503
+    if isinstance(exc, FlowdbError) and any(part in str(exc) for part in NOT_FOUND):
+        return 404
+    if isinstance(exc, DatabaseError):
+        return 502
+    return 400 if isinstance(exc, (FlowdbError, ValueError)) else 500
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token: str,
+               require_token: bool = False, allow_hosts: tuple[str, ...] = (),
+               timeout_s: float | None = None) -> Starlette:
+    """The explorer over the database connect() opens. require_token: every request needs
+    the token (any non-loopback bind); POSTs always do."""
+    db = Connection(connect, timeout_s)
+    steering = SteeringRunner(db)
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.autoescape = True
+
+    def config() -> dict:
+        from flowdb.plots import MODULE_COLOUR, MODULE_NAME, MODULE_X_OFFSET
+
+        return {"colours": MODULE_COLOUR, "names": MODULE_NAME, "offsets": MODULE_X_OFFSET,
+                "flow_node_cap": data.FLOW_NODE_CAP}
+
+    def page(name: str, title: str, **context):
+        async def endpoint(request: Request):
+            values = {key: value(request) if callable(value) else value for key, value in context.items()}
+            return templates.TemplateResponse(request, f"{name}.html", {
+                "title": title.format(**request.path_params), "page": name, "config": json.dumps(config()),
+                **values})
+        return endpoint
+
+    def api(function):
+        """A JSON endpoint: function(request) runs in a worker thread; a flowdb error is a
+        one-line {"error": ...} with its HTTP status, never a traceback."""
+        async def endpoint(request: Request):
+            try:
+                body = await request.json() if request.method == "POST" else None
+            except ValueError:
+                return JSONResponse({"error": "the request body is not JSON"}, status_code=400)
+            try:
+                result = await run_in_threadpool(function, request, body)
+            except (FlowdbError, ValueError) as exc:
+                return JSONResponse({"error": one_line(exc)}, status_code=status_of(exc))
+            if isinstance(result, Response):
+                return result
+            return JSONResponse(result)
+        return endpoint
+
+    def key_of(request: Request) -> str:
+        from flowdb.features import resolve_feature
+
+        return resolve_feature(db(), request.path_params["key"])
+
+    def api_packs(request, body):
+        return {"packs": data.packs(db())}
+
+    def api_pack(request, body):
+        return data.pack_detail(db(), request.path_params["name"])
+
+    def api_search(request, body):
+        from flowdb.features import resolve_feature
+        from flowdb.search import search_labels
+
+        text = request.query_params.get("q", "").strip()
+        if not text:
+            return {"feature": None, "results": []}
+        if is_reference(text):
+            return {"feature": resolve_feature(db(), text), "results": []}
+        limit = _int(request.query_params.get("limit"), SEARCH_LIMIT, "limit")
+        pack = request.query_params.get("pack") or None
+        return {"feature": None, "results": search_labels(db(), text, pack=pack, limit=limit)}
+
+    def api_feature(request, body):
+        return data.feature_detail(db(), key_of(request))
+
+    def api_flow(request, body):
+        params = request.query_params
+        return data.flow(db(), key_of(request), data.EdgeFilter.parse(params), data.parse_depth(params.get("depth")))
+
+    def api_neighbours(request, body):
+        params = request.query_params
+        cap = _int(params.get("cap"), data.NEIGHBOUR_CAP, "cap", high=500)
+        return data.neighbours(db(), key_of(request), data.EdgeFilter.parse(params), cap)
+
+    def api_table(template: str):
+        def run(request, body):
+            from flowdb.queries import records, run_template
+
+            key = key_of(request)
+            flt = data.EdgeFilter.parse(request.query_params)
+            frame = run_template(db(), template, {"feature": key, **flt.params()})
+            return {"columns": list(frame.columns), "rows": records(frame),
+                    "note": frame.attrs.get("thresholds"), "warning": frame.attrs.get("warning")}
+        return run
+
+    def api_download(request, body):
+        from flowdb.graph_json import flow_graph_json, slug_for
+        from flowdb.queries import csv_text
+
+        key = key_of(request)
+        view = data.flow(db(), key, data.EdgeFilter.parse(request.query_params),
+                         data.parse_depth(request.query_params.get("depth")))
+        if view["too_big"]:
+            raise QueryError(view["too_big"]["message"])
+        frame = data.flow_frame(view)
+        fmt = request.path_params["fmt"]
+        name = slug_for(key)
+        if fmt == "json":
+            model = db().read("MATCH (p:Pack {name: $name}) RETURN p.model AS model", name=view["pack"])[0]["model"]
+            document = flow_graph_json(frame, model, slug=name)
+            return Response(json.dumps(document, indent=1), media_type="application/json",
+                            headers=_attachment(f"{name}.json"))
+        if fmt == "csv":
+            return Response(csv_text(frame), media_type="text/csv", headers=_attachment(f"{name}.csv"))
+        if fmt in ("png", "svg"):
+            from flowdb.plots import plot_flow
+
+            with tempfile.TemporaryDirectory(prefix="flowdb-explorer-") as folder:
+                out = plot_flow(frame, Path(folder) / f"{name}.{fmt}", f"{key} (flowdb explorer view)")
+                content = out.read_bytes()
+            media = "image/png" if fmt == "png" else "image/svg+xml"
+            return Response(content, media_type=media, headers=_attachment(f"{name}.{fmt}"))
+        raise QueryError(f"no download format {fmt!r}; use json, csv, png or svg")
+
+    def api_templates(request, body):
+        from flowdb.queries import templates as all_templates
+
+        return {"templates": [{"name": t.name, "answers": t.answers,
+                               "params": [{"name": p.name, "type": p.type, "required": p.required,
+                                           "default": p.default, "doc": p.doc} for p in t.params]}
+                              for t in all_templates().values()]}
+
+    def api_template(request, body):
+        from flowdb.queries import records, run_template
+
+        params = {k: v for k, v in request.query_params.items() if v != ""}
+        frame = run_template(db(), request.path_params["name"], params)
+        return {"columns": list(frame.columns), "rows": records(frame),
+                "note": frame.attrs.get("thresholds"), "warning": frame.attrs.get("warning")}
+
+    def api_cypher(request, body):
+        if not isinstance(body, dict):
+            raise QueryError("send {\"statement\": ..., \"params\": {...}}")
+        return console.run(db(), body.get("statement"), body.get("params"))
+
+    def api_steer_status(request, body):
+        return steering.status()
+
+    def api_steer(request, body):
+        from flowdb.steering import GenerationSpec, SteeringSpec
+
+        if not isinstance(body, dict):
+            raise QueryError("send the steering settings as a JSON object")
+        from flowdb.features import resolve_feature
+
+        feature = resolve_feature(db(), str(body.get("feature", "")))
+        spec = SteeringSpec(seed_feature=feature, strategy=_choice(body, "strategy", "cumulative"),
+                            schedule=_choice(body, "schedule", "exponential"),
+                            s=_float(body, "s", 3.0, -100, 100), alpha=_float(body, "alpha", 0.25, 0, 10))
+        generation = GenerationSpec(prompt=str(body.get("prompt") or GenerationSpec.prompt)[:2000],
+                                    max_new_tokens=int(_float(body, "max_new_tokens", 36, 1, 256)))
+        return {"job": steering.start(spec, generation)}
+
+    def api_steer_cancel(request, body):
+        return steering.cancel()
+
+    def search_page(request: Request):
+        """A reference goes straight to its feature page; words show the label matches."""
+        text = request.query_params.get("q", "").strip()
+        if text and is_reference(text):
+            try:
+                from flowdb.features import resolve_feature
+
+                key = resolve_feature(db(), text)
+                return RedirectResponse(f"/feature/{quote(key)}", status_code=303)
+            except FlowdbError:
+                pass  # the results page shows the message the API gives
+        return None
+
+    search_shell = page("search", "Search")
+
+    async def search(request: Request):
+        redirect = await run_in_threadpool(search_page, request)
+        return redirect or await search_shell(request)
+
+    async def plotly(request: Request):
+        return FileResponse(plotly_js(), media_type="text/javascript",
+                            headers={"Cache-Control": "max-age=86400"})
+
+    async def not_found(request: Request, exc: HTTPException):
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": f"no such address: {request.url.path}"}, status_code=exc.status_code)
+        return templates.TemplateResponse(request, "error.html", {
+            "title": "Not found", "page": "error", "config": "{}", "message": f"Nothing at {request.url.path}."},
+            status_code=exc.status_code)
+
+    async def server_error(request: Request, exc: Exception):
+        log.error("explorer: %s at %s: %s", type(exc).__name__, request.url.path, one_line(exc))
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}): {one_line(exc)}"}, status_code=500)
+
+    routes = [
+        Route("/", page("packs", "Packs")),
+        Route("/pack/{name}", page("pack", "Pack {name}")),
+        Route("/feature/{key:path}", page("feature", "{key}", steering_message=lambda r: steering.status()["message"])),
+        Route("/search", search),
+        Route("/console", page("console", "Cypher console")),
+        Route("/static/plotly.min.js", plotly),
+        Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
+        Route("/api/packs", api(api_packs)),
+        Route("/api/packs/{name}", api(api_pack)),
+        Route("/api/search", api(api_search)),
+        Route("/api/features/{key:path}", api(api_feature)),
+        Route("/api/download/{fmt}/{key:path}", api(api_download)),
+        Route("/api/flow/{key:path}", api(api_flow)),
+        Route("/api/neighbours/{key:path}", api(api_neighbours)),
+        Route("/api/lineage/{key:path}", api(api_table("lineage"))),
+        Route("/api/descendants/{key:path}", api(api_table("descendants"))),
+        Route("/api/templates", api(api_templates)),
+        Route("/api/templates/{name}", api(api_template)),
+        Route("/api/cypher", api(api_cypher), methods=["POST"]),
+        Route("/api/steer", api(api_steer_status)),
+        Route("/api/steer/start", api(api_steer), methods=["POST"]),
+        Route("/api/steer/cancel", api(api_steer_cancel), methods=["POST"]),
+    ]
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        db.close()
+
+    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: server_error},
+                    lifespan=lifespan)
+    app.add_middleware(TokenGuard, token=token, require_for_reads=require_token)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host, allow_hosts))
+    app.state.connection = db
+    return app
+
+
+def _attachment(name: str) -> dict:
+    return {"Content-Disposition": f'attachment; filename="{name}"'}
+
+
+def _int(value, default: int, name: str, high: int = 200) -> int:
+    if value in (None, ""):
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise QueryError(f"parameter {name} must be int, got {value!r}") from None
+    if not 1 <= number <= high:
+        raise QueryError(f"parameter {name} must be from 1 to {high}, got {number}")
+    return number
+
+
+def _float(body: dict, name: str, default: float, low: float, high: float) -> float:
+    value = body.get(name, default)
+    if value in (None, ""):
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise QueryError(f"{name} must be a number, got {value!r}") from None
+    if not low <= number <= high:
+        raise QueryError(f"{name} must be from {low:g} to {high:g}, got {number:g}")
+    return number
+
+
+def _choice(body: dict, name: str, default: str) -> str:
+    from flowdb.steering import SCHEDULES, STRATEGIES
+
+    allowed = {"strategy": STRATEGIES, "schedule": SCHEDULES}[name]
+    value = body.get(name) or default
+    if value not in allowed:
+        raise QueryError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value

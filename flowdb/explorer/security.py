@@ -1,0 +1,95 @@
+"""Who may use the explorer: loopback by default, a token anywhere else, and for every
+request that could change something (a POST) the token and the page's own origin.
+
+The token travels as Jupyter's does: printed once in the URL (?token=...), then kept
+in an HttpOnly, SameSite=Strict cookie, so pages never hold it in script. The Host
+header is checked against the names the server answers to (DNS rebinding), by
+Starlette's TrustedHostMiddleware.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import secrets
+import socket
+from urllib.parse import urlencode
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse
+
+COOKIE = "flowdb_explorer_token"
+HEADER = "x-flowdb-token"
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts(host: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """Host header values to answer: loopback names, the bound address and, bound to every
+    interface, this machine's names (or "*" when the user says so with --allow-host '*')."""
+    names = {*LOOPBACK_NAMES, host, *extra}
+    if host in ("0.0.0.0", "::"):
+        names.update({socket.gethostname(), socket.getfqdn()})
+    return sorted(names)
+
+
+class TokenGuard:
+    """ASGI middleware: token checks for every request off loopback, and for every POST."""
+
+    def __init__(self, app, token: str, require_for_reads: bool):
+        self.app, self.token, self.require_for_reads = app, token, require_for_reads
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        given = request.query_params.get("token")
+        if given is not None and self._valid(given) and request.method == "GET":
+            # Keep it in a cookie and drop it from the address bar (and from history).
+            query = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
+            target = request.url.path + (f"?{urlencode(query)}" if query else "")
+            response = RedirectResponse(target, status_code=303)
+            response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict")
+            return await response(scope, receive, send)
+        authorised = self._valid(request.headers.get(HEADER) or request.cookies.get(COOKIE) or given or "")
+        if request.method not in ("GET", "HEAD"):
+            problem = None if authorised else "this request needs the explorer's token"
+            problem = problem or _cross_origin(request)
+            if problem:
+                return await _refuse(request, problem)(scope, receive, send)
+        elif self.require_for_reads and not authorised:
+            return await _refuse(request, "this explorer needs its token: open the URL that flowdb serve "
+                                          "printed (it ends in ?token=...)")(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def _valid(self, given: str) -> bool:
+        return hmac.compare_digest(given.encode(), self.token.encode())
+
+
+def _cross_origin(request: Request) -> str | None:
+    """None when the request comes from a page of this server; else why it is refused."""
+    origin = request.headers.get("origin")
+    own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+    if origin is not None:
+        return None if origin == own else f"requests from {origin} are refused (only this server's own pages)"
+    if request.headers.get("sec-fetch-site") in ("same-origin", None):
+        return None
+    return "requests from other sites are refused (only this server's own pages)"
+
+
+def _refuse(request: Request, message: str):
+    if request.url.path.startswith("/api/") or "text/html" not in request.headers.get("accept", ""):
+        return JSONResponse({"error": message}, status_code=403)
+    return PlainTextResponse(f"403: {message}", status_code=403)
