@@ -27,4 +27,16 @@ def query(name: str, db=None, timeout_s: float | None = None, **params):
         return run_template(database, name, params, timeout_s=timeout_s)
 
 
-__all__ = ["FlowdbError", "__version__", "query"]
+def show(feature: str, db=None, **params):
+    """A feature's flow graph drawn inline in Jupyter (the explorer's view, no server needed).
+
+    >>> flowdb.show("planted/5/res/0", depth=4, max_rank=2)
+
+    params: t_res, t_mod, max_rank, every_edge (as the flow-graph template) and depth
+    (steps back and forward from the feature, default 3)."""
+    from flowdb.explorer.notebook import show as show_flow
+
+    return show_flow(feature, db, **params)
+
+
+__all__ = ["FlowdbError", "__version__", "query", "show"]

@@ -29,6 +29,15 @@ if ! command -v java >/dev/null || ! command -v mvn >/dev/null; then
         exit 1
     fi
 fi
+# The browser tests drive Debian's chromium (Playwright's own browser download is not used).
+if [[ "$extras" == *test* ]] && ! command -v chromium >/dev/null; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+    else
+        echo "flowdb's browser tests need chromium on PATH (Debian: apt-get install chromium)" >&2
+        exit 1
+    fi
+fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
     .venv/bin/python -m pip install -q --upgrade pip

@@ -143,3 +143,45 @@ def ingested(tiny_pack, db, tmp_path):
         for m in ("res", "mlp", "att")))
     ingest(load_manifest(manifest), db, show_progress=False)
     return db
+
+
+XSS_LABEL = '<img src=x onerror="window.__xss = 1"><script>window.__xss = 2</script> & "quotes"'
+
+
+@pytest.fixture(scope="module")
+def explorer_db(neo4j_settings, planted_pack, tmp_path_factory):
+    """The planted pack at k = 3 with Neuronpedia sources and labels (one of them markup),
+    in an emptied database, for the explorer's tests: (db, labels by feature key)."""
+    import json
+
+    from flowdb.database import connect
+    from flowdb.ingest import ingest
+    from flowdb.labels import import_labels
+    from flowdb.manifest import load_manifest
+
+    folder = tmp_path_factory.mktemp("explorer")
+    text = (planted_pack[0] / "manifest.toml").read_text().replace("k = 1", "k = 3")
+    for module in ("res", "mlp", "att"):
+        text = text.replace(f'path = "saes/{module}/layer_{{layer}}"',
+                            f'path = "{planted_pack[0]}/saes/{module}/layer_{{layer}}"\n'
+                            f'neuronpedia = "{{layer}}-planted-{module}"')
+    (folder / "manifest.toml").write_text(text)
+    words = ["capital cities", "French text", "python imports", "legal language", "river names"]
+    labels, rows = {}, []
+    for layer in range(4):
+        for module in ("res", "mlp", "att"):
+            for index in range(0, 512, 4):
+                text = f"{words[(index // 4 + layer) % len(words)]} {layer}{module}{index}"
+                if (layer, module, index) == (3, "res", 4):
+                    text = XSS_LABEL
+                labels[f"planted/{layer}/{module}/{index}"] = text
+                rows.append({"id": f"x{len(rows)}", "modelId": "planted-model", "layer": f"{layer}-planted-{module}",
+                             "index": str(index), "authorId": "auto", "description": text, "embedding": [0.1],
+                             "typeName": "oai_token-act-pair", "explanationModelName": "gpt-4o-mini"})
+    (folder / "labels.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with connect(neo4j_settings) as database:
+        database.write_in_batches("MATCH (n) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS")
+        database.ensure_schema()
+        ingest(load_manifest(folder / "manifest.toml"), database)
+        import_labels(database, folder / "labels.jsonl", pack="planted")
+        yield database, labels

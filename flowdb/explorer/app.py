@@ -60,30 +60,12 @@ class Connection:
     def __call__(self):
         with self._lock:
             if self._db is None:
-                self._db = _Timed(self._connect(), self.timeout_s)
+                self._db = data.TimeLimited(self._connect(), self.timeout_s)
             return self._db
 
     def close(self) -> None:
         if self._db is not None:
             self._db.close()
-
-
-class _Timed:
-    """A Database whose reads stop at the query time limit unless given another."""
-
-    def __init__(self, db, timeout_s: float | None):
-        from flowdb.settings import query_timeout_s
-
-        self._db, self.timeout_s = db, timeout_s or query_timeout_s()
-
-    def read(self, cypher: str, timeout_s: float | None = None, **params):
-        return self._db.read_with(cypher, params, timeout_s or self.timeout_s)
-
-    def read_with(self, cypher: str, params: dict, timeout_s: float | None = None):
-        return self._db.read_with(cypher, params, timeout_s or self.timeout_s)
-
-    def __getattr__(self, name):
-        return getattr(self._db, name)
 
 
 def status_of(exc: Exception) -> int:

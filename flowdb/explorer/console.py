@@ -27,7 +27,7 @@ def run(db, statement: str, params: dict[str, Any] | None = None, timeout_s: flo
         raise QueryError("parameters must be a JSON object of name: value")
     params = params or {}
     guard.check_read_only(db, statement, params)
-    limit = timeout_s or query_timeout_s()
+    limit = timeout_s or getattr(db, "timeout_s", None) or query_timeout_s()  # the app's own limit
     graph = _Graph()
     try:
         with neo4j_errors(db), db.driver.session(database=db.database, default_access_mode="READ") as session:
@@ -39,7 +39,7 @@ def run(db, statement: str, params: dict[str, Any] | None = None, timeout_s: flo
                 if total <= MAX_ROWS:
                     rows.append([graph.cell(value) for value in record.values()])
     except QueryTimeout:
-        raise QueryError(f"the statement ran past its {limit:g} s limit and was stopped") from None
+        raise QueryTimeout(f"the statement ran past its {limit:g} s limit and was stopped") from None
     return {"columns": columns, "rows": rows, "total": total, "truncated": total > MAX_ROWS,
             "graph": graph.document()}
 

@@ -36,6 +36,25 @@ _OUT_OF = ("UNWIND $keys AS key MATCH (p:Feature {key: key})-[e:RESIDUAL|MLP|ATT
 _EDGE_TYPES = [m.edge_type for m in MODULES.values()]
 
 
+class TimeLimited:
+    """A Database whose reads the server stops at the query time limit unless given another:
+    every read the explorer and flowdb.show() make is bounded in time as well as in rows."""
+
+    def __init__(self, db, timeout_s: float | None = None):
+        from flowdb.settings import query_timeout_s
+
+        self._db, self.timeout_s = db, timeout_s or query_timeout_s()
+
+    def read(self, cypher: str, timeout_s: float | None = None, **params):
+        return self._db.read_with(cypher, params, timeout_s or self.timeout_s)
+
+    def read_with(self, cypher: str, params: dict, timeout_s: float | None = None):
+        return self._db.read_with(cypher, params, timeout_s or self.timeout_s)
+
+    def __getattr__(self, name):
+        return getattr(self._db, name)
+
+
 @dataclass(frozen=True)
 class EdgeFilter:
     """Which stored edges a view follows (the flow-graph template's parameters)."""
