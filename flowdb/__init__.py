@@ -39,4 +39,36 @@ def show(feature: str, db=None, **params):
     return show_flow(feature, db, **params)
 
 
-__all__ = ["FlowdbError", "__version__", "query", "show"]
+def cypher(statement: str, db=None, timeout_s: float | None = None, **params):
+    """Run raw Cypher read-only (the guard `flowdb cypher` applies without --write); returns a
+    pandas DataFrame whose columns follow the statement's RETURN, with no rows too.
+
+    >>> flowdb.cypher("MATCH (f:Feature {pack: $pack}) RETURN f.key AS key LIMIT 3", pack="planted")
+
+    A write, LOAD CSV, or a procedure other than introspection is refused (ReadOnlyRefused).
+    Without db, connects as flowdb.query does; timeout_s as there.
+    """
+    import pandas as pd
+
+    from flowdb import guard
+    from flowdb.database import connect
+    from flowdb.errors import QueryError, QueryTimeout
+    from flowdb.queries import checked_timeout
+
+    limit = checked_timeout(timeout_s)
+
+    def run(database):
+        try:
+            return guard.read_table(database, statement, params, limit)
+        except QueryTimeout:
+            raise QueryError(f"the statement ran past its {limit:g} s limit and was stopped") from None
+
+    if db is not None:
+        columns, rows = run(db)
+    else:
+        with connect() as database:
+            columns, rows = run(database)
+    return pd.DataFrame(rows, columns=columns)
+
+
+__all__ = ["FlowdbError", "__version__", "cypher", "query", "show"]

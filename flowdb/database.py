@@ -62,13 +62,17 @@ class Database:
 
     def read_with(self, cypher: str, params: dict, timeout_s: float | None = None) -> list[dict]:
         """read() with the parameters as a dict: a user's may be named anything (timeout_s too)."""
+        return self.read_table(cypher, params, timeout_s)[1]
+
+    def read_table(self, cypher: str, params: dict, timeout_s: float | None = None) -> tuple[list[str], list[dict]]:
+        """read_with() plus the result's column names, which a query with no rows has too."""
         from neo4j import Query
 
         query = Query(cypher, timeout=timeout_s) if timeout_s else cypher
         with neo4j_errors(self):
-            records, _, _ = self.driver.execute_query(
+            records, _, keys = self.driver.execute_query(
                 query, params, database_=self.database, routing_="r")
-        return [record.data() for record in records]
+        return list(keys), [record.data() for record in records]
 
     def write(self, cypher: str, **params) -> list[dict]:
         with neo4j_errors(self):

@@ -38,6 +38,7 @@ DELETE_BATCH = 10_000
 STAGED_SUFFIX = "~next"  # a replacement being written; '~' never occurs in a pack name
 RETIRED_SUFFIX = "~old"  # a replaced build waiting to be deleted
 
+EXPLANATION_TEXT_INDEX = "explanation_text"
 SCHEMA = (
     # The pack name in the key keeps several packs (and models) in one database.
     "CREATE CONSTRAINT feature_key IF NOT EXISTS FOR (f:Feature) REQUIRE f.key IS UNIQUE",
@@ -47,6 +48,8 @@ SCHEMA = (
     "CREATE CONSTRAINT nowhere_pack IF NOT EXISTS FOR (n:Nowhere) REQUIRE n.pack IS UNIQUE",
     "CREATE CONSTRAINT lock_name IF NOT EXISTS FOR (l:Lock) REQUIRE l.name IS UNIQUE",
     "CREATE INDEX feature_slot IF NOT EXISTS FOR (f:Feature) ON (f.pack, f.layer, f.module)",
+    # Type-ahead label search (flowdb.search); Lucene's standard analyzer, lower-cased words.
+    f"CREATE FULLTEXT INDEX {EXPLANATION_TEXT_INDEX} IF NOT EXISTS FOR (e:Explanation) ON EACH [e.description]",
 )
 
 

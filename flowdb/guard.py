@@ -49,8 +49,14 @@ _POSITION = re.compile(r"\(line (\d+), column (\d+) \(offset: (\d+)\)\)")
 
 def read(db, statement: str, params: dict[str, Any] | None = None, timeout_s: float | None = None) -> list[dict]:
     """Run raw Cypher read-only, after check_read_only lets it through; rows as dicts."""
+    return read_table(db, statement, params, timeout_s)[1]
+
+
+def read_table(db, statement: str, params: dict[str, Any] | None = None,
+               timeout_s: float | None = None) -> tuple[list[str], list[dict]]:
+    """read(), plus the result's column names in RETURN order (there with no rows too)."""
     check_read_only(db, statement, params)
-    return db.read_with(statement, params or {}, timeout_s)
+    return db.read_table(statement, params or {}, timeout_s)
 
 
 def check_read_only(db, statement: str, params: dict[str, Any] | None = None) -> None:

@@ -7,6 +7,7 @@ Header lines at the top of each file ("// key: value"):
     // param: t_res float 0.0  residual edges below this cosine are not followed
     // columns: key, layer, module, ...
     // feature: res     (optional) the feature parameter must name a feature of this module
+    // choices: kind fan-out, fan-in, chain-end   (optional) the only values a string parameter takes
 Parameters are always passed to Neo4j as Cypher parameters, never spliced into
 the text. The CLI and the Python API read the same files.
 """
@@ -48,6 +49,7 @@ class Param:
     default: Any  # None when required
     required: bool
     doc: str
+    choices: tuple[str, ...] = ()  # empty: any value of the type
 
     def coerce(self, value: Any) -> Any:
         """Text (from the CLI) parsed, other values (from Python) checked: the same rules."""
@@ -63,6 +65,8 @@ class Param:
         return self._in_range({"int": int, "float": float, "bool": bool, "string": str}[self.type](value))
 
     def _in_range(self, value: Any) -> Any:
+        if self.choices and value not in self.choices:
+            raise QueryError(f"parameter {self.name} must be one of {', '.join(self.choices)}; got {value!r}")
         if self.type == "float" and not math.isfinite(value):
             raise QueryError(f"parameter {self.name} must be a finite number, got {value!r}")
         low, high = PARAM_RANGES.get(self.name, INT64 if self.type == "int" else (-math.inf, math.inf))
@@ -124,7 +128,8 @@ def parse_template(text: str, path: str) -> Template:
     for key in ("name", "answers", "columns"):
         if key not in header:
             raise QueryError(f"{path}: template header lacks '// {key}:'")
-    params = tuple(_parse_param(spec, path) for spec in header.get("param", []))
+    params = _with_choices(tuple(_parse_param(spec, path) for spec in header.get("param", [])),
+                           header.get("choices", []), path)
     columns = tuple(c.strip() for c in header["columns"][0].split(","))
     return Template(header["name"][0], " ".join(header["answers"]), params, columns, text, path,
                     (header.get("feature") or [None])[0])
@@ -141,6 +146,25 @@ def _parse_param(spec: str, path: str) -> Param:
         return Param(name, type_name, None, True, doc)
     value = None if default == "null" else Param(name, type_name, None, False, doc).coerce(default)
     return Param(name, type_name, value, False, doc)
+
+
+def _with_choices(params: tuple[Param, ...], specs: list[str], path: str) -> tuple[Param, ...]:
+    """Params with the values "// choices: NAME a, b, c" allows them; the default must be one."""
+    allowed = {}
+    for spec in specs:
+        name, _, values = spec.partition(" ")
+        allowed[name] = tuple(v.strip() for v in values.split(",") if v.strip())
+    by_name = {p.name: p for p in params}
+    for name, values in allowed.items():
+        if name not in by_name or by_name[name].type != "string" or not values:
+            raise QueryError(f"{path}: bad choices line for {name!r}; expected "
+                             "'NAME a, b, c' after a string parameter NAME")
+    chosen = tuple(Param(p.name, p.type, p.default, p.required, p.doc, allowed.get(p.name, ()))
+                   for p in params)
+    for param in chosen:
+        if param.choices and param.default is not None and param.default not in param.choices:
+            raise QueryError(f"{path}: the default of {param.name} is not one of its choices")
+    return chosen
 
 
 def _template_dir() -> Path:
@@ -187,9 +211,7 @@ def run_template(db, name: str, params: dict[str, Any] | None = None, timeout_s:
 
     template = get_template(name)
     bound = template.bind(params or {})
-    low, high = QUERY_TIMEOUT_RANGE_S
-    if timeout_s is not None and not (isinstance(timeout_s, numbers.Real) and low <= timeout_s <= high):
-        raise QueryError(f"timeout_s must be a number of seconds from {low:g} to {high:g}, got {timeout_s!r}")
+    checked_timeout(timeout_s)
     # One round trip for what the answer's notes need and which typed keys exist:
     # on a warm server the template itself takes a few milliseconds.
     pack = _pack_of(bound)
@@ -204,7 +226,7 @@ def run_template(db, name: str, params: dict[str, Any] | None = None, timeout_s:
         raise QueryError(f"template {name}: pack {_pack_of(bound)!r} was built by an older flowdb that "
                          "stored no per-edge thresholds; pass t_res/t_mod or every_edge=true, or ingest "
                          "it again with --replace")
-    limit = timeout_s or query_timeout_s()
+    limit = checked_timeout(timeout_s)
     try:
         rows = db.read(template.cypher, timeout_s=limit, **bound)
     except QueryTimeout:
@@ -226,6 +248,16 @@ def run_template(db, name: str, params: dict[str, Any] | None = None, timeout_s:
         frame.attrs["warning"] = warning
         warnings.warn(warning, IncompleteBuildWarning, stacklevel=2)
     return frame
+
+
+def checked_timeout(timeout_s: float | None) -> float:
+    """The server-side limit for one read: timeout_s, checked, else $FLOWDB_QUERY_TIMEOUT (60)."""
+    low, high = QUERY_TIMEOUT_RANGE_S
+    if timeout_s is None:
+        return query_timeout_s()
+    if isinstance(timeout_s, bool) or not (isinstance(timeout_s, numbers.Real) and low <= timeout_s <= high):
+        raise QueryError(f"timeout_s must be a number of seconds from {low:g} to {high:g}, got {timeout_s!r}")
+    return float(timeout_s)
 
 
 def check_against_pack(db, template: Template, bound: dict[str, Any], pack: str, record) -> None:

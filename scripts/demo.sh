@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job end to end on a fresh machine: install, start flowdb's local
-# Neo4j (unless NEO4J_URI names one), build a planted pack, ingest it, print a lineage.
+# Neo4j (unless NEO4J_URI names one), build a planted pack, ingest it, print the lineage of
+# the end of its longest translated chain, and how to explore it in the browser.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh    # the core only: no torch, transformers or sae-lens
@@ -11,7 +12,11 @@ work="${FLOWDB_DEMO_DIR:-${FLOWDB_HOME:-$HOME/.flowdb}/demo}"
 "$flowdb" synth "$work/pack" --layers 6 --width 4096 --d-model 256
 "$flowdb" ingest "$work/pack/manifest.toml"
 "$flowdb" export planted --out "$work/edges.csv"
-echo "Lineage of planted/5/res/0 (a residual feature in the last layer):"
-"$flowdb" query lineage -p feature=planted/5/res/0
-"$flowdb" plot flow planted/5/res/0 --out "$work/flow.html"
+# The feature to show: the end of the longest translated chain with MLP or attention inputs.
+feature=$("$flowdb" cypher "$(cat scripts/demo-feature.cypher)" -p pack=planted --format csv | sed -n 2p)
+[ -n "$feature" ] || { echo "demo: the pack has no translated chain to show" >&2; exit 1; }
+echo "Lineage of $feature (the end of the longest translated chain fed by MLP or attention):"
+"$flowdb" query lineage -p "feature=$feature"
+"$flowdb" plot flow "$feature" --out "$work/flow.html"
 "$flowdb" plot origins planted --out "$work/origins.png"
+echo "Explore it in the browser: $flowdb serve --feature $feature"

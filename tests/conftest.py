@@ -108,6 +108,24 @@ def planted_pack(tmp_path_factory, flowdb_home):
 
 
 @pytest.fixture
+def labelled_pack(db, planted_pack, tmp_path):
+    """The planted pack with Neuronpedia sources on its residual and MLP SAEs."""
+    from flowdb.ingest import ingest
+    from flowdb.manifest import load_manifest
+
+    text = (planted_pack[0] / "manifest.toml").read_text()
+    text = text.replace('path = "saes/res/layer_{layer}"',
+                        f'path = "{planted_pack[0]}/saes/res/layer_{{layer}}"\nneuronpedia = "{{layer}}-planted-res"')
+    text = text.replace('path = "saes/mlp/layer_{layer}"',
+                        f'path = "{planted_pack[0]}/saes/mlp/layer_{{layer}}"\nneuronpedia = "{{layer}}-planted-mlp"')
+    text = text.replace('"saes/att', f'"{planted_pack[0]}/saes/att')
+    manifest = tmp_path / "labelled.toml"
+    manifest.write_text(text)
+    ingest(load_manifest(manifest), db)
+    return db
+
+
+@pytest.fixture
 def pack_copy(planted_pack, tmp_path):
     """A private copy of the planted pack that a test may damage."""
     out = tmp_path / "pack"

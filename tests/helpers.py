@@ -286,3 +286,30 @@ def serve(handler):
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
+
+
+# The public export's explanation fields (formats.md), in order.
+EXPORT_FIELDS = ("id", "modelId", "layer", "index", "authorId", "description", "embedding", "typeName",
+                 "explanationModelName", "umap_x", "umap_y", "umap_cluster", "umap_log_feature_sparsity")
+
+
+def export_row(n, source, index, description):
+    values = {"id": f"clx{n:06d}", "modelId": "planted-model", "layer": source, "index": str(index),
+              "authorId": "auto", "description": description, "embedding": [0.1, 0.2],
+              "typeName": "oai_token-act-pair", "explanationModelName": "gpt-4o-mini",
+              "umap_x": 1.5, "umap_y": -2.0, "umap_cluster": 7, "umap_log_feature_sparsity": -4.2}
+    return {field: values[field] for field in EXPORT_FIELDS}
+
+
+def write_export(root, rows_by_source):
+    """The bucket layout: v1/{modelId}/{source}/explanations/batch-N.jsonl.gz."""
+    import gzip
+    import json
+
+    for source, rows in rows_by_source.items():
+        directory = root / "v1" / "planted-model" / source / "explanations"
+        directory.mkdir(parents=True, exist_ok=True)
+        for batch, start in enumerate(range(0, len(rows), 1024)):
+            with gzip.open(directory / f"batch-{batch}.jsonl.gz", "wt") as handle:
+                for row in rows[start:start + 1024]:
+                    handle.write(json.dumps(row) + "\n")

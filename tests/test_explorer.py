@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import XSS_LABEL
 from starlette.testclient import TestClient
 
+from conftest import XSS_LABEL
 from flowdb.classify import chance_cosine
 from flowdb.explorer import data
 from flowdb.explorer.app import create_app
@@ -196,7 +197,8 @@ def test_reference_search_and_the_console(client):
     assert "indexes 0-511" in missing["error"]
     headers = {"x-flowdb-token": TOKEN, "Origin": "http://127.0.0.1:8047"}
     answer = client.post("/api/cypher", headers=headers, json={
-        "statement": "MATCH (a:Feature {key: $key})<-[e:RESIDUAL]-(b) RETURN a, e, b", "params": {"key": "planted/2/res/17"}})
+        "statement": "MATCH (a:Feature {key: $key})<-[e:RESIDUAL]-(b) RETURN a, e, b",
+        "params": {"key": "planted/2/res/17"}})
     assert answer.status_code == 200, answer.text
     graph = answer.json()["graph"]
     assert {n["properties"]["key"] for n in graph["nodes"]} >= {"planted/2/res/17"}
@@ -217,7 +219,7 @@ def test_downloads_are_the_view(client):
     assert len(document["nodes"]) == len(view["nodes"]) and len(document["links"]) == len(view["edges"])
     import jsonschema
 
-    schema = json.loads((__import__("pathlib").Path(__file__).parent / "data" / "neuronpedia-graph-schema.json").read_text())
+    schema = json.loads((Path(__file__).parent / "data" / "neuronpedia-graph-schema.json").read_text())
     jsonschema.validate(document, schema)
     csv = client.get("/api/download/csv/planted/3/res/0?max_rank=2")
     assert csv.status_code == 200 and csv.text.splitlines()[0].startswith("element,key,layer")
@@ -238,7 +240,8 @@ def test_off_loopback_every_request_needs_the_token(explorer_db):
         assert web.get("/api/packs", headers={"x-flowdb-token": TOKEN}).status_code == 200
         landing = web.get(f"/?token={TOKEN}", follow_redirects=False)
         assert landing.status_code == 303 and landing.headers["location"] == "/"
-        assert "httponly" in landing.headers["set-cookie"].lower() and "samesite=strict" in landing.headers["set-cookie"].lower()
+        cookie = landing.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie
         web.cookies.set("flowdb_explorer_token", TOKEN)
         assert web.get("/api/packs").status_code == 200
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+import flowdb
 from flowdb import guard
 from flowdb.cli import cli
 from flowdb.errors import ReadOnlyRefused, StatementRejected
@@ -206,6 +208,8 @@ TEMPLATES = {
     "newborn": {"pack": "planted", "layer": 2}, "chains": {"pack": "planted"},
     "circuit": {"source": "planted/0/res/0", "target": "planted/3/res/0"},
     "label-search": {"text": "planted"}, "edges": {"pack": "planted"},
+    "by-category": {"pack": "planted", "layer": 2, "category": "newborn"},
+    "hubs": {"pack": "planted", "kind": "chain-end"},
 }
 
 
@@ -241,6 +245,23 @@ def test_fulltext_index_query_passes(stored):
         guard.check_read_only(stored, "CALL db.index.fulltext.queryRelationships('guard_keys', 'x')")
     finally:
         stored.write("DROP INDEX guard_keys IF EXISTS")
+
+
+def test_flowdb_cypher_is_guarded_and_answers_a_frame(stored):
+    before = fingerprint(stored)
+    frame = flowdb.cypher("MATCH (f:Feature {pack: $pack, layer: $layer, module: 'res'}) "
+                          "RETURN f.index AS index, f.key AS key ORDER BY index LIMIT 3",
+                          db=stored, pack="planted", layer=2)
+    assert isinstance(frame, pd.DataFrame) and list(frame.columns) == ["index", "key"]
+    assert frame.to_dict("records") == [{"index": i, "key": f"planted/2/res/{i}"} for i in range(3)]
+    empty = flowdb.cypher("MATCH (f:Feature {pack: $pack}) RETURN f.layer AS layer, f.key AS key",
+                          db=stored, pack="none")
+    assert empty.empty and list(empty.columns) == ["layer", "key"]
+    with pytest.raises(ReadOnlyRefused, match="read-only guard: Neo4j's planner says the statement writes"):
+        flowdb.cypher("CREATE (:Feature {key: 'x'})", db=stored)
+    with pytest.raises(ReadOnlyRefused, match="read-only guard: LOAD CSV reads files or URLs"):
+        flowdb.cypher("LOAD CSV FROM 'file:///etc/passwd' AS row RETURN row", db=stored)
+    assert fingerprint(stored) == before
 
 
 def test_plugin_functions_in_the_plan_are_refused(db):

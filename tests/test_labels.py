@@ -1,4 +1,3 @@
-import gzip
 import json
 import os
 import socket
@@ -11,51 +10,10 @@ from click.testing import CliRunner
 
 from flowdb.cli import cli
 from flowdb.errors import DatabaseError, FlowdbError
-from flowdb.ingest import ingest
 from flowdb.labels import fetch_labels, import_labels, origin
-from flowdb.manifest import load_manifest
-from helpers import assert_one_line_error, run_flowdb, serve
+from helpers import assert_one_line_error, export_row, run_flowdb, serve, write_export
 
 HANG = 60  # seconds: refusals here take well under one; a hang fails the test here
-
-# The public export's explanation fields (formats.md), in order.
-EXPORT_FIELDS = ("id", "modelId", "layer", "index", "authorId", "description", "embedding", "typeName",
-                 "explanationModelName", "umap_x", "umap_y", "umap_cluster", "umap_log_feature_sparsity")
-
-
-def export_row(n, source, index, description):
-    values = {"id": f"clx{n:06d}", "modelId": "planted-model", "layer": source, "index": str(index),
-              "authorId": "auto", "description": description, "embedding": [0.1, 0.2],
-              "typeName": "oai_token-act-pair", "explanationModelName": "gpt-4o-mini",
-              "umap_x": 1.5, "umap_y": -2.0, "umap_cluster": 7, "umap_log_feature_sparsity": -4.2}
-    return {field: values[field] for field in EXPORT_FIELDS}
-
-
-@pytest.fixture
-def labelled_pack(db, planted_pack, tmp_path):
-    """The planted pack with Neuronpedia sources on its residual and MLP SAEs."""
-    text = (planted_pack[0] / "manifest.toml").read_text()
-    text = text.replace('path = "saes/res/layer_{layer}"',
-                        f'path = "{planted_pack[0]}/saes/res/layer_{{layer}}"\nneuronpedia = "{{layer}}-planted-res"')
-    text = text.replace('path = "saes/mlp/layer_{layer}"',
-                        f'path = "{planted_pack[0]}/saes/mlp/layer_{{layer}}"\nneuronpedia = "{{layer}}-planted-mlp"')
-    text = text.replace('"saes/att', f'"{planted_pack[0]}/saes/att')
-    manifest = tmp_path / "labelled.toml"
-    manifest.write_text(text)
-    ingest(load_manifest(manifest), db)
-    return db
-
-
-def write_export(root, rows_by_source):
-    """The bucket layout: v1/{modelId}/{source}/explanations/batch-N.jsonl.gz."""
-    for source, rows in rows_by_source.items():
-        directory = root / "v1" / "planted-model" / source / "explanations"
-        directory.mkdir(parents=True, exist_ok=True)
-        for batch, start in enumerate(range(0, len(rows), 1024)):
-            with gzip.open(directory / f"batch-{batch}.jsonl.gz", "wt") as handle:
-                for row in rows[start:start + 1024]:
-                    handle.write(json.dumps(row) + "\n")
-
 
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))

@@ -6,7 +6,9 @@ import pandas as pd
 import pytest
 
 import flowdb
+from flowdb.classify import CATEGORIES
 from flowdb.errors import FlowdbError, QueryError
+from flowdb.export import export_edges
 from flowdb.ingest import ingest
 from flowdb.labels import import_labels
 from flowdb.manifest import load_manifest
@@ -14,7 +16,7 @@ from flowdb.queries import get_template, run_template, templates
 from helpers import ReferenceGraph, brute_force_edges
 
 REQUIRED = {"lineage", "descendants", "flow-graph", "origins", "newborn", "circuit",
-            "steering-set", "label-search", "chains", "edges"}
+            "steering-set", "label-search", "chains", "edges", "by-category", "hubs"}
 
 
 def test_every_template_declares_exactly_the_parameters_it_uses():
@@ -229,3 +231,60 @@ def test_a_runaway_traversal_is_stopped_with_a_message(db):
     with pytest.raises(QueryError, match=r"template circuit ran past its 2 s limit and was stopped: lower max_rank"):
         run_template(db, "circuit", params, timeout_s=2)
     assert time.perf_counter() - started < 30
+
+
+def test_by_category(graph, tmp_path):
+    db, reference, _ = graph
+    edges = export_edges(db, "planted", tmp_path / "edges.csv")
+    top1 = edges[edges["rank"] == 1].pivot_table(index="target", columns="kind", values="cosine")
+    assert get_template("by-category").params[2].choices == CATEGORIES
+    for category in CATEGORIES:
+        frame = run_template(db, "by-category", {"pack": "planted", "layer": 2, "category": category})
+        expected = sorted((k for k, c in reference.category.items() if c == category and k.split("/")[1] == "2"),
+                          key=lambda k: int(k.split("/")[-1]))[:100]
+        assert frame["key"].tolist() == expected and (frame["category"] == category).all()
+        assert frame["index"].tolist() == [int(k.split("/")[-1]) for k in expected]
+        for column, kind in (("s_res", "RESIDUAL"), ("s_mlp", "MLP"), ("s_att", "ATTENTION")):
+            assert frame[column].to_numpy() == pytest.approx(top1.loc[expected, kind].to_numpy(), abs=1e-6)
+    few = run_template(db, "by-category", {"pack": "planted", "layer": 2, "category": "translated", "limit": 3})
+    assert len(few) == 3
+    with pytest.raises(QueryError, match="parameter category must be one of translated, processed, newborn, "
+                                         "from-nowhere; got 'born'"):
+        run_template(db, "by-category", {"pack": "planted", "layer": 2, "category": "born"})
+
+
+def _kept(edges, t_res, t_mod, max_rank, every_edge):
+    """Independently, the edges the lineage rule keeps: rank, then cosine (else the stored `above`)."""
+    threshold = edges["kind"].map({"RESIDUAL": t_res, "MLP": t_mod, "ATTENTION": t_mod})
+    passes = edges["above"] if t_res is None else edges["cosine"] >= threshold
+    return edges[(edges["rank"] <= max_rank) & (every_edge | passes)]
+
+
+def _chain_lengths(residual):
+    """Longest kept residual path back from each feature, in edges."""
+    longest: dict[str, int] = {}
+    for row in residual.sort_values("layer").itertuples():
+        longest[row.target] = max(longest.get(row.target, 0), longest.get(row.source, 0) + 1)
+    return longest
+
+
+@pytest.mark.parametrize("params", [{"t_res": 0.5, "t_mod": 0.5}, {}, {"max_rank": 2, "every_edge": True},
+                                    {"max_rank": 2, "t_res": 0.3, "t_mod": 0.4}])
+def test_hubs(graph, tmp_path, params):
+    db, _, _ = graph
+    edges = export_edges(db, "planted", tmp_path / "edges.csv")
+    kept = _kept(edges, params.get("t_res"), params.get("t_mod"), params.get("max_rank", 1),
+                 params.get("every_edge", False))
+    residual = kept[kept["kind"] == "RESIDUAL"]
+    lengths = _chain_lengths(residual)
+    expected = {"fan-out": kept.groupby("source").size(), "fan-in": kept.groupby("target").size(),
+                "chain-end": pd.Series({k: n for k, n in lengths.items() if k not in set(residual["source"])})}
+    for kind, degrees in expected.items():
+        frame = run_template(db, "hubs", {"pack": "planted", "kind": kind, "limit": 25, **params})
+        ranked = sorted(((int(n), k) for k, n in degrees.items()), key=lambda d: (-d[0], d[1]))[:25]
+        assert ranked and list(zip(frame["degree"], frame["key"])) == ranked, kind
+        assert (frame["layer"] == frame["key"].str.split("/").str[1].astype(int)).all()
+    default = run_template(db, "hubs", {"pack": "planted", **params})
+    assert len(default) == 20 and default["degree"].is_monotonic_decreasing
+    with pytest.raises(QueryError, match="parameter kind must be one of fan-out, fan-in, chain-end"):
+        run_template(db, "hubs", {"pack": "planted", "kind": "fanout"})
