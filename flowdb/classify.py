@@ -27,17 +27,20 @@ them and the chance levels are recorded with the build.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import Field
 
+from flowdb.modules import BY_KIND
 from flowdb.schema import Cosine, Level, Strict
 
 CATEGORIES = ("translated", "processed", "newborn", "from-nowhere")
 RULES = ("auto", "fixed", "chance", "quantile")
 PLACES = ("res", "mlp", "att")  # R_{L-1}, M_L, A_L, as in flowdb.modules.NAMES
+EDGE_STATUSES = ("threshold", "above-chance", "chance", "unknown")
 
 
 def chance_cosine(q: float, n: int, d: int) -> float:
@@ -196,3 +199,19 @@ def classify(s_res: np.ndarray, s_mlp: np.ndarray, s_att: np.ndarray,
         high_mod = (s_mlp >= t.t_mlp) | (s_att >= t.t_att)
     codes = np.where(high_res, np.where(high_mod, 1, 0), np.where(high_mod, 2, 3))
     return np.asarray(CATEGORIES, dtype=object)[codes]
+
+
+def edge_status(cosine: float, kind: str, levels: Mapping[str, Any]) -> str:
+    """Where an edge into a residual feature stands against its layer's build.
+
+    threshold: cosine at or above the cut-off the build set for the target's layer and the
+    edge's place (residual -> res, mlp -> mlp, attention -> att); above-chance: below that
+    but above chance; chance: at chance level or below; unknown: no chance level stored.
+    levels: the properties of the target layer's residual SAE node (t_res, chance_res, ...)."""
+    place = BY_KIND[kind].name
+    threshold, chance = levels.get(f"t_{place}"), levels.get(f"chance_{place}")
+    if threshold is not None and cosine >= threshold:
+        return "threshold"
+    if chance is None:
+        return "unknown"
+    return "above-chance" if cosine > chance else "chance"

@@ -947,12 +947,14 @@ def plot():
 @connection_options
 def plot_flow_command(feature, out, params, settings):
     """Draw the flow graph of FEATURE (a key, a Neuronpedia URL or MODEL/SOURCE/INDEX)."""
+    from flowdb.explorer.data import mark_flow_frame
     from flowdb.features import resolve_feature
     from flowdb.plots import plot_flow
 
     with _connect(settings) as db:
         feature = resolve_feature(db, feature)
         graph = _template(db, "flow-graph", {"feature": feature, **params})
+        graph = mark_flow_frame(db, feature.split("/", 1)[0], graph)
     import textwrap
 
     title = f"flow graph of {feature}: {graph.attrs.get('thresholds')}, max_rank {params['max_rank']}"

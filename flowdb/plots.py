@@ -25,6 +25,17 @@ KIND_MODULE = {"residual": "res", "mlp": "mlp", "attention": "att"}  # edge kind
 CATEGORY_COLOUR = {"translated": "#4c72b0", "processed": "#8172b3", "newborn": "#dd8452",
                    "from_nowhere": "#bbbbbb"}
 MODULE_X_OFFSET = {"res": 0.0, "mlp": -0.4, "att": -0.4}  # module outputs feed R_L from the left
+# A flow graph's marks, as the explorer's flow view (flowdb/explorer/static/flow.js) draws them:
+# an edge's line style says where it stands against its layer's build (flowdb.classify.edge_status),
+# a node's shape its category; MLP and attention inputs have none and are squares.
+STATUS_TEXT = {"threshold": "solid: at or above its layer's threshold",
+               "above-chance": "dashed: below threshold, above chance",
+               "chance": "dotted: at chance level or below", "unknown": "dotted: no chance level stored"}
+STATUS_LINE = {"threshold": "solid", "above-chance": "dashed", "chance": "dotted", "unknown": "dotted"}
+STATUS_DASH = {"threshold": "solid", "above-chance": "dash", "chance": "dot", "unknown": "dot"}  # plotly's names
+CATEGORY_MARKER = {"translated": "o", "processed": "D", "newborn": "*", "from-nowhere": "X"}
+CATEGORY_SYMBOL = {"translated": "circle", "processed": "diamond", "newborn": "star", "from-nowhere": "x"}
+INPUT_MARKER, INPUT_SYMBOL = "s", "square"
 
 
 @dataclass(frozen=True)
@@ -168,6 +179,34 @@ def _name(row) -> str:
     return f"{row['layer']}/{row['module']}/{row['index']}"
 
 
+def _headline(row) -> str:
+    """A node's first line: its name, and its category where it has one."""
+    category = _text(row["category"])
+    return f"{_name(row)} · {category}" if category else _name(row)
+
+
+def _status(edge) -> str:
+    """An edge row's status (flowdb.classify.edge_status), "unknown" where the frame has none."""
+    return _text(getattr(edge, "status", None)) or "unknown"
+
+
+def _shapes(nodes: pd.DataFrame, by_category: dict[str, str], input_shape: str) -> pd.Series:
+    """Each node's marker shape, by its category (a square for inputs, which have none)."""
+    return nodes["category"].map(lambda c: by_category.get(_text(c), input_shape))
+
+
+def _shape_legend(shapes: pd.Series, by_category: dict[str, str], input_shape: str) -> list[tuple[str, str]]:
+    """(legend text, shape) for each shape drawn, in the categories' order."""
+    entries = [*by_category.items(), ("input (no category)", input_shape)]
+    return [(text, shape) for text, shape in entries if shape in set(shapes)]
+
+
+def _statuses(edges: pd.DataFrame) -> list[str]:
+    """The statuses the edges have, in the legend's order."""
+    present = {_status(edge) for edge in edges.itertuples()}
+    return [status for status in STATUS_TEXT if status in present]
+
+
 # Where a node's label goes: an input's to its left, where no edge runs (every input
 # edge leaves to the right, and those of inputs stacked farther from the chain pass
 # just right of the nearer ones); a residual feature's below and to its right, clear
@@ -177,8 +216,17 @@ LABEL_SIDE = {"mlp": "left", "att": "left", "res": "below right"}
 
 
 def plot_flow(graph: pd.DataFrame, out: str | Path, title: str) -> Path:
-    """Draw a flow graph (the flow-graph template's rows); title should name the thresholds applied."""
+    """Draw a flow graph (the flow-graph template's rows, with a status column on edge rows as
+    flowdb.explorer.data.mark_flow_frame adds it); title should name the thresholds applied.
+    A graph of more than FLOW_NODE_CAP features is refused: it cannot be drawn readably."""
+    from flowdb.explorer.data import FLOW_NODE_CAP
+
     out = _target(out)
+    n_nodes, n_edges = int((graph["element"] == "node").sum()), int((graph["element"] == "edge").sum())
+    if n_nodes > FLOW_NODE_CAP:
+        raise FlowdbError(f"the flow graph has {n_nodes} features and {n_edges} edges, too many to draw readably "
+                          f"(at most {FLOW_NODE_CAP} features): lower --max-rank, raise --t-res / --t-mod, "
+                          "or drop --every-edge")
     layout = flow_layout(graph)
     if out.suffix == ".html":
         _flow_html(layout, out, title)
@@ -206,7 +254,7 @@ def _label_point(edge) -> tuple[float, float]:
     return edge.x0 + t * (edge.x1 - edge.x0), edge.y0 + t * (edge.y1 - edge.y0)
 
 
-MAX_PIXELS = 30000  # matplotlib refuses pictures above 2**16 pixels a side; keep well below
+MAX_PIXELS = 8000  # the longest side of a PNG; a graph at the node cap still fits at ~100 dpi
 
 
 def _flow_static(layout: FlowLayout, out: Path, title: str) -> None:
@@ -221,18 +269,19 @@ def _flow_static(layout: FlowLayout, out: Path, title: str) -> None:
         ax.annotate("", xy=(edge.x1, edge.y1), xytext=(edge.x0, edge.y0),
                     arrowprops={"arrowstyle": "-|>", "lw": _width(edge.cosine), "alpha": 0.55,
                                 "color": MODULE_COLOUR[KIND_MODULE[edge.kind]], "mutation_scale": 14,
-                                "shrinkA": 9, "shrinkB": 9}, zorder=1)
+                                "linestyle": STATUS_LINE[_status(edge)], "shrinkA": 9, "shrinkB": 9}, zorder=1)
         ax.text(*_label_point(edge), f"{edge.cosine:.2f}", fontsize=7,
                 color="#333", ha="center", va="center", zorder=2,
                 bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.85})
-    for module, group in nodes.groupby("module"):
-        ax.scatter(group["x"], group["y"], s=260, c=MODULE_COLOUR[module], edgecolors="white", linewidths=1,
-                   zorder=3)
+    markers = _shapes(nodes, CATEGORY_MARKER, INPUT_MARKER)
+    for (module, marker), group in nodes.groupby([nodes["module"], markers]):
+        ax.scatter(group["x"], group["y"], s=380 if marker == "*" else 260, c=MODULE_COLOUR[module],
+                   marker=marker, edgecolors="white", linewidths=1, zorder=3)
     seed = nodes[nodes["role"] == "seed"]
-    ax.scatter(seed["x"], seed["y"], s=420, facecolors="none", edgecolors=SEED_RING["color"],
+    ax.scatter(seed["x"], seed["y"], s=700, facecolors="none", edgecolors=SEED_RING["color"],
                linewidths=SEED_RING["width"], zorder=4)
     for row in nodes.to_dict("records"):
-        text = "\n".join([_name(row), *_wrapped(_text(row["label"]))])
+        text = "\n".join([_headline(row), *_wrapped(_text(row["label"]))])
         if LABEL_SIDE[row["module"]] == "left":
             ax.text(row["x"] - 0.07, row["y"], text, fontsize=7, ha="right", va="center", zorder=5)
         else:
@@ -251,7 +300,11 @@ def _flow_static(layout: FlowLayout, out: Path, title: str) -> None:
                if m in set(nodes["module"])]
     handles.append(Line2D([], [], linestyle="", marker="o", markersize=12, markerfacecolor="none",
                           markeredgecolor=SEED_RING["color"], markeredgewidth=SEED_RING["width"], label="seed"))
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    handles += [Line2D([], [], linestyle="", marker=marker, markersize=9, color="#555", label=text)
+                for text, marker in _shape_legend(markers, CATEGORY_MARKER, INPUT_MARKER)]
+    handles += [Line2D([], [], color="#555", linewidth=2, linestyle=STATUS_LINE[status], label=STATUS_TEXT[status])
+                for status in _statuses(edges)]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=8)
     _save(fig, out, dpi=min(DPI, MAX_PIXELS / max(size)))
 
 
@@ -279,8 +332,10 @@ def _hover(row) -> str:
 
 def _node_text(row) -> str:
     """A node's annotation: its name (a link to its page where there is one) and its wrapped label."""
-    name, url = _name(row), _text(row["url"])
+    name, url, category = _name(row), _text(row["url"]), _text(row["category"])
     first = f'<a href="{html.escape(url, quote=True)}" target="_blank">{name}</a>' if url else name
+    if category:
+        first += f" · {html.escape(category)}"
     return "<br>".join([first, *(html.escape(line) for line in _wrapped(_text(row["label"])))])
 
 
@@ -298,25 +353,34 @@ def _flow_html(layout: FlowLayout, out: Path, title: str) -> None:
     fig = go.Figure()
     annotations = []
     for edge in edges.itertuples():
-        colour = MODULE_COLOUR[KIND_MODULE[edge.kind]]
+        # A line, not an annotation's arrow: only a line can be dashed. Its arrowhead is a
+        # marker at the feature's end, turned along the line and kept clear of the node.
+        status = _status(edge)
         width = 1.0 + 4.0 * max(float(edge.cosine), 0.0)
-        annotations.append({  # the edge itself: an arrow from the input to the feature
-            "x": edge.x1, "y": edge.y1, "ax": edge.x0, "ay": edge.y0, "xref": "x", "yref": "y",
-            "axref": "x", "ayref": "y", "text": "", "showarrow": True, "arrowhead": 2,
-            "arrowsize": min(1.2, 3.0 / width), "arrowwidth": width, "arrowcolor": colour,
-            "opacity": 0.55, "standoff": 12, "startstandoff": 12})
+        fig.add_trace(go.Scatter(
+            x=[edge.x0, edge.x1], y=[edge.y0, edge.y1], mode="lines+markers", name=f"{edge.source} → {edge.target}",
+            legendgroup=status, showlegend=False, hoverinfo="skip", opacity=0.6,
+            line={"color": MODULE_COLOUR[KIND_MODULE[edge.kind]], "width": width, "dash": STATUS_DASH[status]},
+            marker={"symbol": "arrow", "angleref": "previous", "size": [0, 10 + 2 * width], "standoff": 10}))
         x, y = _label_point(edge)
         annotations.append({  # its cosine
             "x": x, "y": y, "xref": "x", "yref": "y",
             "text": f"{edge.cosine:.2f}", "showarrow": False, "font": {"size": 11, "color": "#333"},
             "bgcolor": "rgba(255,255,255,0.85)",
-            "hovertext": f"{edge.source} → {edge.target}<br>{edge.kind} cosine {edge.cosine:.3f}"})
+            "hovertext": f"{edge.source} → {edge.target}<br>{edge.kind} cosine {edge.cosine:.3f}, "
+                         f"{STATUS_TEXT[status].split(': ', 1)[1]}"})
+    for status in _statuses(edges):  # one legend entry per line style drawn
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=STATUS_TEXT[status], legendgroup=status,
+                                 line={"color": "#555", "width": 2, "dash": STATUS_DASH[status]}))
+    symbols = _shapes(nodes, CATEGORY_SYMBOL, INPUT_SYMBOL)
     for module in [m for m in MODULE_COLOUR if m in set(nodes["module"])]:
         group = nodes[nodes["module"] == module]
         records = group.to_dict("records")
-        fig.add_trace(go.Scatter(
-            x=group["x"], y=group["y"], mode="markers", name=MODULE_NAME[module],
-            marker={"size": 18, "color": MODULE_COLOUR[module], "line": {"width": 1, "color": "white"}},
+        fig.add_trace(go.Scatter(  # its legend entry is a circle: the shapes have entries of their own
+            x=group["x"], y=group["y"], mode="markers", name=MODULE_NAME[module], legendgroup=module,
+            showlegend=False,
+            marker={"size": 18, "color": MODULE_COLOUR[module], "line": {"width": 1, "color": "white"},
+                    "symbol": list(symbols[group.index])},
             customdata=[_text(r["url"]) for r in records],
             hovertext=[_hover(r) for r in records], hoverinfo="text"))
         for r in records:
@@ -331,6 +395,12 @@ def _flow_html(layout: FlowLayout, out: Path, title: str) -> None:
         x=seed["x"], y=seed["y"], mode="markers", name="seed", hoverinfo="skip",
         marker={"size": 26, "symbol": "circle-open", "color": SEED_RING["color"],
                 "line": {"width": SEED_RING["width"]}}))
+    for module in [m for m in MODULE_COLOUR if m in set(nodes["module"])]:
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=MODULE_NAME[module], legendgroup=module,
+                                 marker={"size": 12, "color": MODULE_COLOUR[module], "symbol": "circle"}))
+    for text, symbol in _shape_legend(symbols, CATEGORY_SYMBOL, INPUT_SYMBOL):
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=text,
+                                 marker={"size": 11, "color": "#555", "symbol": symbol}))
     layers = sorted(int(layer) for layer in nodes["layer"].unique())
     fig.update_layout(
         title={"text": f"{html.escape(title)}<br><sup>{SUBTITLE}; click a node to open its Neuronpedia page</sup>"},

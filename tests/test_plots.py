@@ -1,6 +1,7 @@
 import json
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
@@ -76,15 +77,16 @@ def test_cypher_is_read_only_unless_write(stored):
 
 URL = "https://www.neuronpedia.org/m/{layer}-res-x/{index}"
 COLUMNS = ["element", "key", "layer", "module", "index", "category", "label", "url", "role",
-           "source", "target", "kind", "cosine"]
+           "source", "target", "kind", "cosine", "status"]
 
 
 def _graph(nodes, edges) -> pd.DataFrame:
-    """A frame shaped like the flow-graph template's answer (NaN where the database has nothing)."""
+    """A frame shaped like the flow-graph template's answer with its edges marked (NaN where the
+    database has nothing); an edge given without a status has none."""
     rows = [["node", key, int(key.split("/")[1]), key.split("/")[2], int(key.split("/")[3]), category, label,
-             url, role, None, None, None, None] for key, category, label, url, role in nodes]
+             url, role, None, None, None, None, None] for key, category, label, url, role in nodes]
     rows += [["edge", None, int(target.split("/")[1]), None, None, None, None, None, None, source, target,
-              kind, cosine] for source, target, kind, cosine in edges]
+              kind, cosine, status[0] if status else None] for source, target, kind, cosine, *status in edges]
     frame = pd.DataFrame(rows, columns=COLUMNS)
     frame["index"] = frame["index"].astype("Int64")
     return frame
@@ -98,8 +100,22 @@ NODES = [
     ("p/2/att/8", float("nan"), "keywords <def>", None, "input"),
     ("p/3/res/2", "translated", None, None, "descendant"),
 ]
-EDGES = [("p/1/res/4", "p/2/res/9", "residual", 0.93), ("p/2/mlp/3", "p/2/res/9", "mlp", 0.41),
-         ("p/2/att/8", "p/2/res/9", "attention", 0.17), ("p/2/res/9", "p/3/res/2", "residual", 0.66)]
+EDGES = [("p/1/res/4", "p/2/res/9", "residual", 0.93, "threshold"),
+         ("p/2/mlp/3", "p/2/res/9", "mlp", 0.41, "above-chance"),
+         ("p/2/att/8", "p/2/res/9", "attention", 0.17, "chance"),
+         ("p/2/res/9", "p/3/res/2", "residual", 0.66, "threshold")]
+DASH = {"threshold": "solid", "above-chance": "dash", "chance": "dot"}  # as the explorer's flow.js draws them
+SYMBOL = {"translated": "circle", "processed": "diamond", "newborn": "star", "from-nowhere": "x"}
+
+
+def _edge_traces(data) -> dict[str, dict]:
+    """The figure's edges, by "SOURCE → TARGET": lines ending in an arrowhead."""
+    return {t["name"]: t for t in data if t.get("mode") == "lines+markers"}
+
+
+def _node_traces(data) -> dict[str, dict]:
+    """The figure's node markers, by module name (the traces that carry links)."""
+    return {t["name"]: t for t in data if "customdata" in t}
 
 
 def _figure(page: str) -> tuple[list, dict]:
@@ -129,11 +145,18 @@ def test_html_flow_graph_shows_cosines_arrows_and_links(tmp_path):
     page = out.read_text()
     data, layout = _figure(page)
     annotations = layout["annotations"]
-    arrows = [a for a in annotations if a.get("showarrow")]
+    arrows = _edge_traces(data)
     assert len(arrows) == len(EDGES)
-    assert {(a["ax"], a["ay"], a["x"], a["y"]) for a in arrows} == {
-        (1.0, 0.0, 2.0, 0.0), (1.6, 1.0, 2.0, 0.0), (1.6, -1.0, 2.0, 0.0), (2.0, 0.0, 3.0, 0.0)}
-    assert all(a["axref"] == "x" and a["arrowhead"] > 0 for a in arrows)
+    assert {(*a["x"], *a["y"]) for a in arrows.values()} == {
+        (1.0, 2.0, 0.0, 0.0), (1.6, 2.0, 1.0, 0.0), (1.6, 2.0, -1.0, 0.0), (2.0, 3.0, 0.0, 0.0)}
+    # an arrowhead at the feature's end only, turned along the line
+    assert all(a["marker"]["symbol"] == "arrow" and a["marker"]["angleref"] == "previous"
+               and a["marker"]["size"][0] == 0 < a["marker"]["size"][1] for a in arrows.values())
+    # each edge's line style says where it stands against its layer's build, and the legend says so
+    assert {name: a["line"]["dash"] for name, a in arrows.items()} == {
+        f"{source} → {target}": DASH[status] for source, target, _, _, status in EDGES}
+    legend = [t["name"] for t in data if t.get("showlegend", True)]
+    assert {"solid", "dashed", "dotted"} == {name.split(":")[0] for name in legend if ":" in name}
     texts = [a["text"] for a in annotations]
     for cosine in ("0.93", "0.41", "0.17", "0.66"):
         assert cosine in texts
@@ -144,7 +167,7 @@ def test_html_flow_graph_shows_cosines_arrows_and_links(tmp_path):
     seed_url, mlp_label = URL.format(layer=2, index=9), next(t for t in texts if t.startswith("2/mlp/3"))
     assert any(t.startswith(f'<a href="{seed_url}"') and ">2/res/9</a>" in t for t in texts)
     assert "href" not in mlp_label and "href" not in next(t for t in texts if "2/att/8" in t)
-    markers = {trace["name"]: trace for trace in data}
+    markers = _node_traces(data)
     assert seed_url in markers["residual"]["customdata"] and markers["MLP"]["customdata"] == [""]
     assert "plotly_click" in page and "window.open" in page
     # labels are wrapped and capped; HTML in them is shown, not interpreted
@@ -152,8 +175,15 @@ def test_html_flow_graph_shows_cosines_arrows_and_links(tmp_path):
     assert seedless.count("<br>") == 3 and seedless.endswith("…") and LONG not in seedless
     assert "keywords &lt;def&gt;" in next(t for t in texts if "2/att/8" in t)
     # the seed is a legend entry of its own, a ring, and no module's marker carries it
-    assert markers["seed"]["marker"]["symbol"] == "circle-open" and markers["seed"].get("showlegend", True)
-    assert {m["marker"]["line"]["color"] for name, m in markers.items() if name != "seed"} == {"white"}
+    seed = next(t for t in data if t["name"] == "seed")
+    assert seed["marker"]["symbol"] == "circle-open" and seed.get("showlegend", True)
+    assert {m["marker"]["line"]["color"] for m in markers.values()} == {"white"}
+    # a node's shape and first line give its category; inputs have none and are squares
+    assert markers["residual"]["marker"]["symbol"] == [SYMBOL["translated"], SYMBOL["processed"],
+                                                       SYMBOL["translated"]]
+    assert markers["MLP"]["marker"]["symbol"] == markers["attention"]["marker"]["symbol"] == ["square"]
+    assert seedless.split("<br>")[0].endswith("</a> · translated")
+    assert next(t for t in texts if ">2/res/9</a>" in t).split("<br>")[0].endswith(" · processed")
     assert "t_res 0.5, t_mod 0.15" in layout["title"]["text"]
 
 
@@ -198,7 +228,7 @@ def test_flow_graph_from_the_database_has_no_nan_and_links(stored, tmp_path):
     assert not any("href" in t for t in texts if "/mlp/" in t or "/att/" in t)  # no URLs for them
     graph = run_template(stored, "flow-graph", {"feature": "planted/3/res/1"})
     edges = graph[graph["element"] == "edge"]
-    assert sum(1 for a in layout["annotations"] if a.get("showarrow")) == len(edges)
+    assert len(_edge_traces(data)) == len(edges)
     assert {f"{c:.2f}" for c in edges["cosine"]} <= set(texts)
 
 
@@ -212,3 +242,93 @@ def test_matplotlib_only_pictures_refuse_html(tmp_path):
         plot_budget_curve(pd.DataFrame(), tmp_path / "curve.html")
     with pytest.raises(FlowdbError, match=r"pictures are written as \.png, \.svg$"):
         plot_steering_comparison(pd.DataFrame(), tmp_path / "steering.html", "t")
+
+
+# --- marks against the build, and graphs too big to draw --------------------------------------
+
+def _expected_statuses(db, graph: pd.DataFrame) -> dict[str, str]:
+    """Each edge's status from the stored SAE thresholds and chance levels of its target's layer."""
+    levels = pd.DataFrame(db.read(
+        "MATCH (s:SAE {pack: 'planted', module: 'res'}) RETURN s.layer AS layer, s.t_res AS t_res, "
+        "s.t_mlp AS t_mlp, s.t_att AS t_att, s.chance_res AS chance_res, s.chance_mlp AS chance_mlp, "
+        "s.chance_att AS chance_att"))
+    edges = graph[graph["element"] == "edge"].merge(levels, on="layer")
+    place = edges["kind"].map({"residual": "res", "mlp": "mlp", "attention": "att"})
+    threshold = np.array([edges.at[i, f"t_{p}"] for i, p in place.items()], dtype=float)
+    chance = np.array([edges.at[i, f"chance_{p}"] for i, p in place.items()], dtype=float)
+    status = np.where(edges["cosine"] >= threshold, "threshold",
+                      np.where(edges["cosine"] > chance, "above-chance", "chance"))
+    return dict(zip(edges["source"] + " → " + edges["target"], status))
+
+
+def test_flow_edges_are_marked_against_their_layers_build(stored, tmp_path):
+    from flowdb.explorer.data import EdgeFilter, flow
+
+    params = {"feature": "planted/3/res/1", "t_res": 0.0, "t_mod": 0.0}
+    graph = run_template(stored, "flow-graph", params)
+    # the build's thresholds raised just above the weakest edge that passed them, at its layer:
+    # that edge is only above chance now, stronger ones still pass
+    passed = graph[(graph["element"] == "edge") & (graph["cosine"] >= 0.5)].sort_values("cosine")
+    stored.write("MATCH (s:SAE {pack: 'planted', module: 'res', layer: $layer}) "
+                 "SET s.t_res = $t, s.t_mlp = $t, s.t_att = $t",
+                 layer=int(passed["layer"].iloc[0]), t=float(passed["cosine"].iloc[0]) + 1e-6)
+    expected = _expected_statuses(stored, graph)
+    assert set(expected.values()) == {"threshold", "above-chance", "chance"}
+    out = tmp_path / "flow.html"
+    result = CliRunner().invoke(cli, ["plot", "flow", "planted/3/res/1", "--t-res", "0", "--t-mod", "0",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data, _ = _figure(out.read_text())
+    assert {name: t["line"]["dash"] for name, t in _edge_traces(data).items()} == {
+        name: DASH[status] for name, status in expected.items()}
+    # the explorer's flow view marks the same edges the same way
+    view = flow(stored, "planted/3/res/1", EdgeFilter(t_res=0.0, t_mod=0.0), depth=3)
+    assert {f"{e['source']} → {e['target']}": e["status"] for e in view["edges"]} == expected
+
+
+def test_flow_nodes_show_their_categories(stored, tmp_path):
+    out = tmp_path / "flow.html"
+    result = CliRunner().invoke(cli, ["plot", "flow", "planted/3/res/1", "--every-edge", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data, layout = _figure(out.read_text())
+    shown = {}
+    for trace in _node_traces(data).values():
+        keys = [re.match(r"<b>(.*?)</b>", text).group(1) for text in trace["hovertext"]]
+        shown.update(zip(keys, trace["marker"]["symbol"]))
+    stored_categories = {row["key"]: row["category"] for row in stored.read(
+        "MATCH (f:Feature) WHERE f.key IN $keys RETURN f.key AS key, f.category AS category", keys=list(shown))}
+    assert len(shown) > 5 and set(stored_categories) == set(shown)
+    assert shown == {key: SYMBOL[c] if c else "square" for key, c in stored_categories.items()}
+    assert {c for c in stored_categories.values() if c} >= {"newborn", "from-nowhere"}
+    headlines = [a["text"].split("<br>")[0] for a in layout["annotations"]]
+    for key, category in stored_categories.items():
+        name = "/".join(key.split("/")[1:])
+        line = next(h for h in headlines if h == name or h.startswith(name + " "))
+        assert line == (f"{name} · {category}" if category else name)
+
+
+def test_a_flow_graph_too_big_to_read_is_refused(stored, tmp_path, monkeypatch):
+    import flowdb.explorer.data
+
+    graph = run_template(stored, "flow-graph", {"feature": "planted/3/res/1", "every_edge": True})
+    n_nodes, n_edges = (graph["element"] == "node").sum(), (graph["element"] == "edge").sum()
+    monkeypatch.setattr(flowdb.explorer.data, "FLOW_NODE_CAP", n_nodes - 1)
+    out = tmp_path / "big.png"
+    result = CliRunner().invoke(cli, ["plot", "flow", "planted/3/res/1", "--every-edge", "--out", str(out)])
+    assert result.exit_code == 1 and not out.exists()
+    assert "Traceback" not in result.output
+    [message] = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert f"{n_nodes} features and {n_edges} edges" in message and f"at most {n_nodes - 1} features" in message
+    assert all(hint in message for hint in ("--max-rank", "--t-res", "--t-mod", "--every-edge"))
+
+
+def test_flow_pictures_at_the_node_cap_stay_bounded(tmp_path):
+    column = [(f"p/1/mlp/{i}", None, LONG, None, "input") for i in range(59)]
+    nodes = [("p/1/res/0", "newborn", None, None, "seed"), *column]
+    links = [(key, "p/1/res/0", "mlp", 0.2, "above-chance") for key, *_ in column]
+    size = Image.open(plot_flow(_graph(nodes, links), tmp_path / "cap.png", "at the cap")).size
+    assert max(size) <= 8000 and min(size) > 400
+    one_more = _graph([*nodes, ("p/1/att/0", None, None, None, "input")], links)
+    with pytest.raises(FlowdbError, match=r"^the flow graph has 61 features and 59 edges.*at most 60 features"):
+        plot_flow(one_more, tmp_path / "over.png", "over the cap")
+    assert not (tmp_path / "over.png").exists()

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 
 from flowdb import graph
-from flowdb.classify import CATEGORIES, PLACES, chance_cdf
+from flowdb.classify import CATEGORIES, PLACES, chance_cdf, edge_status
 from flowdb.errors import QueryError
 from flowdb.modules import BY_KIND, MODULES, RESIDUAL
 from flowdb.queries import get_template, json_ready
@@ -261,16 +261,8 @@ class Walk:
     def status(self, edge: dict) -> str:
         """threshold: at or above the cut-off the build set for its layer and place;
         above-chance: below that but above chance; chance: at chance level or below."""
-        place = BY_KIND[edge["kind"]].name
         layer = int(edge["target"].split("/")[-3])
-        res = self.saes.get((layer, RESIDUAL.name), {})
-        threshold, chance = res.get(f"t_{place}"), res.get(f"chance_{place}")
-        cosine = edge["cosine"]
-        if threshold is not None and cosine >= threshold:
-            return "threshold"
-        if chance is not None and cosine > chance:
-            return "above-chance"
-        return "chance" if chance is not None else "unknown"
+        return edge_status(edge["cosine"], edge["kind"], self.saes.get((layer, RESIDUAL.name), {}))
 
 
 def _pack_of(db, key: str) -> str:
@@ -346,10 +338,22 @@ def flow_frame(view: dict):
 
     from flowdb.queries import get_template
 
-    columns = list(get_template("flow-graph").columns)
+    columns = [*get_template("flow-graph").columns, "status"]
     rows = [{"element": "node", **{c: n.get(c) for c in columns if c != "element"}} for n in view["nodes"]]
     rows += [{"element": "edge", "layer": int(e["target"].split("/")[-3]), "source": e["source"],
-              "target": e["target"], "kind": e["kind"], "cosine": e["cosine"]} for e in view["edges"]]
+              "target": e["target"], "kind": e["kind"], "cosine": e["cosine"], "status": e.get("status")}
+             for e in view["edges"]]
     return pd.DataFrame(rows, columns=columns)
+
+
+def mark_flow_frame(db, pack: str, frame):
+    """The flow-graph template's rows with a status column: each edge marked as Walk.status
+    marks it (the residual SAE nodes of the pack read once), None on node rows."""
+    saes = _saes(db, pack)
+    marked = frame.copy()
+    marked["status"] = [
+        edge_status(row.cosine, row.kind, saes.get((int(row.layer), RESIDUAL.name), {}))
+        if row.element == "edge" else None for row in frame.itertuples()]
+    return marked
 
 
