@@ -7,7 +7,6 @@ plotly wheel flowdb already depends on; nothing is fetched from a CDN.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import tempfile
@@ -62,10 +61,6 @@ class Connection:
             if self._db is None:
                 self._db = data.TimeLimited(self._connect(), self.timeout_s)
             return self._db
-
-    def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
 
 
 def status_of(exc: Exception) -> int:
@@ -150,7 +145,10 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
             return {"feature": resolve_feature(db(), text), "results": []}
         limit = _int(request.query_params.get("limit"), SEARCH_LIMIT, "limit")
         pack = request.query_params.get("pack") or None
-        return {"feature": None, "results": search_labels(db(), text, pack=pack, limit=limit)}
+        results = search_labels(db(), text, pack=pack, limit=limit)
+        for row in results:  # the explanation's own type stays; its source is who wrote it
+            row["type"], row["source"] = row["source"], data.label_source(row["source"])
+        return {"feature": None, "results": results}
 
     def api_feature(request, body):
         return data.feature_detail(db(), key_of(request))
@@ -304,13 +302,8 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
         Route("/api/steer/start", api(api_steer), methods=["POST"]),
         Route("/api/steer/cancel", api(api_steer_cancel), methods=["POST"]),
     ]
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        yield
-        db.close()
-
-    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: server_error},
-                    lifespan=lifespan)
+    # The database is the caller's: connect() made it, and whoever called create_app closes it.
+    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: server_error})
     app.add_middleware(TokenGuard, token=token, require_for_reads=require_token)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host, allow_hosts))
     app.state.connection = db
