@@ -301,6 +301,8 @@ def measure(base: str, server, words: list[str], args) -> dict:
     keys = sample_features(args.features)
     out = {}
     with connect_to(server) as db:
+        floor, _ = timed(lambda _: db.read("RETURN 1 AS one"), list(range(50)))  # what any one read costs here
+        out["round trip (RETURN 1)"] = stats(floor)
         times, frames = timed(lambda key: run_template(db, "lineage", {"feature": key}), keys)
         out["lineage (Python API)"] = {**stats(times), "rows": float(np.mean([len(f) for f in frames]))}
     with httpx.Client(base_url=base, timeout=120) as client:  # one keep-alive connection
@@ -335,6 +337,8 @@ def measure(base: str, server, words: list[str], args) -> dict:
 def report(out: dict, loaded: dict, wall: float) -> None:
     say = lambda text: print(text, flush=True)  # noqa: E731
     base = out["lineage (Python API)"]
+    say(f"\n{' '.join([Path(sys.executable).name, *sys.argv])}"
+        + (f" (FLOWDB_BENCH_SHAPE={os.environ['FLOWDB_BENCH_SHAPE']})" if "FLOWDB_BENCH_SHAPE" in os.environ else ""))
     how = "from the run that kept this server" if loaded.get("reused") else "this run"
     say(f"\ngraph: {LAYERS} layers x 3 x {WIDTH:,} features (d {D_MODEL}, k={K}): {loaded['nodes']:,} nodes, "
         f"{loaded['relationships']:,} relationships, bulk load {loaded['bulk_seconds']:.0f} s ({how})")
@@ -359,7 +363,7 @@ def report(out: dict, loaded: dict, wall: float) -> None:
             f"{notes}{met}")
     if out["render"]["failed"]:
         say(f"pages that ended in an error: {', '.join(out['render']['failed'])}")
-    say(f"\nrun time {wall / 60:.1f} min")
+    say(f"\nrun time {wall / 60:.1f} min; load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
 
 def main() -> None:
