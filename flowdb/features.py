@@ -20,6 +20,11 @@ _KEY = re.compile(r"^([^/\s]+)/(\d+)/([a-z]+)/(\d+)$")
 _NEURONPEDIA = re.compile(r"^([^/\s]+)/([^/\s]+)/(\d+)$")
 
 
+def is_key(text: str) -> bool:
+    """Whether text has the form of flowdb's own key, PACK/LAYER/MODULE/INDEX."""
+    return bool(_KEY.match(text))
+
+
 def is_reference(text: str) -> bool:
     """Whether text reads as a feature reference (any of the three forms), not as words."""
     text = str(text).strip()

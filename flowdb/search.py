@@ -17,23 +17,35 @@ from flowdb.queries import checked_timeout
 
 MAX_LIMIT = 200
 MAX_WORDS = 32  # a type-ahead box holds a phrase, not a document
+# Lucene's best hits first: a short prefix matches half a million labels, and sorting and
+# grouping them all took seconds (benchmarks/bench_explorer.py). A window of hits is read
+# instead, widened when it yields fewer features than asked for (a pack filter, several
+# explanations per feature), up to every hit.
+FIRST_WINDOW = 4  # hits read per feature asked for, at first
+WIDEN = 8
+ALL_HITS = 2**31 - 1
 WORD = re.compile(r"\w+(?:['’.]\w+)*")
 LUCENE_SPECIAL = re.compile(r'([+\-&|!(){}\[\]^"~*?:\\/])')
 
 SEARCH = f"""
-CALL db.index.fulltext.queryNodes('{graph.EXPLANATION_TEXT_INDEX}', $query) YIELD node, score
-MATCH (node)-[:EXPLAINS]->(f:Feature)
-WHERE $pack IS NULL OR f.pack = $pack
-WITH f, node, score ORDER BY score DESC, node.id
-WITH f, collect({{explanation: node, score: score}})[0] AS best
-ORDER BY best.score DESC, f.key
-LIMIT $limit
-RETURN f.key AS key, f.pack AS pack, f.layer AS layer, f.module AS module, f.index AS index,
-       f.category AS category, f.label AS label, best.explanation.description AS matched,
-       best.explanation.typeName AS source, best.score AS score,
-       COLLECT {{ MATCH (s:SAE {{key: f.pack + '/' + toString(f.layer) + '/' + f.module}})
-                 RETURN s.np_url + toString(f.index) }}[0] AS url
-ORDER BY score DESC, key
+CALL db.index.fulltext.queryNodes('{graph.EXPLANATION_TEXT_INDEX}', $query, {{limit: $window}}) YIELD node, score
+WITH collect({{node: node, score: score}}) AS hits
+CALL (hits) {{
+  UNWIND hits AS hit
+  WITH hit.node AS node, hit.score AS score
+  MATCH (node)-[:EXPLAINS]->(f:Feature)
+  WHERE $pack IS NULL OR f.pack = $pack
+  WITH f, node, score ORDER BY score DESC, node.id
+  WITH f, collect({{explanation: node, score: score}})[0] AS best
+  ORDER BY best.score DESC, f.key
+  LIMIT $limit
+  RETURN collect({{key: f.key, pack: f.pack, layer: f.layer, module: f.module, index: f.index,
+                  category: f.category, label: f.label, matched: best.explanation.description,
+                  source: best.explanation.typeName, score: best.score,
+                  url: COLLECT {{ MATCH (s:SAE {{key: f.pack + '/' + toString(f.layer) + '/' + f.module}})
+                                 RETURN s.np_url + toString(f.index) }}[0]}}) AS rows
+}}
+RETURN size(hits) AS hits, rows
 """
 
 
@@ -70,7 +82,12 @@ def search_labels(db, text: str, pack: str | None = None, limit: int = 20,
     if pack is not None:
         graph.require_pack(db, pack)
     try:
-        return db.read(SEARCH, timeout_s=seconds, query=query, pack=pack, limit=limit)
+        window = FIRST_WINDOW * limit
+        while True:
+            answer = db.read(SEARCH, timeout_s=seconds, query=query, pack=pack, limit=limit, window=window)[0]
+            if len(answer["rows"]) >= limit or answer["hits"] < window:  # enough, or every hit read
+                return answer["rows"]
+            window = min(window * WIDEN, ALL_HITS)
     except QueryTimeout:
         raise QueryError(f"label search for {text!r} ran past its {seconds:g} s limit and was stopped; "
                          "type more of a word, or name a pack") from None

@@ -184,7 +184,8 @@ def test_a_stopped_server_is_named_and_a_timed_out_query_is_a_504(explorer_db, n
         nowhere()
     db, _ = explorer_db
     with TestClient(create_app(lambda: db, token=TOKEN, timeout_s=0.5), base_url="http://127.0.0.1:8047") as slow:
-        answer = slow.post("/api/cypher", json={"statement": "MATCH (a:Feature), (b:Feature) WHERE a.index + b.index = 7 RETURN count(*) AS n"},
+        pairs = "MATCH (a:Feature), (b:Feature) WHERE a.index + b.index = 7 RETURN count(*) AS n"
+        answer = slow.post("/api/cypher", json={"statement": pairs},
                            headers={"x-flowdb-token": TOKEN, "Origin": "http://127.0.0.1:8047"})
         assert answer.status_code == 504 and "0.5 s limit" in answer.json()["error"]
 

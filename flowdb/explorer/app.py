@@ -124,9 +124,12 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
         return endpoint
 
     def key_of(request: Request) -> str:
-        from flowdb.features import resolve_feature
+        """A stored key as it stands (what it names is checked by the read that uses it),
+        any other reference resolved to one."""
+        from flowdb.features import is_key, resolve_feature
 
-        return resolve_feature(db(), request.path_params["key"])
+        text = request.path_params["key"].strip()
+        return text if is_key(text) else resolve_feature(db(), text)
 
     def api_packs(request, body):
         return {"packs": data.packs(db())}

@@ -28,7 +28,8 @@ NODE_FIELDS = ("key", "pack", "layer", "module", "index", "category", "label", "
 _KEEP = ("e.rank <= $max_rank AND ($every_edge OR CASE type(e) WHEN 'RESIDUAL' "
          "THEN coalesce(e.cosine >= $t_res, e.above) ELSE coalesce(e.cosine >= $t_mod, e.above) END)")
 _RETURN_EDGE = ("RETURN p.key AS source, c.key AS target, toLower(type(e)) AS kind, e.cosine AS cosine, "
-                "e.rank AS rank ORDER BY e.rank, e.cosine DESC, source, target LIMIT $limit")
+                "e.rank AS rank, p {.*} AS source_node, c {.*} AS target_node "
+                "ORDER BY e.rank, e.cosine DESC, source, target LIMIT $limit")
 _INTO = ("UNWIND $keys AS key MATCH (c:Feature {key: key})<-[e:RESIDUAL|MLP|ATTENTION]-(p:Feature) "
          f"WHERE type(e) IN $types AND {_KEEP} {_RETURN_EDGE}")
 _OUT_OF = ("UNWIND $keys AS key MATCH (p:Feature {key: key})-[e:RESIDUAL|MLP|ATTENTION]->(c:Feature) "
@@ -37,8 +38,9 @@ _EDGE_TYPES = [m.edge_type for m in MODULES.values()]
 
 
 class TimeLimited:
-    """A Database whose reads the server stops at the query time limit unless given another:
-    every read the explorer and flowdb.show() make is bounded in time as well as in rows."""
+    """A Database for interactive reads: each is stopped by the server at the query time
+    limit, and none is retried (the driver's managed transactions retry an unreachable
+    server for 30 s; a page should say at once that Neo4j is not answering)."""
 
     def __init__(self, db, timeout_s: float | None = None):
         from flowdb.settings import query_timeout_s
@@ -46,10 +48,21 @@ class TimeLimited:
         self._db, self.timeout_s = db, timeout_s or query_timeout_s()
 
     def read(self, cypher: str, timeout_s: float | None = None, **params):
-        return self._db.read_with(cypher, params, timeout_s or self.timeout_s)
+        return self.read_with(cypher, params, timeout_s)
 
     def read_with(self, cypher: str, params: dict, timeout_s: float | None = None):
-        return self._db.read_with(cypher, params, timeout_s or self.timeout_s)
+        return self.read_table(cypher, params, timeout_s)[1]
+
+    def read_table(self, cypher: str, params: dict, timeout_s: float | None = None):
+        from neo4j import Query
+
+        from flowdb.database import neo4j_errors
+
+        with neo4j_errors(self._db), self._db.driver.session(database=self._db.database,
+                                                             default_access_mode="READ") as session:
+            result = session.run(Query(cypher, timeout=timeout_s or self.timeout_s), params)
+            keys = list(result.keys())
+            return keys, [record.data() for record in result]
 
     def __getattr__(self, name):
         return getattr(self._db, name)
@@ -135,8 +148,16 @@ def pack_detail(db, name: str) -> dict:
 
 
 def _saes(db, pack: str) -> dict[tuple[int, str], dict]:
-    rows = db.read("MATCH (s:SAE {pack: $pack}) RETURN s {.*} AS s", pack=pack)
-    return {(row["s"]["layer"], row["s"]["module"]): row["s"] for row in rows}
+    return _pack_saes(db, pack)[1]
+
+
+def _pack_saes(db, pack: str) -> tuple[int | None, dict[tuple[int, str], dict]]:
+    """A pack's k and its SAE nodes by (layer, module), in one read."""
+    rows = db.read("MATCH (p:Pack {name: $pack}) RETURN p.k AS k, "
+                   "COLLECT { MATCH (s:SAE {pack: $pack}) RETURN s {.*} } AS saes", pack=pack)
+    if not rows:
+        graph.require_pack(db, pack)  # raises, naming the stored packs
+    return rows[0]["k"], {(s["layer"], s["module"]): s for s in rows[0]["saes"]}
 
 
 def _histograms(db, pack: str, saes: dict) -> list[dict]:
@@ -197,6 +218,9 @@ def feature_detail(db, key: str) -> dict:
         "          RETURN e {.description, .typeName, .explanationModelName, .score, .id} AS e "
         "          ORDER BY coalesce(e.score, -1e9) DESC, e.id } AS labels", key=key)
     if not rows:
+        from flowdb.features import resolve_feature
+
+        resolve_feature(db, key)  # raises, saying what does exist
         raise QueryError(f"no feature {key!r}")
     row = rows[0]
     feature = {name: row["f"].get(name) for name in NODE_FIELDS}
@@ -228,8 +252,12 @@ class Walk:
 
     def __init__(self, db, pack: str, flt: EdgeFilter):
         self.db, self.pack, self.flt = db, pack, flt
-        self.saes = _saes(db, pack)
+        k, self.saes = _pack_saes(db, pack)
+        if k is not None and flt.max_rank > k:
+            raise QueryError(f"max_rank {flt.max_rank} is above pack {pack!r}'s k={k}: "
+                             f"it stores each feature's top {k} match(es) per module")
         self.edges: dict[tuple[str, str, str], dict] = {}
+        self.seen: dict[str, dict] = {}  # node properties met at the ends of edges
         self.more = False
 
     def step(self, keys: list[str], into: bool, types: list[str] = _EDGE_TYPES, cap: int = EDGE_ROW_CAP) -> list[dict]:
@@ -240,16 +268,27 @@ class Walk:
                             **self.flt.params())
         if len(rows) > cap:
             self.more, rows = True, rows[:cap]
+        edges = []
         for row in rows:
+            self.seen[row["source"]] = row.pop("source_node")
+            self.seen[row["target"]] = row.pop("target_node")
             self.edges.setdefault((row["source"], row["target"], row["kind"]), row)
-        return rows
+            edges.append(row)
+        return edges
 
     def nodes(self, keys) -> list[dict]:
-        rows = self.db.read("UNWIND $keys AS key MATCH (f:Feature {key: key}) RETURN f {.*} AS f",
-                            keys=sorted(keys))
+        missing = sorted(set(keys) - set(self.seen))
+        if missing:
+            for row in self.db.read("UNWIND $keys AS key MATCH (f:Feature {key: key}) RETURN f {.*} AS f",
+                                    keys=missing):
+                self.seen[row["f"]["key"]] = row["f"]
+        for key in set(keys) - set(self.seen):
+            from flowdb.features import resolve_feature
+
+            resolve_feature(self.db, key)  # raises, saying what does exist
         out = []
-        for row in rows:
-            node = {name: row["f"].get(name) for name in NODE_FIELDS}
+        for key in sorted(keys):
+            node = {name: self.seen[key].get(name) for name in NODE_FIELDS}
             sae = self.saes.get((node["layer"], node["module"]), {})
             node["url"] = _url(sae.get("np_url"), node["index"])
             out.append(node)
@@ -265,18 +304,11 @@ class Walk:
         return edge_status(edge["cosine"], edge["kind"], self.saes.get((layer, RESIDUAL.name), {}))
 
 
-def _pack_of(db, key: str) -> str:
-    """The pack of a stored feature key, checked against what is stored."""
-    from flowdb.features import resolve_feature
-
-    return resolve_feature(db, key).split("/", 1)[0]
-
-
 def flow(db, key: str, flt: EdgeFilter, depth: int = 3) -> dict:
     """The flow graph of one feature (the flow-graph template's graph, cut at `depth` steps
-    back and forward), or a summary of it when it has more than FLOW_NODE_CAP nodes."""
-    pack = _pack_of(db, key)
-    _check_rank(db, pack, flt)
+    back and forward), or a summary of it when it has more than FLOW_NODE_CAP nodes.
+    key: a stored feature key (flowdb.features.resolve_feature gives one)."""
+    pack = key.split("/", 1)[0]
     walk = Walk(db, pack, flt)
     chain = {key}
     frontier = [key]
@@ -301,13 +333,6 @@ def flow(db, key: str, flt: EdgeFilter, depth: int = 3) -> dict:
     return json_ready({**result, "nodes": nodes, "edges": walk.marked_edges(links), "too_big": None}, _pd())
 
 
-def _check_rank(db, pack: str, flt: EdgeFilter) -> None:
-    record = graph.require_pack(db, pack)
-    if record.k is not None and flt.max_rank > record.k:
-        raise QueryError(f"max_rank {flt.max_rank} is above pack {pack!r}'s k={record.k}: "
-                         f"it stores each feature's top {record.k} match(es) per module")
-
-
 def _summary(nodes: list[dict], n_edges: int) -> dict:
     counts: dict[tuple[int, str], int] = {}
     for node in nodes:
@@ -321,9 +346,7 @@ def _summary(nodes: list[dict], n_edges: int) -> dict:
 
 def neighbours(db, key: str, flt: EdgeFilter, cap: int = NEIGHBOUR_CAP) -> dict:
     """One node's kept edges in and out (at most cap each way) and the nodes at their ends."""
-    pack = _pack_of(db, key)
-    _check_rank(db, pack, flt)
-    walk = Walk(db, pack, flt)
+    walk = Walk(db, key.split("/", 1)[0], flt)
     into = walk.step([key], into=True, cap=cap)
     out = walk.step([key], into=False, cap=cap)
     edges = into + out
