@@ -58,7 +58,9 @@ def lucene_query(text: str) -> str | None:
     if len(words) > MAX_WORDS:
         raise QueryError(f"label search takes at most {MAX_WORDS} words; got {len(words)}")
     escaped = [LUCENE_SPECIAL.sub(r"\\\1", word) for word in words]
-    escaped[-1] += "*"
+    # A prefix query scores every match alike; the whole word beside it ranks labels that
+    # hold the word itself (more often, in shorter text) above those it only begins.
+    escaped[-1] = f"({escaped[-1]} {escaped[-1]}*)"
     return " ".join("+" + word for word in escaped)
 
 

@@ -145,3 +145,9 @@ def test_time_limit_is_checked(searchable):
     with pytest.raises(QueryError, match="timeout_s must be a number of seconds"):
         search_labels(searchable, "capital", timeout_s=0)
     assert search_labels(searchable, "capital", pack="other", timeout_s=5)[0]["key"] == "other/0/res/0"
+
+
+def test_a_whole_word_ranks_above_words_it_only_begins(searchable):
+    rows = search_labels(searchable, "capital", pack="planted")
+    whole = [re.search(r"\bcapital\b", row["matched"].lower()) is not None for row in rows]
+    assert whole.count(False) == 1 and whole[-1] is False  # "capitalization" comes last

@@ -141,10 +141,15 @@
     fillTable($("labels-table"), ["module", "features", "labelled", "explanations", "sources"], p.labels);
   }
 
-  function histogram(parts) {
+  function histogram(parts) {  // eslint-disable-line no-param-reassign
     const places = {res: "R(L-1)", mlp: "M(L)", att: "A(L)"};
-    const traces = [], shapes = [];
+    const traces = [], shapes = [], titles = [], axes = {};
+    const order = {res: 0, mlp: 1, att: 2};
+    parts = parts.slice().sort((a, b) => order[a.place] - order[b.place]);
     parts.forEach((h, i) => {
+      axes["xaxis" + (i ? i + 1 : "")] = {range: [-0.25, 1.0], title: "top-1 cosine with " + places[h.place]};
+      titles.push({text: "<b>" + places[h.place] + "</b>", xref: "x" + (i ? i + 1 : "") + " domain", x: 0.5,
+                   yref: "paper", y: 1.0, showarrow: false});
       const axis = i ? String(i + 1) : "";
       const centres = h.bin_edges.slice(0, -1).map((e, j) => (e + h.bin_edges[j + 1]) / 2);
       traces.push({type: "bar", x: centres, y: h.observed, name: places[h.place] + " observed", xaxis: "x" + axis,
@@ -154,10 +159,10 @@
       if (h.threshold != null) shapes.push({type: "line", xref: "x" + axis, yref: "y" + axis + " domain", x0: h.threshold,
                                             x1: h.threshold, y0: 0, y1: 1, line: {color: "red", width: 2}});
     });
-    const layout = {grid: {rows: 1, columns: Math.max(parts.length, 1), pattern: "independent"}, shapes, height: 340,
-                    margin: {t: 30}, legend: {orientation: "h"},
-                    annotations: [{text: "bars: top-1 cosines; dotted: what chance predicts; red: the threshold",
-                                   xref: "paper", yref: "paper", x: 0, y: 1.12, showarrow: false}]};
+    const layout = Object.assign({grid: {rows: 1, columns: Math.max(parts.length, 1), pattern: "independent"}, shapes,
+                    height: 360, margin: {t: 50}, legend: {orientation: "h", y: -0.3},
+                    annotations: titles.concat([{text: "bars: top-1 cosines; dotted: what chance predicts; red: the threshold",
+                                   xref: "paper", yref: "paper", x: 0, y: 1.14, showarrow: false}])}, axes);
     Plotly.newPlot($("histogram-chart"), traces, layout, {displaylogo: false, responsive: true});
   }
 

@@ -11,9 +11,10 @@
     chance: "at chance level", unknown: "no chance level stored"};
   const KIND_MODULE = {residual: "res", mlp: "mlp", attention: "att"};
 
+  // Plotly reads a few tags (<b>, <br>, <a href=...>) and the entities &amp; &lt; &gt;
+  // (not &quot;) in text: with every < and & escaped no tag can form, and quotes stay as typed.
   function esc(value) {
-    return String(value == null ? "" : value).replace(/[&<>"']/g,
-      (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
+    return String(value == null ? "" : value).replace(/[&<>]/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;"}[c]));
   }
 
   function wrapped(text, width, lines) {
