@@ -913,7 +913,8 @@ def export_graph(feature, out, params, slug, settings):
 @click.option("--feature", help="Open on this feature's page (a key, Neuronpedia URL or MODEL/SOURCE/INDEX).")
 @click.option("--open", "open_browser", is_flag=True, help="Open the URL in the default browser.")
 @click.option("--allow-host", "allow_hosts", multiple=True,
-              help="Another name the Host header may carry (a proxy's, say); loopback names always may.")
+              help="Another name the Host header may carry (a proxy's, say; '*.domain' and '*' too); "
+                   "loopback names always may. With any, every request needs the printed token.")
 @connection_options
 def serve(host, port, feature, open_browser, allow_hosts, settings):
     """The flow explorer: find a feature, walk its flow graph, steer with it, in the browser."""

@@ -73,10 +73,10 @@ def explain(db, statement: str, params: dict[str, Any] | None = None):
 
     from flowdb.database import neo4j_errors
 
-    with neo4j_errors(db):
+    # One auto-commit run, not a managed transaction: those retry an unreachable server for 30 s.
+    with neo4j_errors(db), db.driver.session(database=db.database, default_access_mode="READ") as session:
         try:
-            _, summary, _ = db.driver.execute_query(
-                EXPLAIN + statement, params or {}, database_=db.database, routing_="r")
+            summary = session.run(EXPLAIN + statement, params or {}).consume()
         except ClientError as exc:
             if (exc.code or "").startswith(("Neo.ClientError.Statement.", "Neo.ClientError.Procedure.")):
                 raise StatementRejected(f"Neo4j rejects the statement: {_server_message(exc)}") from None

@@ -283,9 +283,10 @@ def _flow_static(layout: FlowLayout, out: Path, title: str) -> None:
     for row in nodes.to_dict("records"):
         text = "\n".join([_headline(row), *_wrapped(_text(row["label"]))])
         if LABEL_SIDE[row["module"]] == "left":
-            ax.text(row["x"] - 0.07, row["y"], text, fontsize=7, ha="right", va="center", zorder=5)
+            ax.text(row["x"] - 0.07, row["y"], text, fontsize=7, ha="right", va="center", zorder=5,
+                    parse_math=False)
         else:
-            ax.text(row["x"] + 0.05, row["y"] - 0.16, text, fontsize=7, ha="left", va="top", zorder=5,
+            ax.text(row["x"] + 0.05, row["y"] - 0.16, text, fontsize=7, ha="left", va="top", zorder=5, parse_math=False,
                     bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.7})
     layers = sorted(nodes["layer"].unique())
     ax.set_xticks(layers, [f"layer {int(layer)}" for layer in layers])

@@ -10,6 +10,7 @@ operators) and each word escaped. Every word must match; the last one as a prefi
 from __future__ import annotations
 
 import re
+import time
 
 from flowdb import graph
 from flowdb.errors import QueryError, QueryTimeout
@@ -84,9 +85,12 @@ def search_labels(db, text: str, pack: str | None = None, limit: int = 20,
     if pack is not None:
         graph.require_pack(db, pack)
     try:
-        window = FIRST_WINDOW * limit
-        while True:
-            answer = db.read(SEARCH, timeout_s=seconds, query=query, pack=pack, limit=limit, window=window)[0]
+        window, deadline = FIRST_WINDOW * limit, time.monotonic() + seconds
+        while True:  # the widening reads share one time limit
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise QueryTimeout("label search ran out of time")
+            answer = db.read(SEARCH, timeout_s=left, query=query, pack=pack, limit=limit, window=window)[0]
             if len(answer["rows"]) >= limit or answer["hits"] < window:  # enough, or every hit read
                 return answer["rows"]
             window = min(window * WIDEN, ALL_HITS)

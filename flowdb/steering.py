@@ -145,7 +145,7 @@ class Steerer:
 
         class _Each(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), bool(on_token()), dtype=torch.bool)
+                return torch.full((input_ids.shape[0],), bool(on_token()), dtype=torch.bool, device=input_ids.device)
 
         from flowdb.hooks import intervene
 

@@ -163,7 +163,8 @@ def ingested(tiny_pack, db, tmp_path):
     return db
 
 
-XSS_LABEL = '<img src=x onerror="window.__xss = 1"><script>window.__xss = 2</script> & "quotes"'
+XSS_LABEL = ('<a href="javascript:window.__xss=3">x</a><img src=x onerror="window.__xss = 1">'
+             '<script>window.__xss = 2</script> & "quotes"')
 
 
 @pytest.fixture(scope="module")

@@ -220,9 +220,15 @@ def test_markup_in_a_label_stays_text(live, page):
     assert XSS_LABEL in page.locator("#find-suggestions").text_content()
     ready(page, f"{live}/search?q=quotes")
     assert XSS_LABEL in page.locator("#search-results").text_content()
+    ready(page, f"{live}/feature/planted/3/res/4?every_edge=true&depth=1")
+    point = node_point(page, "planted/3/res/4")
+    page.mouse.move(point["x"], point["y"])  # plotly reads <a>, <b> and <br> in text: the hover shows them as text
+    page.wait_for_selector("#flow-graph .hoverlayer text", timeout=WAIT_MS)
+    assert XSS_LABEL in page.locator("#flow-graph .hoverlayer").text_content()
+    assert 'href="javascript:window' in page.locator("#flow-graph").text_content()  # the node's own text
     page.wait_for_timeout(300)
-    assert page.evaluate("window.__xss") is None  # neither handler nor script ran
-    assert page.evaluate("document.querySelectorAll('img, main script').length") == 0
+    assert page.evaluate("window.__xss") is None  # neither handler, link nor script ran
+    assert page.evaluate("document.querySelectorAll('img, main script, #flow-graph a').length") == 0
 
 
 def test_off_loopback_a_request_without_the_token_is_refused(explorer_db, page):

@@ -7,12 +7,12 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from starlette.testclient import TestClient
 
 from conftest import XSS_LABEL
-from flowdb.classify import chance_cosine
 from flowdb.explorer import data
 from flowdb.explorer.app import create_app
 from flowdb.queries import run_template
@@ -129,6 +129,22 @@ def test_feature_page_data_says_scores_against_thresholds_and_chance(client, exp
     assert detail["feature"]["url"] == "https://www.neuronpedia.org/planted-model/3-planted-res/4"
 
 
+TRIALS = 3000
+
+
+def random_top1(n: int, d: int, seed: int = 0) -> np.ndarray:
+    """Monte Carlo of chance: the largest cosine between a random unit vector and n others in d dimensions."""
+    rng = np.random.default_rng(seed)
+    top = []
+    for _ in range(TRIALS // 100):
+        base = rng.standard_normal((100, n, d), dtype=np.float32)
+        base /= np.linalg.norm(base, axis=2, keepdims=True)
+        query = rng.standard_normal((100, d), dtype=np.float32)
+        query /= np.linalg.norm(query, axis=1, keepdims=True)
+        top.append(np.einsum("tnd,td->tn", base, query).max(axis=1))
+    return np.concatenate(top)
+
+
 def test_pack_page_data_draws_scores_against_chance(client, explorer_db):
     db, _ = explorer_db
     pack = get_json(client, "/api/packs/planted")
@@ -140,13 +156,10 @@ def test_pack_page_data_draws_scores_against_chance(client, explorer_db):
     for histogram in pack["histograms"]:
         expected = top1[(top1["layer"] == histogram["layer"]) & (top1["kind"].map(place) == histogram["place"])]
         assert sum(histogram["observed"]) == int(expected["n"].iloc[0])
-        # Chance puts 1 - q of its mass above its q-quantile (the chance level), q = 0.999.
         edges, chance, total = histogram["bin_edges"], histogram["chance"], sum(histogram["observed"])
-        level = chance_cosine(0.5, 512, 256)
-        above = sum(c for c, low in zip(chance, edges) if low >= level)
-        below = sum(c for c, high in zip(chance, edges[1:]) if high <= level)
-        assert above <= 0.5 * total + 1e-6 and below <= 0.5 * total + 1e-6
         assert sum(chance) == pytest.approx(total, rel=1e-6)
+        simulated = np.histogram(random_top1(512, 256), bins=edges)[0] / TRIALS
+        assert np.abs(np.asarray(chance) / total - simulated).max() < 0.05
     origins = run_template(db, "origins", {"pack": "planted"})
     assert [o["total"] for o in pack["origins"]] == origins["total"].tolist()
     coverage = {row["module"]: row for row in pack["labels"]}
@@ -184,7 +197,7 @@ def test_a_stopped_server_is_named_and_a_timed_out_query_is_a_504(explorer_db, n
         nowhere()
     db, _ = explorer_db
     with TestClient(create_app(lambda: db, token=TOKEN, timeout_s=0.5), base_url="http://127.0.0.1:8047") as slow:
-        pairs = "MATCH (a:Feature), (b:Feature) WHERE a.index + b.index = 7 RETURN count(*) AS n"
+        pairs = "MATCH (a:Feature), (b:Feature), (c:Feature) WHERE a.index + b.index + c.index = 7 RETURN count(*)"
         answer = slow.post("/api/cypher", json={"statement": pairs},
                            headers={"x-flowdb-token": TOKEN, "Origin": "http://127.0.0.1:8047"})
         assert answer.status_code == 504 and "0.5 s limit" in answer.json()["error"]

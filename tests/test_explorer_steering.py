@@ -35,6 +35,7 @@ def wait_for(client, done, timeout_s: float = 300):
         job = client.get("/api/steer").json()["job"]
         if done(job):
             return job
+        assert job["state"] in RUNNING, job  # ended before reaching what is waited for
         time.sleep(0.2)
     raise AssertionError(f"steering job still {job['state']} after {timeout_s} s")
 
@@ -62,7 +63,9 @@ def test_a_run_can_be_cancelled_and_bad_settings_are_refused(client, ingested):
                           ({"max_new_tokens": 100000}, "max_new_tokens must be from 1 to 256")]:
         refused = client.post("/api/steer/start", json={"feature": key, **bad}, headers=HEADERS)
         assert refused.status_code == 400 and fragment in refused.json()["error"]
-    client.post("/api/steer/start", json={"feature": key, "max_new_tokens": 256}, headers=HEADERS)
+    started = client.post("/api/steer/start", json={"feature": key, "max_new_tokens": 256,
+                                                    "prompt": "Once upon a time, in a land far away,"}, headers=HEADERS)
+    assert started.status_code == 200, started.text
     wait_for(client, lambda job: job["state"] == "running" and job["tokens_done"] > 0)
     assert client.post("/api/steer/cancel", headers=HEADERS).status_code == 200
     job = wait_for(client, lambda job: job["state"] not in RUNNING, timeout_s=60)

@@ -41,6 +41,7 @@ from flowdb.features import is_reference
 log = logging.getLogger("flowdb.explorer")
 HERE = Path(__file__).parent
 SEARCH_LIMIT = 20
+PLOT_LOCK = threading.Lock()  # pyplot's figure registry is shared by every worker thread
 NOT_FOUND = ("no feature", "no pack named", "no stored pack", "is beyond the SAE's width")
 
 
@@ -84,7 +85,7 @@ def one_line(exc: BaseException) -> str:
 
 def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token: str,
                require_token: bool = False, allow_hosts: tuple[str, ...] = (),
-               timeout_s: float | None = None) -> Starlette:
+               timeout_s: float | None = None, port: int | None = None) -> Starlette:
     """The explorer over the database connect() opens. require_token: every request needs
     the token (any non-loopback bind); POSTs always do."""
     db = Connection(connect, timeout_s)
@@ -111,7 +112,8 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
         one-line {"error": ...} with its HTTP status, never a traceback."""
         async def endpoint(request: Request):
             try:
-                body = await request.json() if request.method == "POST" else None
+                raw = await request.body() if request.method == "POST" else b""
+                body = json.loads(raw) if raw.strip() else None
             except ValueError:
                 return JSONResponse({"error": "the request body is not JSON"}, status_code=400)
             try:
@@ -198,7 +200,7 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
         if fmt in ("png", "svg"):
             from flowdb.plots import plot_flow
 
-            with tempfile.TemporaryDirectory(prefix="flowdb-explorer-") as folder:
+            with PLOT_LOCK, tempfile.TemporaryDirectory(prefix="flowdb-explorer-") as folder:
                 out = plot_flow(frame, Path(folder) / f"{name}.{fmt}", f"{key} (flowdb explorer view)")
                 content = out.read_bytes()
             media = "image/png" if fmt == "png" else "image/svg+xml"
@@ -307,7 +309,7 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
     ]
     # The database is the caller's: connect() made it, and whoever called create_app closes it.
     app = Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: server_error})
-    app.add_middleware(TokenGuard, token=token, require_for_reads=require_token)
+    app.add_middleware(TokenGuard, token=token, require_for_reads=require_token, port=port)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host, allow_hosts))
     app.state.connection = db
     return app

@@ -22,6 +22,7 @@ FLOW_NODE_CAP = 60  # more nodes than this and a flow graph is summarised, not d
 EDGE_ROW_CAP = 2_000  # edges one step of a walk reads at most
 NEIGHBOUR_CAP = 40  # edges one expansion returns at most, per direction
 MAX_DEPTH = 64
+MAX_ROWS = 20_000  # rows one interactive read may answer
 HISTOGRAM_BINS = 40
 NODE_FIELDS = ("key", "pack", "layer", "module", "index", "category", "label", "s_res", "s_mlp", "s_att")
 
@@ -61,8 +62,13 @@ class TimeLimited:
         with neo4j_errors(self._db), self._db.driver.session(database=self._db.database,
                                                              default_access_mode="READ") as session:
             result = session.run(Query(cypher, timeout=timeout_s or self.timeout_s), params)
-            keys = list(result.keys())
-            return keys, [record.data() for record in result]
+            keys, rows = list(result.keys()), []
+            for record in result:
+                if len(rows) == MAX_ROWS:
+                    raise QueryError(f"the answer has more than {MAX_ROWS:,} rows, more than a page shows: "
+                                     "narrow it (a pack, a layer, a lower max_rank), or use flowdb query")
+                rows.append(record.data())
+            return keys, rows
 
     def __getattr__(self, name):
         return getattr(self._db, name)

@@ -23,6 +23,11 @@ HEADER = "x-flowdb-token"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
 
 
+def cookie_name(port: int | None) -> str:
+    """Browsers keep cookies per host, not per port: each explorer's has its port in its name."""
+    return COOKIE if port is None else f"{COOKIE}_{port}"
+
+
 def new_token() -> str:
     return secrets.token_urlsafe(24)
 
@@ -42,14 +47,29 @@ def allowed_hosts(host: str, extra: tuple[str, ...] = ()) -> list[str]:
     names = {*LOOPBACK_NAMES, host, *extra}
     if host in ("0.0.0.0", "::"):
         names.update({socket.gethostname(), socket.getfqdn()})
+        try:
+            names.update(socket.gethostbyname_ex(socket.gethostname())[2])
+        except OSError:
+            pass  # no resolvable name: the names above still work
     return sorted(names)
+
+
+def check_host_patterns(patterns: tuple[str, ...]) -> None:
+    """The --allow-host forms Starlette's Host check takes: a name, '*', or '*.domain'."""
+    from flowdb.errors import FlowdbError
+
+    for pattern in patterns:
+        if not pattern or ("*" in pattern and pattern != "*" and not (pattern.startswith("*.")
+                                                                      and "*" not in pattern[1:])):
+            raise FlowdbError(f"--allow-host {pattern!r} is not a host name, '*', or '*.domain'")
 
 
 class TokenGuard:
     """ASGI middleware: token checks for every request off loopback, and for every POST."""
 
-    def __init__(self, app, token: str, require_for_reads: bool):
+    def __init__(self, app, token: str, require_for_reads: bool, port: int | None = None):
         self.app, self.token, self.require_for_reads = app, token, require_for_reads
+        self.cookie = cookie_name(port)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -61,9 +81,9 @@ class TokenGuard:
             query = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
             target = request.url.path + (f"?{urlencode(query)}" if query else "")
             response = RedirectResponse(target, status_code=303)
-            response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict")
+            response.set_cookie(self.cookie, self.token, httponly=True, samesite="strict")
             return await response(scope, receive, send)
-        authorised = self._valid(request.headers.get(HEADER) or request.cookies.get(COOKIE) or given or "")
+        authorised = self._valid(request.headers.get(HEADER) or request.cookies.get(self.cookie) or given or "")
         if request.method not in ("GET", "HEAD"):
             problem = None if authorised else "this request needs the explorer's token"
             problem = problem or _cross_origin(request)

@@ -11,7 +11,7 @@ import webbrowser
 from urllib.parse import quote
 
 from flowdb.errors import FlowdbError
-from flowdb.explorer.security import is_loopback, new_token
+from flowdb.explorer.security import check_host_patterns, is_loopback, new_token
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8047
@@ -43,11 +43,14 @@ def serve(connect, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, feature: 
 
     from flowdb.explorer.app import create_app
 
+    check_host_patterns(allow_hosts)
     check_address(host, port)
     db = connect()  # a managed server is started now, and a wrong address fails here in one line
     token = new_token()
-    loopback = is_loopback(host)
-    app = create_app(lambda: db, host=host, token=token, require_token=not loopback, allow_hosts=allow_hosts)
+    # Off loopback, or reached through other names (a proxy's), every request needs the token.
+    loopback = is_loopback(host) and not allow_hosts
+    app = create_app(lambda: db, host=host, token=token, require_token=not loopback, allow_hosts=allow_hosts,
+                     port=port)
     path = "/" if feature is None else "/feature/" + quote(feature)
     url = url_for(host, port, path, token)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,

@@ -89,6 +89,7 @@ class SteeringRunner:
             job.state, job.stage = "loading", f"loading the model of pack {pack}"
             steerer = self._steerers.get(pack)
             if steerer is None:
+                self._steerers.clear()  # one model in memory at a time
                 steerer = self._steerers[pack] = Steerer(self._connect(), pack)
             self._check()
             job.state, job.stage = "running", "choosing features from the flow graph"
@@ -106,9 +107,9 @@ class SteeringRunner:
         except Cancelled:
             job.state, job.stage = "cancelled", "cancelled"
         except FlowdbError as exc:
-            job.state, job.error = "failed", str(exc)
+            job.state, job.error = "failed", _one_line(exc)
         except Exception as exc:  # a model run must never take the server down
-            job.state, job.error = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            job.state, job.error = "failed", f"{type(exc).__name__}: {_one_line(exc)}"
 
     def _check(self) -> None:
         if self._cancel.is_set():
@@ -120,6 +121,11 @@ class SteeringRunner:
             job.tokens_done += 1
             return self._cancel.is_set()
         return on_token
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class Busy(FlowdbError):

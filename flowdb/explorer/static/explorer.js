@@ -181,10 +181,14 @@
     const path = key.split("/").map(encodeURIComponent).join("/");
     const params = flowParams();
     const form = $("flow-controls");
-    for (const [k, v] of params) {
-      const input = form.elements[k];
-      if (input && input.type === "checkbox") input.checked = v === "true"; else if (input) input.value = v;
-    }
+    const fillControls = (given) => {
+      for (const name of ["t_res", "t_mod", "max_rank", "depth", "every_edge"]) {
+        const input = form.elements[name], v = given.get(name);
+        if (input.type === "checkbox") input.checked = v === "true";
+        else input.value = v !== null ? v : (input.defaultValue || "");
+      }
+    };
+    fillControls(params);
     form.addEventListener("submit", (event) => {
       event.preventDefault();
       const next = new URLSearchParams();
@@ -196,7 +200,11 @@
       loadFlow(path, next);
       loadTables(path, next);
     });
-    window.addEventListener("popstate", () => { loadFlow(path, flowParams()); loadTables(path, flowParams()); });
+    window.addEventListener("popstate", () => {
+      fillControls(flowParams());
+      loadFlow(path, flowParams());
+      loadTables(path, flowParams());
+    });
     const detail = await api("/api/features/" + path);
     showFeature(detail);
     await Promise.all([loadFlow(path, params), loadTables(path, params)]);
@@ -226,17 +234,20 @@
     }
   }
 
-  let current = null;
+  let current = null, flowAsked = 0;
 
   async function loadFlow(path, params) {
     const graphDiv = $("flow-graph"), message = $("flow-message");
     document.querySelectorAll(".downloads a").forEach((a) => {
       a.href = "/api/download/" + a.dataset.fmt + "/" + path + (params.toString() ? "?" + params : "");
     });
+    const mine = ++flowAsked;
     try {
-      current = await api("/api/flow/" + path + (params.toString() ? "?" + params : ""));
+      const answer = await api("/api/flow/" + path + (params.toString() ? "?" + params : ""));
+      if (mine !== flowAsked) return;  // a later request's answer is the one to draw
+      current = answer;
       showError(null);
-    } catch (err) { showError(err); return; }
+    } catch (err) { if (mine === flowAsked) showError(err); return; }
     current.params = params;
     $("flow-note").textContent = current.nodes.length ? current.nodes.length + " features, " + current.edges.length +
       " edges, " + current.depth + " step(s) back and forward" + (current.more ? "; more edges than one step reads were cut" : "") : "";
