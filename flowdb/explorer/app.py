@@ -148,7 +148,7 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
             return {"feature": None, "results": []}
         if is_reference(text):
             return {"feature": resolve_feature(db(), text), "results": []}
-        limit = _int(request.query_params.get("limit"), SEARCH_LIMIT, "limit")
+        limit = data.bounded(request.query_params.get("limit"), "limit", SEARCH_LIMIT, 1, 200)
         pack = request.query_params.get("pack") or None
         results = search_labels(db(), text, pack=pack, limit=limit)
         for row in results:  # the explanation's own type stays; its source is who wrote it
@@ -164,7 +164,7 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
 
     def api_neighbours(request, body):
         params = request.query_params
-        cap = _int(params.get("cap"), data.NEIGHBOUR_CAP, "cap", high=500)
+        cap = data.bounded(params.get("cap"), "cap", data.NEIGHBOUR_CAP, 1, 500)
         return data.neighbours(db(), key_of(request), data.EdgeFilter.parse(params), cap)
 
     def api_table(template: str):
@@ -241,9 +241,11 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
         feature = resolve_feature(db(), str(body.get("feature", "")))
         spec = SteeringSpec(seed_feature=feature, strategy=_choice(body, "strategy", "cumulative"),
                             schedule=_choice(body, "schedule", "exponential"),
-                            s=_float(body, "s", 3.0, -100, 100), alpha=_float(body, "alpha", 0.25, 0, 10))
+                            s=data.bounded(body.get("s"), "s", 3.0, -100, 100, float),
+                            alpha=data.bounded(body.get("alpha"), "alpha", 0.25, 0, 10, float))
+        tokens = data.bounded(body.get("max_new_tokens"), "max_new_tokens", 36, 1, 256)
         generation = GenerationSpec(prompt=str(body.get("prompt") or GenerationSpec.prompt)[:2000],
-                                    max_new_tokens=int(_float(body, "max_new_tokens", 36, 1, 256)))
+                                    max_new_tokens=tokens)
         return {"job": steering.start(spec, generation)}
 
     def api_steer_cancel(request, body):
@@ -317,31 +319,6 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
 
 def _attachment(name: str) -> dict:
     return {"Content-Disposition": f'attachment; filename="{name}"'}
-
-
-def _int(value, default: int, name: str, high: int = 200) -> int:
-    if value in (None, ""):
-        return default
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise QueryError(f"parameter {name} must be int, got {value!r}") from None
-    if not 1 <= number <= high:
-        raise QueryError(f"parameter {name} must be from 1 to {high}, got {number}")
-    return number
-
-
-def _float(body: dict, name: str, default: float, low: float, high: float) -> float:
-    value = body.get(name, default)
-    if value in (None, ""):
-        return default
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise QueryError(f"{name} must be a number, got {value!r}") from None
-    if not low <= number <= high:
-        raise QueryError(f"{name} must be from {low:g} to {high:g}, got {number:g}")
-    return number
 
 
 def _choice(body: dict, name: str, default: str) -> str:

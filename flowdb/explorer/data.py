@@ -100,16 +100,21 @@ class EdgeFilter:
                 "every_edge": self.every_edge}
 
 
-def parse_depth(value) -> int:
+def bounded(value, name: str, default, low, high, kind=int):
+    """A request's number: the default when not given, else a `kind` from low to high."""
     if value in (None, ""):
-        return 3
+        return default
     try:
-        depth = int(value)
+        number = kind(value)
     except (TypeError, ValueError):
-        raise QueryError(f"parameter depth must be int, got {value!r}") from None
-    if not 1 <= depth <= MAX_DEPTH:
-        raise QueryError(f"parameter depth must be from 1 to {MAX_DEPTH}, got {depth}")
-    return depth
+        raise QueryError(f"parameter {name} must be {kind.__name__}, got {value!r}") from None
+    if not low <= number <= high:
+        raise QueryError(f"parameter {name} must be from {low:g} to {high:g}, got {number:g}")
+    return number
+
+
+def parse_depth(value) -> int:
+    return bounded(value, "depth", 3, 1, MAX_DEPTH)
 
 
 # --- packs --------------------------------------------------------------------------------
