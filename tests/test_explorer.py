@@ -305,3 +305,16 @@ def test_label_words_find_features_with_type_ahead(client, explorer_db):
     assert [r["matched"] for r in markup] == [XSS_LABEL]
     assert get_json(client, "/api/search?q=%20")["results"] == []
     assert "limit" in get_json(client, "/api/search?q=river&limit=0", 400)["error"]
+
+
+def test_serve_refuses_a_busy_port_and_a_bad_host_pattern_in_one_line():
+    import socket
+
+    from helpers import assert_one_line_error, run_flowdb
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert_one_line_error(run_flowdb("serve", "--port", port), f"port {port} on 127.0.0.1 is in use")
+    assert_one_line_error(run_flowdb("serve", "--allow-host", "foo*"), "--allow-host 'foo*' is not a host name")
