@@ -29,6 +29,10 @@ class QueryError(FlowdbError):
     """An unknown template, a missing or unknown parameter, or a failing query."""
 
 
+class NotFound(QueryError):
+    """The pack, feature or Neuronpedia source asked for is not stored; the message says what is."""
+
+
 class ReadOnlyRefused(QueryError):
     """Neo4j's plan of a statement run read-only shows it does more than read the graph."""
 

@@ -14,7 +14,7 @@ import re
 from urllib.parse import urlparse
 
 from flowdb import graph
-from flowdb.errors import QueryError
+from flowdb.errors import NotFound, QueryError
 
 _KEY = re.compile(r"^([^/\s]+)/(\d+)/([a-z]+)/(\d+)$")
 _NEURONPEDIA = re.compile(r"^([^/\s]+)/([^/\s]+)/(\d+)$")
@@ -43,7 +43,7 @@ def resolve_feature(db, reference: str) -> str:
     if key:
         if graph.feature_exists(db, text):
             return text
-        raise QueryError(_missing(db, text, *key.groups()))
+        raise NotFound(_missing(db, text, *key.groups()))
     neuronpedia = _NEURONPEDIA.match(text)
     if neuronpedia:
         return _from_neuronpedia(db, text, *neuronpedia.groups())
@@ -54,10 +54,10 @@ def resolve_feature(db, reference: str) -> str:
 def _from_neuronpedia(db, text: str, model: str, source: str, index: str) -> str:
     matches = graph.saes_with_neuronpedia_source(db, model, source)
     if not matches:
-        raise QueryError(f"{text!r}: no stored pack has Neuronpedia source {model}/{source}")
+        raise NotFound(f"{text!r}: no stored pack has Neuronpedia source {model}/{source}")
     in_range = [m for m in matches if int(index) < (m["n"] or 0)]
     if not in_range:
-        raise QueryError(f"{text!r}: index {index} is beyond the SAE's width {matches[0]['n']}")
+        raise NotFound(f"{text!r}: index {index} is beyond the SAE's width {matches[0]['n']}")
     chosen = in_range[0]  # several packs may share a source: the first by name
     return graph.feature_key(chosen["pack"], chosen["layer"], chosen["module"], int(index))
 

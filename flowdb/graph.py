@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from flowdb.errors import FlowdbError
+from flowdb.errors import FlowdbError, NotFound
 from flowdb.modules import MODULES, RESIDUAL
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ def require_pack(db: Database, name: str) -> PackRecord:
     if found is None:
         names = [row["name"] for row in list_packs(db)]
         known = ", ".join(names) if names else "none; run flowdb ingest first"
-        raise FlowdbError(f"no pack named {name!r} in {db.where}; stored packs: {known}")
+        raise NotFound(f"no pack named {name!r} in {db.where}; stored packs: {known}")
     return found
 
 

@@ -30,6 +30,7 @@ from flowdb.errors import (
     DatabaseError,
     FlowdbError,
     Neo4jUnavailable,
+    NotFound,
     QueryError,
     QueryTimeout,
 )
@@ -42,7 +43,6 @@ log = logging.getLogger("flowdb.explorer")
 HERE = Path(__file__).parent
 SEARCH_LIMIT = 20
 PLOT_LOCK = threading.Lock()  # pyplot's figure registry is shared by every worker thread
-NOT_FOUND = ("no feature", "no pack named", "no stored pack", "is beyond the SAE's width")
 
 
 def plotly_js() -> Path:
@@ -71,7 +71,7 @@ def status_of(exc: Exception) -> int:
         return 504
     if isinstance(exc, Neo4jUnavailable):
         return 503
-    if isinstance(exc, FlowdbError) and any(part in str(exc) for part in NOT_FOUND):
+    if isinstance(exc, NotFound):
         return 404
     if isinstance(exc, DatabaseError):
         return 502
@@ -93,17 +93,11 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.autoescape = True
 
-    def config() -> dict:
-        from flowdb.plots import MODULE_COLOUR, MODULE_NAME, MODULE_X_OFFSET
-
-        return {"colours": MODULE_COLOUR, "names": MODULE_NAME, "offsets": MODULE_X_OFFSET,
-                "flow_node_cap": data.FLOW_NODE_CAP}
-
     def page(name: str, title: str, **context):
         async def endpoint(request: Request):
             values = {key: value(request) if callable(value) else value for key, value in context.items()}
             return templates.TemplateResponse(request, f"{name}.html", {
-                "title": title.format(**request.path_params), "page": name, "config": json.dumps(config()),
+                "title": title.format(**request.path_params), "page": name, "config": json.dumps(data.view_config()),
                 **values})
         return endpoint
 
@@ -191,8 +185,9 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
         fmt = request.path_params["fmt"]
         name = slug_for(key)
         if fmt == "json":
-            model = db().read("MATCH (p:Pack {name: $name}) RETURN p.model AS model", name=view["pack"])[0]["model"]
-            document = flow_graph_json(frame, model, slug=name)
+            from flowdb.graph import require_pack
+
+            document = flow_graph_json(frame, require_pack(db(), view["pack"]).model, slug=name)
             return Response(json.dumps(document, indent=1), media_type="application/json",
                             headers=_attachment(f"{name}.json"))
         if fmt == "csv":

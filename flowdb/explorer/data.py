@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from flowdb import graph
 from flowdb.classify import CATEGORIES, PLACES, chance_cdf, edge_status
-from flowdb.errors import QueryError
+from flowdb.errors import NotFound, QueryError
 from flowdb.modules import BY_KIND, MODULES, RESIDUAL
 from flowdb.queries import get_template, json_ready
 
@@ -36,6 +36,14 @@ _INTO = ("UNWIND $keys AS key MATCH (c:Feature {key: key})<-[e:RESIDUAL|MLP|ATTE
 _OUT_OF = ("UNWIND $keys AS key MATCH (p:Feature {key: key})-[e:RESIDUAL|MLP|ATTENTION]->(c:Feature) "
            f"WHERE {_KEEP} {_RETURN_EDGE}")
 _EDGE_TYPES = [m.edge_type for m in MODULES.values()]
+
+
+def view_config() -> dict:
+    """What flow.js draws with: module colours, names and offsets (those of flowdb.plots) and the cap."""
+    from flowdb.plots import MODULE_COLOUR, MODULE_NAME, MODULE_X_OFFSET
+
+    return {"colours": MODULE_COLOUR, "names": MODULE_NAME, "offsets": MODULE_X_OFFSET,
+            "flow_node_cap": FLOW_NODE_CAP}
 
 
 class TimeLimited:
@@ -119,15 +127,15 @@ def parse_depth(value) -> int:
 
 # --- packs --------------------------------------------------------------------------------
 
-def packs(db) -> list[dict]:
-    """Every pack with its build, widths per module and label coverage."""
+def packs(db, name: str | None = None) -> list[dict]:
+    """Every pack (or the one named) with its build, thresholds spec and widths per module."""
     rows = db.read(
-        "MATCH (p:Pack) WHERE NOT p.name CONTAINS '~' "
+        "MATCH (p:Pack) WHERE NOT p.name CONTAINS '~' AND ($name IS NULL OR p.name = $name) "
         "RETURN p.name AS name, p.model AS model, p.status AS status, p.k AS k, p.first_layer AS first_layer, "
         "p.last_layer AS last_layer, p.fingerprint AS fingerprint, p.matcher AS matcher, "
         "p.threshold_rule AS rule, p.thresholds AS thresholds, "
         "COLLECT { MATCH (p)-[:HAS_SAE]->(s:SAE) RETURN DISTINCT s.module + ':' + toString(s.n_features) } AS widths "
-        "ORDER BY name")
+        "ORDER BY name", name=name)
     for row in rows:
         widths: dict[str, set[int]] = {}
         for item in row.pop("widths"):
@@ -141,12 +149,14 @@ def packs(db) -> list[dict]:
 def pack_detail(db, name: str) -> dict:
     """One pack: its record, per-layer thresholds against chance, origins, the top-1 cosine
     histograms beside the chance distribution, and label coverage."""
-    record = graph.require_pack(db, name)
-    summary = next(row for row in packs(db) if row["name"] == name)
+    found = packs(db, name) if "~" not in name else []
+    if not found:
+        graph.require_pack(db, name)  # raises, naming the stored packs
+    summary = found[0]
     saes = _saes(db, name)
     q_chance = float(summary["thresholds"].get("q_chance", 0.999))
     layers = []
-    for layer in range(record.first_layer, record.last_layer + 1):
+    for layer in range(summary["first_layer"], summary["last_layer"] + 1):
         res = saes.get((layer, RESIDUAL.name), {})
         layers.append({"layer": layer, "rule": res.get("threshold_rule"),
                        **{f"t_{p}": res.get(f"t_{p}") for p in PLACES},
@@ -201,14 +211,15 @@ def _histograms(db, pack: str, saes: dict) -> list[dict]:
 
 def label_coverage(db, pack: str) -> list[dict]:
     """Per module, features with a label, and explanations by source."""
-    return db.read(
+    rows = db.read(
         "MATCH (f:Feature {pack: $pack}) "
         "WITH f.module AS module, count(f) AS features, count(f.label) AS labelled "
         "CALL (module) { MATCH (e:Explanation)-[:EXPLAINS]->(g:Feature {pack: $pack, module: module}) "
-        "  RETURN collect(DISTINCT e.typeName) AS sources, count(e) AS explanations } "
-        "RETURN module, features, labelled, explanations, "
-        "       [s IN sources | CASE s WHEN 'top-contexts' THEN s ELSE 'neuronpedia' END] AS sources "
-        "ORDER BY module", pack=pack)
+        "  RETURN collect(DISTINCT e.typeName) AS types, count(e) AS explanations } "
+        "RETURN module, features, labelled, explanations, types ORDER BY module", pack=pack)
+    for row in rows:
+        row["sources"] = list(dict.fromkeys(label_source(t) for t in row.pop("types")))
+    return rows
 
 
 # --- features -----------------------------------------------------------------------------
@@ -232,7 +243,7 @@ def feature_detail(db, key: str) -> dict:
         from flowdb.features import resolve_feature
 
         resolve_feature(db, key)  # raises, saying what does exist
-        raise QueryError(f"no feature {key!r}")
+        raise NotFound(f"no feature {key!r}")
     row = rows[0]
     feature = {name: row["f"].get(name) for name in NODE_FIELDS}
     feature["url"] = _url(row["np_url"], feature["index"])
@@ -369,8 +380,6 @@ def neighbours(db, key: str, flt: EdgeFilter, cap: int = NEIGHBOUR_CAP) -> dict:
 def flow_frame(view: dict):
     """A flow view as the flow-graph template's rows, for its downloads (graph JSON, PNG, CSV)."""
     import pandas as pd
-
-    from flowdb.queries import get_template
 
     columns = [*get_template("flow-graph").columns, "status"]
     rows = [{"element": "node", **{c: n.get(c) for c in columns if c != "element"}} for n in view["nodes"]]

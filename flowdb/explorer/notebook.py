@@ -29,13 +29,6 @@ def script_json(value) -> str:
             .replace("&", "\\u0026").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
 
 
-def view_config() -> dict:
-    from flowdb.plots import MODULE_COLOUR, MODULE_NAME, MODULE_X_OFFSET
-
-    return {"colours": MODULE_COLOUR, "names": MODULE_NAME, "offsets": MODULE_X_OFFSET,
-            "flow_node_cap": data.FLOW_NODE_CAP}
-
-
 class FlowView:
     """A feature's flow graph as the explorer draws it; Jupyter shows it through _repr_html_."""
 
@@ -65,7 +58,7 @@ class FlowView:
                 f'its Neuronpedia page)</p><div id="{element}"></div></div>'
                 f"<script>if (!window.Plotly) {{ {plotly} }}</script><script>{flow}</script>"
                 f"<script>(function () {{ var view = {script_json(self.view)}; "
-                f"FlowView.draw(document.getElementById('{element}'), view, {script_json(view_config())}, "
+                f"FlowView.draw(document.getElementById('{element}'), view, {script_json(data.view_config())}, "
                 "function (key) { var n = view.nodes.find(function (x) { return x.key === key; }); "
                 "if (n && n.url) window.open(n.url, '_blank', 'noopener'); }); })();</script>")
 
