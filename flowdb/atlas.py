@@ -277,7 +277,7 @@ def match(plan: BuildPlan, out: str | Path, matcher: Matcher | None = None, devi
     ray_address, every missing layer is a Ray task that picks its backend for
     `device` on the worker that runs it."""
     atlas = Atlas(out)
-    with _writer_lock(atlas.root):
+    with writer_lock(atlas.root):
         _claim(atlas, plan)
         todo = atlas.missing()
         if ray_address is not None:
@@ -315,7 +315,7 @@ def _claim(atlas: Atlas, plan: BuildPlan) -> None:
 
 
 @contextmanager
-def _writer_lock(root: Path):
+def writer_lock(root: Path):
     """One writer per atlas directory (an OS lock: released when its process dies)."""
     try:
         private_dirs(root)

@@ -342,6 +342,64 @@ def _with_thresholds(manifest, overrides):
 
 
 @cli.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--name", help="The link set's name (default: A--B).")
+@click.option("--k", default=5, show_default=True, type=click.IntRange(1, 10), help="Matches in B per feature of A.")
+@click.option("--threshold", "t", default=0.5, show_default=True, type=click.FloatRange(-1.0, 1.0),
+              help="Cosine at which two features are the same or parts of one (the fixed cut-off).")
+@click.option("--rule", type=click.Choice(["auto", "fixed", "chance"]), default="auto", show_default=True,
+              help="auto: the larger of --threshold and chance p99.9 at each place's width and d_in.")
+@click.option("--modules", default="res,mlp,att", show_default=True,
+              help="Comma-separated modules to link where both packs have them.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--replace", is_flag=True, help="Link again over a stored link set of other builds or parameters.")
+@click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal).")
+@connection_options
+def link(a, b, name, k, t, rule, modules, device, replace, progress, settings):
+    """Feature families across two packs A and B that read the same space: each feature of A
+    with its top-k in B, each of B with its top-1 in A, stored as ALIGNS relationships, and
+    every feature categorised (A: kept, split, shifted, gone; B: kept, merged, shifted, new).
+    A and B are stored pack names or manifests (ingested first, as flowdb ingest would)."""
+    from flowdb.links import CATEGORY_RULE, LinkSpec, link_packs, link_rate, shares_table
+    from flowdb.matching import Matcher
+
+    spec = LinkSpec(k=k, t=t, rule=rule, modules=tuple(m.strip() for m in modules.split(",") if m.strip()))
+    matcher = Matcher.for_device(device)
+    with _connect(settings) as db:
+        a, b = (_stored_pack_name(db, side, matcher, progress) for side in (a, b))
+        report = link_packs(db, a, b, spec, name=name, replace=replace, matcher=matcher, show_progress=progress)
+    if report.status == "unchanged":
+        click.echo(f"{report.name}: already stored with these builds and parameters ({report.fingerprint}); "
+                   "nothing to do")
+    else:
+        rate = link_rate(report.records)
+        click.echo(f"{report.name}: {report.status} link set {report.fingerprint} of {a} and {b}; "
+                   f"{len(report.places_written)} places, {report.relationships:,} ALIGNS relationships "
+                   f"({report.seconds:.1f}s" + (f"; searched at {rate:,.1f} GFLOP/s" if rate else "") + ")")
+        click.echo(f"atlas: {report.atlas} (pandas.read_parquet('{report.atlas}/matches'))")
+    table = shares_table(report.records)
+    click.echo("shares per layer and module (t: threshold, chance: p99.9 of a top-1 at that width and d_in):")
+    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    click.echo(f"rule: {CATEGORY_RULE}")
+
+
+def _stored_pack_name(db, pack_or_manifest: str, matcher, progress) -> str:
+    """A stored pack's name as given, or a manifest's pack, ingested first (unchanged if stored)."""
+    from pathlib import Path
+
+    if not pack_or_manifest.endswith(".toml") and not Path(pack_or_manifest).is_file():
+        return pack_or_manifest
+    from flowdb.ingest import ingest as run_ingest
+    from flowdb.manifest import load_manifest
+
+    report = run_ingest(load_manifest(pack_or_manifest), db, show_progress=progress, matcher=matcher)
+    if report.status != "unchanged":
+        _echo_stored(report)
+    return report.pack
+
+
+@cli.command()
 @click.argument("pack")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="A .csv or .parquet file.")
 @connection_options

@@ -11,6 +11,8 @@
     (:Nowhere {pack})-[:FROM_NOWHERE]->(f)   for f of category from-nowhere
     (:Explanation {id, description, ...})-[:EXPLAINS]->(:Feature)
     (:Lock {name, owner, expires})          one ingest or replace of a pack at a time
+    (:LinkSet)-[:HAS_PLACE]->(:LinkPlace), (:Feature)-[:ALIGNS]->(:Feature)
+        families across two packs, see flowdb.links
 
 Every layer is one transaction (nodes, edges, provenance and the pack's
 layers_done together), so readers see a layer whole or not at all. A replacement
@@ -48,6 +50,8 @@ SCHEMA = (
     "CREATE CONSTRAINT nowhere_pack IF NOT EXISTS FOR (n:Nowhere) REQUIRE n.pack IS UNIQUE",
     "CREATE CONSTRAINT lock_name IF NOT EXISTS FOR (l:Lock) REQUIRE l.name IS UNIQUE",
     "CREATE INDEX feature_slot IF NOT EXISTS FOR (f:Feature) ON (f.pack, f.layer, f.module)",
+    "CREATE CONSTRAINT link_name IF NOT EXISTS FOR (l:LinkSet) REQUIRE l.name IS UNIQUE",
+    "CREATE INDEX aligns_link IF NOT EXISTS FOR ()-[r:ALIGNS]-() ON (r.link)",
     # Type-ahead label search (flowdb.search); Lucene's standard analyzer, lower-cased words.
     f"CREATE FULLTEXT INDEX {EXPLANATION_TEXT_INDEX} IF NOT EXISTS FOR (e:Explanation) ON EACH [e.description]",
 )
@@ -208,6 +212,8 @@ def drop_pack(db: Database, name: str) -> None:
     db.write("MATCH (s:SAE {pack: $name}) DETACH DELETE s", name=name)
     db.write("MATCH (n:Nowhere {pack: $name}) DETACH DELETE n", name=name)
     db.write("MATCH (p:Pack {name: $name}) DETACH DELETE p", name=name)
+    for link in db.read("MATCH (l:LinkSet) WHERE $name IN [l.a, l.b] RETURN l.name AS name", name=name):
+        drop_link(db, link["name"])  # its ALIGNS went with the features; its record would mislead
     # Explanations whose every feature is gone would only clutter label searches.
     db.write("MATCH (e:Explanation) WHERE NOT (e)-[:EXPLAINS]->() DELETE e")
 
@@ -231,6 +237,8 @@ def _swap_in(tx, name: str) -> None:
     if tx.run("MATCH (p:Pack {name: $name}) RETURN p", name=name).single() is not None:
         _rename(tx, name, retired)
     _rename(tx, staged, name)
+    # The old build's ALIGNS leave with it: its link sets must be linked again.
+    tx.run("MATCH (l:LinkSet) WHERE $name IN [l.a, l.b] SET l.status = 'stale'", name=name).consume()
     # Only where the SAE at that layer and module is the same file content, or the same
     # Neuronpedia source of the same width: there the same index is the same feature.
     tx.run(
@@ -511,3 +519,71 @@ def store_groups(db: Database, pack: str, layer: int, k: int, counts: dict[int, 
                    for i, c in counts.items()])
     db.write(f"MATCH (s:SAE {{key: $key}}) SET s.{prop} = $shares",
              key=sae_key(pack, layer, RESIDUAL.name), shares=shares)
+
+
+# --- link sets (flowdb.links) ------------------------------------------------------------
+
+def read_link(db: Database, name: str) -> dict | None:
+    rows = db.read("MATCH (l:LinkSet {name: $name}) RETURN properties(l) AS link", name=name)
+    return rows[0]["link"] if rows else None
+
+
+def list_links(db: Database) -> list[dict]:
+    return db.read("MATCH (l:LinkSet) RETURN l.name AS name, l.a AS a, l.b AS b, l.status AS status, "
+                   "l.k AS k, l.t AS t, l.rule AS rule, l.places_done AS places ORDER BY name")
+
+
+def begin_link(db: Database, props: dict) -> None:
+    db.write("CREATE (l:LinkSet) SET l = $props, l.status = 'building', l.places_done = [], "
+             "l.created_at = datetime()", props=props)
+
+
+def finish_link(db: Database, name: str) -> None:
+    db.write("MATCH (l:LinkSet {name: $name}) SET l.status = 'complete', l.completed_at = datetime()", name=name)
+
+
+def drop_link(db: Database, name: str) -> None:
+    """A link set's ALIGNS relationships (in batches), its places and its node."""
+    db.write("MATCH (l:LinkSet {name: $name}) SET l.status = 'dropping'", name=name)
+    db.write_in_batches(
+        "MATCH ()-[r:ALIGNS {link: $name}]->() "
+        f"CALL (r) {{ DELETE r }} IN TRANSACTIONS OF {DELETE_BATCH} ROWS", name=name)
+    db.write("MATCH (p:LinkPlace {link: $name}) DETACH DELETE p", name=name)
+    db.write("MATCH (l:LinkSet {name: $name}) DETACH DELETE l", name=name)
+
+
+def write_link_place(db: Database, link: str, a_pack: str, b_pack: str, place) -> int:
+    """One linked layer and module (a flowdb.links.PlaceLink) in one transaction: its ALIGNS
+    both ways, its LinkPlace record and the link set's places_done; returns relationships made."""
+    with db.session() as session:
+        return session.execute_write(_write_link_place, link, a_pack, b_pack, place)
+
+
+def _write_link_place(tx, link: str, a_pack: str, b_pack: str, place) -> int:
+    n_a, k = place.ab_indices.shape
+    slot = {"layer": place.layer, "module": place.module}
+    made = 0
+    for source, target, src, dst, cosine, rank, above, category in (
+            (a_pack, b_pack, np.repeat(np.arange(n_a), k), place.ab_indices.reshape(-1),
+             place.ab_scores.reshape(-1), np.tile(np.arange(1, k + 1), n_a),
+             (place.ab_scores >= place.t_ab).reshape(-1), np.repeat(place.a_categories, k)),
+            (b_pack, a_pack, np.arange(place.n_b), place.ba_indices, place.ba_scores,
+             np.ones(place.n_b, dtype=int), place.ba_scores >= place.t_ba, place.b_categories)):
+        # Nodes collected in index order once: each relationship is two list look-ups.
+        made += tx.run(
+            "MATCH (s:Feature {pack: $source, layer: $layer, module: $module}) "
+            "WITH s ORDER BY s.index WITH collect(s) AS sources "
+            "MATCH (d:Feature {pack: $target, layer: $layer, module: $module}) "
+            "WITH sources, d ORDER BY d.index WITH sources, collect(d) AS targets "
+            "UNWIND range(0, size($src) - 1) AS i "
+            "WITH sources[$src[i]] AS a, targets[$dst[i]] AS b, i "
+            "CREATE (a)-[:ALIGNS {link: $link, cosine: $cosine[i], rank: $rank[i], above: $above[i], "
+            "                     category: $category[i]}]->(b)",
+            source=source, target=target, link=link, **slot, src=src.tolist(), dst=dst.tolist(),
+            cosine=cosine.astype(float).tolist(), rank=rank.tolist(), above=above.tolist(),
+            category=category.tolist()).consume().counters.relationships_created
+    tx.run("MATCH (l:LinkSet {name: $link}) "
+           "CREATE (l)-[:HAS_PLACE]->(p:LinkPlace) SET p = $record, p.link = $link "
+           "SET l.places_done = l.places_done + $key",
+           link=link, record=place.record(), key=place.key).consume()
+    return made

@@ -215,30 +215,31 @@ def _require_space(db: Database, atlas: Atlas, layers: list[int], pack_nodes: in
 class Lease:
     """A held pack lock; check() refuses to go on once another command has taken it."""
 
-    def __init__(self, pack: str):
-        self.pack = pack
+    def __init__(self, pack: str, kind: str = "pack"):
+        self.pack, self.kind = pack, kind
         self.lost = threading.Event()
 
     def check(self) -> None:
         if self.lost.is_set():
-            raise BusyError(f"lost the lock on pack {self.pack!r} (its lease ran out while this command "
+            raise BusyError(f"lost the lock on {self.kind} {self.pack!r} (its lease ran out while this command "
                             "could not reach Neo4j, and another command took it); nothing more was "
                             "written: run again")
 
 
 @contextmanager
-def pack_lock(db: Database, pack: str) -> Iterator[Lease]:
-    """One writer per pack, across processes and hosts: a lease in Neo4j, renewed while
-    held. A holder that died on this host is recognised at once; elsewhere its lease ends."""
-    name, owner = f"pack:{pack}", f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+def pack_lock(db: Database, pack: str, kind: str = "pack") -> Iterator[Lease]:
+    """One writer per pack (or, kind "link", per link set), across processes and hosts: a
+    lease in Neo4j, renewed while held. A holder that died on this host is recognised at
+    once; elsewhere its lease ends."""
+    name, owner = f"{kind}:{pack}", f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     holder = graph.acquire_lock(db, name, owner, LOCK_LEASE_S)
     if holder is not None and _dead_here(holder):
         holder = graph.acquire_lock(db, name, owner, LOCK_LEASE_S, stale_owner=holder)
     if holder is not None:
         host, pid, _ = (holder.split(":") + ["?", "?"])[:3]
-        raise BusyError(f"pack {pack!r} is being written by another flowdb command "
+        raise BusyError(f"{kind} {pack!r} is being written by another flowdb command "
                         f"(pid {pid} on {host}); wait for it to finish, then run again")
-    lease, stop = Lease(pack), threading.Event()
+    lease, stop = Lease(pack, kind), threading.Event()
     renewer = threading.Thread(target=_renew, args=(db, name, owner, stop, lease), daemon=True)
     renewer.start()
     try:
