@@ -208,7 +208,10 @@ class Atlas:
     def write_layer(self, built: LayerBuild) -> None:
         """Store one classified layer; its layers/L.json, renamed in last, marks it done."""
         pack = self.plan.name
-        edges = pd.concat([_edges_frame(pack, built, place) for place in built.indices], ignore_index=True)
+        frames = [_edges_frame(pack, built, place) for place in built.indices]
+        # A pack's first layer with no MLP or attention SAE (a residual-only pack) has no matches.
+        edges = pd.concat(frames, ignore_index=True) if frames else \
+            pd.DataFrame({column: pd.Series(dtype=dtype) for column, dtype in EDGE_SCHEMA.items()})
         s = {place: built.top1(place) for place in MODULES}
         residual = pd.DataFrame({
             "key": [feature_key(pack, built.layer, RESIDUAL.name, i) for i in range(built.widths["res"])],
