@@ -77,9 +77,9 @@ class SynthSpec:
         if self.companions:
             for kind in COMPANION_NEW:
                 check_pack_name(f"{self.name}-{kind}")
-            if shifted_cosine(self.width, self.d_model) - companion_chance(self.width, self.d_model) < CHANCE_MARGIN:
+            if not shifted_band_clears_chance(self.width, self.d_model):
                 d_needed = next(d for d in range(self.d_model, 1 << 16, 16)
-                                if shifted_cosine(self.width, d) - companion_chance(self.width, d) >= CHANCE_MARGIN)
+                                if shifted_band_clears_chance(self.width, d))
                 raise FlowdbError(
                     f"synth --companions needs --d-model >= {d_needed} for width {self.width}: chance "
                     f"(p99.9 top-1 cosine) is {companion_chance(self.width, self.d_model):.3f} in "
@@ -91,6 +91,10 @@ def companion_chance(width: int, d: int) -> float:
     feature split into the most children, plus its new features."""
     widest = width * MAX_CHILDREN + round(max(COMPANION_NEW.values()) * width)
     return chance_cosine(CHANCE_QUANTILE, widest, d)
+
+
+def shifted_band_clears_chance(width: int, d: int) -> bool:
+    return shifted_cosine(width, d) - companion_chance(width, d) >= CHANCE_MARGIN
 
 
 def shifted_cosine(width: int, d: int) -> float:
