@@ -128,15 +128,27 @@ def neo4j_status():
 @click.option("--width", default=512, show_default=True, type=click.IntRange(8, 1 << 20))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--name", default="planted", show_default=True, help="Pack name in the manifest.")
-def synth(out_dir, layers, d_model, width, seed, name):
+@click.option("--companions", is_flag=True,
+              help="Also write residual-only companion packs with planted splits (OUT_DIR/split) "
+                   "and base/instruct drift (OUT_DIR/drift), for `flowdb link`.")
+def synth(out_dir, layers, d_model, width, seed, name, companions):
     """Write a planted SAE pack with known lineage (sae-lens format) to OUT_DIR."""
-    from flowdb.synth import SynthSpec, synthesize
+    from pathlib import Path
+
+    import pandas as pd
+
+    from flowdb.synth import COMPANION_NEW, SynthSpec, synthesize
 
     truth = synthesize(out_dir, SynthSpec(name=name, layers=layers, d_model=d_model,
-                                          width=width, seed=seed))
+                                          width=width, seed=seed, companions=companions))
     counts = truth["category"].value_counts().to_dict()
     click.echo(f"wrote {out_dir}/manifest.toml and truth.csv: {layers} layers x "
                f"{width} features, planted {counts}")
+    for kind in COMPANION_NEW if companions else ():
+        companion = pd.read_csv(Path(out_dir) / kind / "truth.csv")
+        shares = {side: rows["category"].value_counts().to_dict() for side, rows in companion.groupby("side")}
+        click.echo(f"wrote {out_dir}/{kind}/manifest.toml and truth.csv ({name}-{kind}): "
+                   f"planted {shares['a']} of {name}'s features, {shares['b']} of its own")
 
 
 def build_options(command):

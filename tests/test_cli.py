@@ -33,6 +33,24 @@ def test_synth_writes_pack_manifest_and_truth(runner, tmp_path):
         assert (tmp_path / "p" / "saes" / module / "layer_1" / "sae_weights.safetensors").exists()
 
 
+def test_synth_companions_writes_split_and_drift_packs(runner, tmp_path):
+    result = invoke(runner, "synth", tmp_path / "p", "--layers", 2, "--width", 64, "--d-model", 128,
+                    "--name", "base", "--companions")
+    assert result.exit_code == 0, result.output
+    for kind in ("split", "drift"):
+        assert f"(base-{kind})" in result.output
+        truth = pd.read_csv(tmp_path / "p" / kind / "truth.csv")
+        assert (truth["side"] == "a").sum() == 2 * 64  # every base residual feature, at both layers
+        assert (tmp_path / "p" / kind / "saes" / "res" / "layer_1" / "sae_weights.safetensors").exists()
+        assert not (tmp_path / "p" / kind / "saes" / "mlp").exists()
+
+
+def test_synth_companions_refuses_a_small_d_model(runner, tmp_path):
+    result = invoke(runner, "synth", tmp_path / "p", "--d-model", 64, "--companions")
+    assert result.exit_code == 1 and "--d-model >= " in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
 def test_synth_rejects_tiny_space(runner, tmp_path):
     result = invoke(runner, "synth", tmp_path / "p", "--d-model", 8)
     assert result.exit_code == 2 and "--d-model" in result.output

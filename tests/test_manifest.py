@@ -96,7 +96,34 @@ def test_shipped_manifests_name_real_releases(path):
             assert lookup.neuronpedia_id[ref.sae_id] == f"{manifest.model}/{ref.neuronpedia}"
 
 
-def test_three_manifests_are_shipped():
+def test_the_real_manifests_are_shipped():
     names = {p.stem for p in INGEST.glob("*.toml")}
     assert {"gemma-2-2b-gemmascope-16k", "llama-3.1-8b-llamascope", "gpt2-small-jb-oai",
-            "smollm2-135m-demo"} <= names
+            "smollm2-135m-demo", "gemma-2-2b-gemmascope-res-16k", "gemma-2-2b-gemmascope-res-65k",
+            "gemma-2-2b-gemmascope-res-1m", "gemma-2-9b-gemmascope-res-16k",
+            "gemma-2-9b-it-gemmascope-res-16k"} <= names
+
+
+# Pairs shipped for `flowdb link`: both read the same hook and d_in at every common layer.
+LINK_PAIRS = [("gemma-2-2b-gemmascope-res-16k", "gemma-2-2b-gemmascope-res-65k"),
+              ("gemma-2-2b-gemmascope-res-16k", "gemma-2-2b-gemmascope-res-1m"),
+              ("gemma-2-9b-gemmascope-res-16k", "gemma-2-9b-it-gemmascope-res-16k")]
+
+
+@pytest.mark.parametrize("pair", LINK_PAIRS, ids="|".join)
+def test_link_manifests_read_the_same_place(pair):
+    """Per sae-lens's registry, both sides of a pair are residual Gemma Scope SAEs of
+    their manifest's model, at the layer each manifest names, and the second side's
+    layers are all in the first's."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    registry = get_pretrained_saes_directory()
+    a, b = (load_manifest(INGEST / f"{name}.toml") for name in pair)
+    assert set(a.modules) == set(b.modules) == {"res"}
+    assert set(b.layers) <= set(a.layers)
+    for manifest in (a, b):
+        for layer in b.layers:
+            ref = manifest.source("res", layer)
+            lookup = registry[ref.location]
+            assert lookup.repo_id.endswith("-res") and lookup.model == manifest.model
+            assert lookup.saes_map[ref.sae_id].split("/")[0] == f"layer_{layer}"
