@@ -71,4 +71,22 @@ def cypher(statement: str, db=None, timeout_s: float | None = None, **params):
     return pd.DataFrame(rows, columns=columns)
 
 
-__all__ = ["FlowdbError", "__version__", "cypher", "query", "show"]
+def link(a: str, b: str, db=None, name: str | None = None, replace: bool = False, **spec):
+    """Link two stored packs that read the same space (as `flowdb link A B`); returns the
+    shares of each category per layer and module, as a pandas DataFrame.
+    >>> flowdb.link("gemma-2-2b-gemmascope-res-16k", "gemma-2-2b-gemmascope-res-65k", k=5)
+    spec: k, t, rule, q_chance, modules (see flowdb.links.LinkSpec). Without db, connects
+    as flowdb.query does."""
+    from flowdb.database import connect
+    from flowdb.links import LinkSpec, link_packs, shares_table
+
+    def run(database):
+        return shares_table(link_packs(database, a, b, LinkSpec(**spec), name=name, replace=replace).records)
+
+    if db is not None:
+        return run(db)
+    with connect() as database:
+        return run(database)
+
+
+__all__ = ["FlowdbError", "__version__", "cypher", "link", "query", "show"]

@@ -396,6 +396,21 @@ def link(a, b, name, k, t, rule, modules, device, replace, progress, settings):
     click.echo(f"rule: {CATEGORY_RULE}")
 
 
+@cli.command("links")
+@connection_options
+def links_command(settings):
+    """List the link sets stored in the database (flowdb link)."""
+    from flowdb import graph
+
+    with _connect(settings) as db:
+        rows = graph.list_links(db)
+    if not rows:
+        click.echo("(no link sets)")
+    for row in rows:
+        click.echo(f"{row['name']}\t{row['a']} -> {row['b']}\tk={row['k']}\tt={row['t']:g} ({row['rule']})\t"
+                   f"{len(row['places'] or [])} places\t{row['status']}")
+
+
 def _stored_pack_name(db, pack_or_manifest: str, matcher, progress) -> str:
     """A stored pack's name as given, or a manifest's pack, ingested first (unchanged if stored)."""
     from pathlib import Path

@@ -197,13 +197,35 @@ def test_link_refusals_are_one_line(db, two_packs, tmp_path):
     replaced = run_flowdb("link", "planted", "wide", "--k", "2", "--replace", "--no-progress")
     assert replaced.code == 0 and "replaced link set" in replaced.stdout
     assert db.read("MATCH ()-[r:ALIGNS]->() RETURN max(r.rank) AS k")[0]["k"] == 2
+    listed = run_flowdb("links")
+    assert listed.code == 0 and "planted--wide\tplanted -> wide\tk=2\tt=0.5 (auto)\t2 places\tcomplete" in listed.stdout
 
 
 def test_deleting_a_pack_deletes_its_link_sets(db, two_packs):
+    import flowdb
     from flowdb.ingest import delete_pack
 
-    link_packs(db, "planted", "wide", LinkSpec(k=1))
+    shares = flowdb.link("planted", "wide", db=db, k=1)  # the notebook form
+    assert list(shares["layer"]) == [0, 1] and list(shares["module"]) == ["res", "res"]
+    sides = shares.filter(regex="^a_").sum(axis=1), shares.filter(regex="^b_(kept|merged|shifted|new)").sum(axis=1)
+    assert np.allclose(sides[0], 1) and np.allclose(sides[1], 1)
     delete_pack(db, "wide")
     assert db.read("MATCH (l:LinkSet) RETURN count(l) AS n")[0]["n"] == 0
     assert db.read("MATCH (p:LinkPlace) RETURN count(p) AS n")[0]["n"] == 0
     assert db.read("MATCH ()-[r:ALIGNS]->() RETURN count(r) AS n")[0]["n"] == 0
+
+
+def test_a_replaced_pack_leaves_its_link_set_stale_and_the_next_link_redoes_it(db, two_packs, tmp_path):
+    from flowdb.ingest import ingest
+    from flowdb.manifest import load_manifest
+
+    base_dir, _ = two_packs
+    link_packs(db, "planted", "wide", LinkSpec(k=1))
+    _write_companion(tmp_path / "wide2", base_dir, 2, seed=1)
+    ingest(load_manifest(tmp_path / "wide2" / "manifest.toml"), db, replace=True)  # pack "wide", new content
+    assert db.read("MATCH (l:LinkSet) RETURN l.status AS s")[0]["s"] == "stale"
+    assert db.read("MATCH ()-[r:ALIGNS]->() RETURN count(r) AS n")[0]["n"] == 0  # left with the old build
+    again = link_packs(db, "planted", "wide", LinkSpec(k=1))
+    assert again.status == "replaced"
+    n_b = len(unit_decoder(tmp_path / "wide2", "res", 0)) + len(unit_decoder(tmp_path / "wide2", "res", 1))
+    assert db.read("MATCH ()-[r:ALIGNS]->() RETURN count(r) AS n")[0]["n"] == 2 * 512 + n_b
