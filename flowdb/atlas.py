@@ -208,7 +208,10 @@ class Atlas:
     def write_layer(self, built: LayerBuild) -> None:
         """Store one classified layer; its layers/L.json, renamed in last, marks it done."""
         pack = self.plan.name
-        edges = pd.concat([_edges_frame(pack, built, place) for place in built.indices], ignore_index=True)
+        frames = [_edges_frame(pack, built, place) for place in built.indices]
+        # The first layer of a residual-only pack searches nothing: an empty table, typed as the others.
+        edges = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({
+            column: pd.Series(dtype=dtype) for column, dtype in EDGE_DTYPES.items()})
         s = {place: built.top1(place) for place in MODULES}
         residual = pd.DataFrame({
             "key": [feature_key(pack, built.layer, RESIDUAL.name, i) for i in range(built.widths["res"])],
@@ -242,6 +245,11 @@ def _count(value, low: int = 0) -> bool:
 # The edges table's columns and types, in the atlas and in flowdb export alike; read
 # back as a directory, the atlas adds the target's `layer` from its partition names.
 EDGE_SCHEMA = {"source": object, "target": object, "kind": object, "cosine": np.float32, "rank": np.int16,
+               "above": bool, "source_layer": np.int32, "source_module": object, "source_index": np.int32,
+               "target_index": np.int32}
+
+
+EDGE_DTYPES = {"source": object, "target": object, "kind": object, "cosine": np.float32, "rank": np.int16,
                "above": bool, "source_layer": np.int32, "source_module": object, "source_index": np.int32,
                "target_index": np.int32}
 
