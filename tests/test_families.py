@@ -15,7 +15,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from conftest import XSS_LABEL
-from flowdb.errors import NotFound
+from flowdb.errors import FlowdbError, NotFound
 from flowdb.explorer.app import create_app
 from flowdb.hooks import hook_point
 from flowdb.ingest import ingest
@@ -286,3 +286,41 @@ def test_family_api_is_the_template(linked):
         assert XSS_LABEL not in page.text  # labels reach the page as JSON, written as text by explorer.js
         bad = client.get("/api/family/planted/2/res/0?limit=0")
         assert bad.status_code == 400 and "limit" in bad.json()["error"]
+
+
+def test_family_tree_is_the_family_twice(linked):
+    """Relatives at or above threshold of the feature (column 1) and of each relative (column 2)."""
+    from flowdb.links import family_tree
+
+    db, matches, _, _ = linked
+    feature = "planted/0/res/40"
+    nodes, edges = family_tree(db, feature)
+    first = expected_family(matches, feature)
+    first = set(first.loc[first["above"], "relative_key"])
+    assert set(nodes.loc[nodes["column"] == 1, "key"]) == first
+    second = set()
+    for relative in first:
+        family = expected_family(matches, relative)
+        second |= set(family.loc[family["above"], "relative_key"])
+    assert set(nodes.loc[nodes["column"] == 2, "key"]) == second - first - {feature}
+    assert set(edges["target"]) == set(nodes["key"]) - {feature}
+
+
+def test_family_and_link_pictures(linked, tmp_path):
+    from flowdb.links import family_tree, graph_link_records
+    from flowdb.plots import plot_family, plot_link
+
+    db, matches, _, _ = linked
+    nodes, edges = family_tree(db, "planted/2/res/0")
+    assert plot_family(nodes, edges, tmp_path / "f.png", "t").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    places = pd.DataFrame(graph_link_records(db, "planted--fam"))
+    side_b = matches[(matches["link"] == "planted--fam") & (matches["side"] == "b")]
+    shares = side_b.groupby("layer")["category"].value_counts(normalize=True).unstack(fill_value=0.0)
+    for row in places.itertuples():
+        assert row.b_new == pytest.approx(shares.loc[row.layer, "new"])
+        assert row.b_merged == pytest.approx(shares.loc[row.layer].get("merged", 0.0))
+    html = plot_link(places, tmp_path / "l.html", "planted--fam").read_text()
+    assert "planted--fam" in html and "merged" in html
+    assert plot_link(places, tmp_path / "l.png", "planted--fam").stat().st_size > 10_000
+    with pytest.raises(FlowdbError, match="no mlp places"):
+        plot_link(places, tmp_path / "m.png", "planted--fam", module="mlp")
