@@ -249,6 +249,7 @@ EDGE_SCHEMA = {"source": object, "target": object, "kind": object, "cosine": np.
                "target_index": np.int32}
 
 
+
 def _edges_frame(pack: str, built: LayerBuild, place: str) -> pd.DataFrame:
     module = MODULES[place]
     scores, indices = built.scores[place], built.indices[place]

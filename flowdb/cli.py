@@ -1023,7 +1023,8 @@ def serve(host, port, feature, open_browser, allow_hosts, settings):
 
 @cli.group()
 def plot():
-    """Pictures: a feature's flow graph, a pack's origins per layer (.png, .svg, .html)."""
+    """Pictures: a feature's flow graph, a pack's origins per layer, a feature's family across linked
+    packs, a link set's categories per layer (.png, .svg, .html; family: .png, .svg)."""
 
 
 @plot.command("flow")
@@ -1059,6 +1060,50 @@ def plot_origins_command(pack, out, settings):
     with _connect(settings) as db:
         origins = _template(db, "origins", {"pack": pack})
     plot_origins(origins, out, pack)
+    click.echo(f"wrote {out}")
+
+
+@plot.command("family")
+@click.argument("feature")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="A .png or .svg file.")
+@click.option("--limit", default=8, show_default=True, type=click.IntRange(1, 40),
+              help="At most this many relatives of each feature drawn.")
+@connection_options
+def plot_family_command(feature, out, limit, settings):
+    """Draw FEATURE's family across linked packs (flowdb link): its relatives at or above each link's
+    threshold, and theirs back, with cosines."""
+    from flowdb.features import resolve_feature
+    from flowdb.links import family_tree
+    from flowdb.plots import STATIC, _target, plot_family
+
+    _target(out, STATIC)  # a wrong suffix fails before any connection is made
+    with _connect(settings) as db:
+        feature = resolve_feature(db, feature)
+        nodes, edges = family_tree(db, feature, limit)
+    plot_family(nodes, edges, out, f"family of {feature} across linked packs (relatives at or above threshold)")
+    click.echo(f"wrote {out}: {len(nodes)} features, {len(edges)} links")
+
+
+@plot.command("link")
+@click.argument("link")
+@click.option("--out", required=True, type=click.Path(dir_okay=False))
+@click.option("--module", type=click.Choice(["res", "mlp", "att"]), default="res", show_default=True)
+@connection_options
+def plot_link_command(link, out, module, settings):
+    """Draw the per-layer shares of each category in link set LINK (A: kept, split, shifted, gone;
+    B: kept, merged, shifted, new)."""
+    import pandas as pd
+
+    from flowdb.links import graph_link_records
+    from flowdb.plots import plot_link
+    from flowdb.queries import check_link
+
+    with _connect(settings) as db:
+        note = check_link(db, link)
+        places = pd.DataFrame(graph_link_records(db, link))
+    if note:
+        click.echo(f"Warning: {note}", err=True)
+    plot_link(places, out, link, module)
     click.echo(f"wrote {out}")
 
 

@@ -528,3 +528,43 @@ def graph_link_records(db, name: str) -> list[dict]:
     """The LinkPlace records of a stored link set."""
     return [row["p"] for row in db.read("MATCH (:LinkSet {name: $name})-[:HAS_PLACE]->(p:LinkPlace) "
                                         "RETURN properties(p) AS p ORDER BY p.layer, p.module", name=name)]
+
+
+# --- reading families ---------------------------------------------------------------------
+
+def family_tree(db, feature: str, limit: int = 10) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A feature's relatives at or above threshold in every linked pack, and theirs back (the family
+    template, at most `limit` relatives each): (nodes, edges) as flowdb.plots.plot_family draws them."""
+    from flowdb.queries import run_template
+
+    def relatives(key: str) -> pd.DataFrame:
+        return run_template(db, "family", {"feature": key, "above_only": True, "limit": limit})
+
+    first = relatives(feature)
+    if first.empty:
+        raise LinkError(f"{feature} has no relative at or above threshold in any link set "
+                        "(flowdb query family -p feature=... shows every match)")
+    pack, layer, module, index = feature.split("/")
+    own = set(first["category"].dropna())  # its category in each link: shown when the links agree
+    nodes = {feature: {"key": feature, "column": 0, "pack": pack, "layer": int(layer), "module": module,
+                       "index": int(index), "category": own.pop() if len(own) == 1 else None,
+                       "label": first["label"].iloc[0]}}
+    edges = []
+
+    def add(frame: pd.DataFrame, source: str, column: int) -> list[str]:
+        added = []
+        for row in frame.itertuples():
+            if row.relative_key not in nodes:
+                nodes[row.relative_key] = {
+                    "key": row.relative_key, "column": column, "pack": row.relative_pack,
+                    "layer": row.relative_layer, "module": row.relative_module, "index": row.relative_index,
+                    "category": row.relative_category, "label": row.relative_label}
+                added.append(row.relative_key)
+            if nodes[row.relative_key]["column"] == column:  # a tree: no edge back to where it came from
+                edges.append({"source": source, "target": row.relative_key, "link": row.link,
+                              "cosine": row.cosine})
+        return added
+
+    for relative in add(first, feature, 1):
+        add(relatives(relative), relative, 2)
+    return pd.DataFrame(list(nodes.values())), pd.DataFrame(edges, columns=["source", "target", "link", "cosine"])

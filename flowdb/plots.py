@@ -1,4 +1,5 @@
-"""Pictures of the flow: one feature's flow graph, and a pack's origins per layer.
+"""Pictures of the flow: one feature's flow graph, a pack's origins per layer, and across
+linked packs (flowdb link) a feature's family and a link set's categories per layer.
 
 PNG and SVG are drawn with matplotlib; HTML with plotly (interactive: hover shows
 key, category, label and Neuronpedia URL, and a click opens the URL; the page
@@ -90,26 +91,46 @@ def _save_html(fig, out: Path, **options) -> Path:
 
 def _stacked_shares(table: pd.DataFrame, colours: dict[str, str], out: Path, title: str, ylabel: str) -> Path:
     """Per-layer stacked bars of shares; table is indexed by layer, one column per part."""
+    return _stacked_panels([(table, colours, "")], out, title, ylabel)
+
+
+def _stacked_panels(panels: list[tuple[pd.DataFrame, dict[str, str], str]], out: Path, title: str,
+                    ylabel: str) -> Path:
+    """Side by side panels of per-layer stacked shares: (table indexed by layer, colour per column,
+    panel title) each."""
     if out.suffix == ".html":
         import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
 
-        fig = go.Figure([go.Bar(x=table.index, y=table[name], name=name, marker_color=colour)
-                         for name, colour in colours.items()])
-        fig.update_layout(barmode="stack", title=title, xaxis_title="layer",
-                          yaxis={"title": ylabel, "tickformat": ".0%"})
+        fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[name for _, _, name in panels] or None)
+        for col, (table, colours, _) in enumerate(panels, start=1):
+            for name, colour in colours.items():
+                fig.add_trace(go.Bar(x=table.index, y=table[name], name=name, marker_color=colour,
+                                     legendgroup=str(col)), row=1, col=col)
+            fig.update_xaxes(title_text="layer", row=1, col=col)
+            fig.update_yaxes(title_text=ylabel, tickformat=".0%", row=1, col=col)
+        fig.update_layout(barmode="stack", title=title)
         return _save_html(fig, out)
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.4 * len(table) + 4), 4.2))
-    bottom = pd.Series(0.0, index=table.index)
-    for name, colour in colours.items():
-        ax.bar(table.index, table[name], bottom=bottom, color=colour, label=name)
-        bottom += table[name]
-    ax.set_xlabel("layer")
-    ax.set_ylabel(ylabel)
-    ax.set_ylim(0, 1)
-    ax.set_xticks(table.index)
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=8)
+    n_layers = max(len(table) for table, _, _ in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * max(6.0, 0.4 * n_layers + 4), 4.2),
+                             squeeze=False)
+    for ax, (table, colours, name) in zip(axes[0], panels):
+        bottom = pd.Series(0.0, index=table.index)
+        for part, colour in colours.items():
+            ax.bar(table.index, table[part], bottom=bottom, color=colour, label=part)
+            bottom += table[part]
+        ax.set_xlabel("layer")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, 1)
+        ax.set_xticks(table.index)
+        if name:
+            ax.set_title(name, fontsize=9)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=8)
+    if len(panels) > 1:
+        fig.suptitle(title, fontsize=10)
+    else:
+        axes[0][0].set_title(title, fontsize=10)
     return _save(fig, out)
 
 
@@ -570,3 +591,95 @@ def plot_steering_comparison(summary: pd.DataFrame, out: str | Path, title: str)
     bottom.set_xlabel("strength |s| or |r| (log)")
     bottom.set_ylim(0, 1.05)
     return _save(fig, out)
+
+
+# Link categories (flowdb.links): same in both sides' colours where the name is shared.
+LINK_COLOUR = {"kept": "#4c72b0", "split": "#8172b3", "merged": "#55a868", "shifted": "#ccb974",
+               "gone": "#bbbbbb", "new": "#dd8452"}
+
+
+def plot_link(places: pd.DataFrame, out: str | Path, link: str, module: str = "res") -> Path:
+    """Per-layer shares of A's categories (kept/split/shifted/gone) and B's (kept/merged/shifted/new)
+    at one module, from a link set's LinkPlace records."""
+    from flowdb.links import A_CATEGORIES, B_CATEGORIES
+
+    out = _target(out)
+    rows = places[places["module"] == module].set_index("layer").sort_index()
+    if rows.empty:
+        raise FlowdbError(f"link set {link!r} has no {module} places; it has "
+                          f"{', '.join(sorted(set(places['module']))) or 'none'}")
+    panels = []
+    for side, names, pack in (("a", A_CATEGORIES, "A"), ("b", B_CATEGORIES, "B")):
+        table = rows[[f"{side}_{c}" for c in names]].set_axis(list(names), axis=1)
+        panels.append((table, {c: LINK_COLOUR[c] for c in names}, f"{pack}: {rows['n_' + side].iloc[0]:,} "
+                       f"features per layer" if rows[f"n_{side}"].nunique() == 1 else pack))
+    return _stacked_panels(panels, out, f"link set {link}: categories per layer ({MODULE_NAME[module]})",
+                           "share of features")
+
+
+FAMILY_NODE_CAP = 40  # more features than this and a family tree is not readable
+
+
+def plot_family(nodes: pd.DataFrame, edges: pd.DataFrame, out: str | Path, title: str) -> Path:
+    """A feature's family across linked packs as a layered tree: the feature (column 0), its
+    relatives (1), their relatives back (2), edges marked with cosines.
+    nodes: key, column, pack, layer, module, index, category, label; edges: source, target, link, cosine."""
+    out = _target(out, STATIC)
+    if len(nodes) > FAMILY_NODE_CAP:
+        raise FlowdbError(f"the family has {len(nodes)} features, too many to draw readably (at most "
+                          f"{FAMILY_NODE_CAP}): lower --limit")
+    positions: dict[str, tuple[float, float]] = {}
+    parents: dict[str, list[str]] = {}
+    for edge in edges.itertuples():
+        parents.setdefault(edge.target, []).append(edge.source)
+    for column in sorted(nodes["column"].unique()):
+        keys = list(nodes.loc[nodes["column"] == column, "key"])  # in the order given: best first
+
+        def parent_row(key: str) -> float:
+            rows = [positions[p][1] for p in parents.get(key, []) if p in positions]
+            return -sum(rows) / len(rows) if rows else 0.0
+
+        keys.sort(key=parent_row)  # stable: children keep their order under one parent
+        for row, key in enumerate(keys):
+            positions[key] = (float(column), (len(keys) - 1) / 2 - row)
+    plt = _pyplot()
+    tallest = max(int((nodes["column"] == c).sum()) for c in nodes["column"].unique())
+    size = (4.2 * nodes["column"].nunique() + 1.5, max(3.5, 1.25 * tallest + 1.6))
+    fig, ax = plt.subplots(figsize=size)
+    for edge in edges.itertuples():
+        (x0, y0), (x1, y1) = positions[edge.source], positions[edge.target]
+        ax.annotate("", xy=(x1, y1), xytext=(x0, y0), zorder=1,
+                    arrowprops={"arrowstyle": "-", "lw": _width(edge.cosine), "alpha": 0.45, "color": "#555",
+                                "shrinkA": 10, "shrinkB": 10})
+        ax.text(x0 + 0.5 * (x1 - x0), y0 + 0.5 * (y1 - y0), f"{edge.cosine:.2f}", fontsize=7, ha="center",
+                va="center", zorder=2, bbox={"boxstyle": "round,pad=0.15", "facecolor": "white",
+                                             "edgecolor": "none", "alpha": 0.85})
+    for row in nodes.to_dict("records"):
+        x, y = positions[row["key"]]
+        category = _text(row["category"])
+        ax.scatter([x], [y], s=260, c=LINK_COLOUR.get(category, "#999999"), edgecolors="black" if row["column"] == 0
+                   else "white", linewidths=2 if row["column"] == 0 else 1, zorder=3)
+        text = "\n".join([row["pack"], f"{_name(row)} · {category}" if category else _name(row),
+                          *_wrapped(_text(row["label"]))])
+        if row["column"] == 0:  # left of the feature, where no edge runs
+            ax.text(x - 0.07, y, text, fontsize=7, ha="right", va="center", zorder=5, parse_math=False)
+        else:
+            ax.text(x + 0.07, y - 0.12, text, fontsize=7, ha="left", va="top", zorder=5, parse_math=False,
+                    bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.7})
+    columns = sorted(nodes["column"].unique())
+    ax.set_xticks(columns, ["feature", "its relatives", "their relatives"][:len(columns)])
+    ax.set_yticks([])
+    ax.set_xlim(-0.6, max(columns) + 0.9)
+    ys = [y for _, y in positions.values()]
+    ax.set_ylim(min(ys) - 0.8, max(ys) + 0.5)
+    for side in ("top", "right", "left"):
+        ax.spines[side].set_visible(False)
+    from matplotlib.lines import Line2D
+
+    drawn = set(nodes["category"].map(_text))
+    ax.legend(handles=[Line2D([], [], linestyle="", marker="o", markersize=9, markerfacecolor=colour,
+                              markeredgecolor="white", label=name) for name, colour in LINK_COLOUR.items()
+                       if name in drawn], loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=8,
+              title="category in the link", title_fontsize=8)
+    ax.set_title(f"{title}\nedge width and number: cosine of the decoder directions", fontsize=10)
+    return _save(fig, out, dpi=min(DPI, MAX_PIXELS / max(size)))

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from flowdb.errors import QueryError, QueryTimeout
+from flowdb.errors import NotFound, QueryError, QueryTimeout
 from flowdb.manifest import MAX_K  # no build stores more matches per module
 from flowdb.settings import QUERY_TIMEOUT_RANGE_S, query_timeout_s
 
@@ -221,6 +221,7 @@ def run_template(db, name: str, params: dict[str, Any] | None = None, timeout_s:
         pack = _pack_of(bound)
         context = graph.query_context(db, pack, [])
     check_against_pack(db, template, bound, pack, context.record)
+    link_note = check_link(db, bound.get("link"))
     note = thresholds_note(template, bound, context.rules if pack else None)
     if note == OLD_BUILD:
         raise QueryError(f"template {name}: pack {_pack_of(bound)!r} was built by an older flowdb that "
@@ -243,7 +244,7 @@ def run_template(db, name: str, params: dict[str, Any] | None = None, timeout_s:
         if len(values) and frame[column].dtype == float and integers:
             frame[column] = frame[column].astype("Int64")
     frame.attrs["thresholds"] = note
-    warning = pack_warning(pack, context.record)
+    warning = "; ".join(w for w in (pack_warning(pack, context.record), link_note) if w)
     if warning:
         frame.attrs["warning"] = warning
         warnings.warn(warning, IncompleteBuildWarning, stacklevel=2)
@@ -292,6 +293,23 @@ def check_against_pack(db, template: Template, bound: dict[str, Any], pack: str,
                              f"and {feature} is of module {module}: flowdb matches only {template.feature_module} "
                              f"features to their predecessors (flowdb query descendants -p feature={feature} "
                              "shows what it feeds)")
+
+
+def check_link(db, name: str | None) -> str | None:
+    """Refuse a link set that is not stored, naming those that are; a note when it is not complete."""
+    from flowdb import graph
+
+    if name is None:
+        return None
+    found = graph.read_link(db, name)
+    if found is None:
+        names = [row["name"] for row in graph.list_links(db)]
+        raise NotFound(f"no link set named {name!r} in {db.where}; stored link sets: "
+                       f"{', '.join(names) if names else 'none; run flowdb link A B first'}")
+    if found["status"] == "complete":
+        return None
+    return (f"link set {name!r} is {found['status']} ({len(found['places_done'])} place(s) stored); "
+            "its answers may miss features: run flowdb link again")
 
 
 class IncompleteBuildWarning(UserWarning):

@@ -16,7 +16,8 @@ from flowdb.queries import get_template, run_template, templates
 from helpers import ReferenceGraph, brute_force_edges
 
 REQUIRED = {"lineage", "descendants", "flow-graph", "origins", "newborn", "circuit",
-            "steering-set", "label-search", "chains", "edges", "by-category", "hubs"}
+            "steering-set", "label-search", "chains", "edges", "by-category", "hubs",
+            "family", "splits", "new-features", "lineage-across"}
 
 
 def test_every_template_declares_exactly_the_parameters_it_uses():

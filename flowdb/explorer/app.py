@@ -172,6 +172,15 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
                     "note": frame.attrs.get("thresholds"), "warning": frame.attrs.get("warning")}
         return run
 
+    def api_family(request, body):
+        """The family template: the feature's relatives in linked packs (above_only, limit as there)."""
+        from flowdb.queries import records, run_template
+
+        given = {name: request.query_params[name] for name in ("above_only", "limit")
+                 if request.query_params.get(name)}
+        frame = run_template(db(), "family", {"feature": key_of(request), **given})
+        return {"columns": list(frame.columns), "rows": records(frame), "warning": frame.attrs.get("warning")}
+
     def api_download(request, body):
         from flowdb.graph_json import flow_graph_json, slug_for
         from flowdb.queries import csv_text
@@ -297,6 +306,7 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
         Route("/api/neighbours/{key:path}", api(api_neighbours)),
         Route("/api/lineage/{key:path}", api(api_table("lineage"))),
         Route("/api/descendants/{key:path}", api(api_table("descendants"))),
+        Route("/api/family/{key:path}", api(api_family)),
         Route("/api/templates", api(api_templates)),
         Route("/api/templates/{name}", api(api_template)),
         Route("/api/cypher", api(api_cypher), methods=["POST"]),

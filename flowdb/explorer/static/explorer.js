@@ -207,7 +207,7 @@
     });
     const detail = await api("/api/features/" + path);
     showFeature(detail);
-    await Promise.all([loadFlow(path, params), loadTables(path, params)]);
+    await Promise.all([loadFlow(path, params), loadTables(path, params), loadFamily(path)]);
     setupSteering(key);
   }
 
@@ -293,6 +293,18 @@
       }
     });
     await Promise.all(jobs);
+  }
+
+  // The feature's relatives in linked packs: the family template, above-threshold ones.
+  async function loadFamily(path) {
+    const table = $("family-table");
+    try {
+      const answer = await api("/api/family/" + path + "?above_only=true");
+      fillTable(table, ["link", "relative_key", "cosine", "relative_category", "category", "relative_label", "relative_url"],
+                answer.rows);
+    } catch (err) {
+      table.replaceChildren(el("caption", err.message));
+    }
   }
 
   function setupSteering(key) {
