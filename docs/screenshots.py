@@ -1,10 +1,11 @@
 """Screenshots of the explorer's pages for the README, taken in headless chromium.
 
     flowdb serve &        # prints http://localhost:8047/?token=TOKEN
-    .venv/bin/python docs/screenshots.py http://localhost:8047 TOKEN PLANTED_KEY SMOLLM2_KEY
+    .venv/bin/python docs/screenshots.py http://localhost:8047 TOKEN PLANTED_KEY SMOLLM2_KEY [FAMILY_KEY]
 
 PLANTED_KEY is a feature of the planted demo pack (scripts/demo.sh prints one) and
-SMOLLM2_KEY one of the SmolLM2 demo pack labelled with `flowdb labels contexts`.
+SMOLLM2_KEY one of the SmolLM2 demo pack labelled with `flowdb labels contexts`;
+FAMILY_KEY (default SMOLLM2_KEY) one whose pack is linked with another (flowdb link).
 Pictures go to docs/figures/explorer-*.png.
 """
 
@@ -18,7 +19,7 @@ from urllib.parse import quote
 OUT = Path(__file__).parent / "figures"
 
 
-def main(base: str, token: str, planted: str, smollm2: str) -> None:
+def main(base: str, token: str, planted: str, smollm2: str, family: str | None = None) -> None:
     from playwright.sync_api import sync_playwright
 
     pack = smollm2.split("/", 1)[0]
@@ -42,6 +43,12 @@ def main(base: str, token: str, planted: str, smollm2: str) -> None:
              before=lambda: page.evaluate("document.querySelector('h2').scrollIntoView()"))
         shot("feature-smollm2", f"/feature/{smollm2}?depth=2&max_rank=2", full=False)
         shot("pack-smollm2", f"/pack/{pack}")
+
+        def family_table():
+            page.wait_for_selector("#family-table td")
+            page.evaluate("document.getElementById('family-table').previousElementSibling"
+                          ".previousElementSibling.scrollIntoView()")
+        shot("family", f"/feature/{family or smollm2}?depth=2", full=False, before=family_table)
 
         def typed():
             page.fill("#find-box", "import")
@@ -68,6 +75,6 @@ def main(base: str, token: str, planted: str, smollm2: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 5:
+    if len(sys.argv) not in (5, 6):
         raise SystemExit(__doc__)
     main(*sys.argv[1:])
