@@ -231,6 +231,34 @@ def test_markup_in_a_label_stays_text(live, page):
     assert page.evaluate("document.querySelectorAll('img, main script, #flow-graph a').length") == 0
 
 
+def test_the_family_table_links_relatives_and_keeps_labels_as_text(live, page, explorer_db, planted_pack, tmp_path):
+    from flowdb.ingest import delete_pack, ingest
+    from flowdb.links import LinkSpec, link_packs
+    from flowdb.manifest import load_manifest
+
+    db, _ = explorer_db
+    (tmp_path / "manifest.toml").write_text(  # the planted residual SAEs again, as a pack of its own
+        f'name = "copy"\nmodel = "planted-model"\nlayers = [0, 3]\n\n'
+        f'[modules.res]\npath = "{planted_pack[0]}/saes/res/layer_{{layer}}"\n')
+    ingest(load_manifest(tmp_path / "manifest.toml"), db)
+    try:
+        link_packs(db, "copy", "planted", LinkSpec(k=1, modules=("res",)))
+        ready(page, f"{live}/feature/copy/3/res/4?depth=1")
+        page.wait_for_selector("#family-table td", timeout=WAIT_MS)
+        row = page.locator("#family-table tr").nth(1)
+        assert XSS_LABEL in row.text_content()  # its relative is planted/3/res/4 itself (cosine 1), labelled in markup
+        row.locator("a", has_text="planted/3/res/4").click()
+        page.wait_for_url("**/feature/planted/3/res/4**", timeout=WAIT_MS)
+        page.wait_for_function("document.body.dataset.ready", timeout=WAIT_MS)
+        page.wait_for_selector("#family-table td", timeout=WAIT_MS)  # and back: its family names the copy
+        assert "copy/3/res/4" in page.locator("#family-table").text_content()
+        assert page.evaluate("window.__xss") is None
+        assert page.evaluate("document.querySelectorAll('img, main script, #family-table a[href^=javascript]')"
+                             ".length") == 0
+    finally:
+        delete_pack(db, "copy")
+
+
 def test_off_loopback_a_request_without_the_token_is_refused(explorer_db, page):
     db, _ = explorer_db
     host = "0.0.0.0"
