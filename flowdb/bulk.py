@@ -18,15 +18,20 @@ written layer by layer with Arrow's CSV writer, so memory holds at most two laye
     edges-RESIDUAL.*, edges-MLP.*, edges-ATTENTION.*
         :START_ID(flow),:END_ID(flow),cosine:double,rank:long,above:boolean
     edges-FROM_NOWHERE.*                            :START_ID(flow),:END_ID(flow)
+    edges-ALIGNS.*                                  link sets (flowdb.links), both ways
+        :START_ID(flow),:END_ID(flow),link,cosine:double,rank:long,above:boolean,category
 
-Node ids are integers from 0 up, numbered pack by pack and layer by layer, and become
+Node ids are integers from 0 up, numbered pack by pack and layer by layer (FeatureIds
+keeps where each layer and module begins, for the link sets' ends), and become
 the new store's own node ids (--id-type=actual: no id mapping, a third faster than
 --id-type=integer here); the key property names a feature. Cosines are written
 as the float64 of each float32 score, in the shortest text that reads back exactly,
 as the Bolt path sends them. An empty field is a property the node does not have.
+Link atlases go in only when both their packs do, by name and build fingerprint.
 import.json records the files and what the importer does not write (Pack and SAE
-nodes): for a Neo4j of the user's own, run import_command(files) with its neo4j-admin,
-start it, then finish_import(db, ImportFiles.open(directory)).
+nodes; LinkSet and LinkPlace nodes, as flowdb link writes them): for a Neo4j of the
+user's own, run import_command(files) with its neo4j-admin, start it, then
+finish_import(db, ImportFiles.open(directory)).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,17 +58,21 @@ from flowdb.build import LayerBuild
 from flowdb.database import Database, neo4j_errors
 from flowdb.errors import FlowdbError
 from flowdb.files import regular_file
+from flowdb.links import LinkAtlas, common_places, link_set_properties
 from flowdb.modules import MODULES, RESIDUAL
 from flowdb.neo4j_server import BULK_COST, ManagedServer
+from flowdb.plan import BuildPlan
 from flowdb.settings import import_memory, import_threads, private_dir
 from flowdb.writes import write_errors
 
 ID_SPACE = "flow"
 ID_TYPE = "actual"  # the ids in the files, dense from 0, are the node ids
-FORMAT = 1  # of import.json
+FORMAT = 2  # of import.json; 2 added link sets
+READABLE_FORMATS = (1, 2)
 MANIFEST = "import.json"
 DATABASE = "neo4j"  # Community edition: the one database there is
 FROM_NOWHERE = "FROM_NOWHERE"
+ALIGNS = "ALIGNS"
 INDEX_WAIT_S = 3600
 
 _FEATURE_COLUMNS = [("key", pa.string(), "key"), ("pack", pa.string(), "pack"),
@@ -74,6 +83,8 @@ _RESIDUAL_COLUMNS = [("category", pa.string(), "category"), ("s_res", pa.float64
 _EDGE_COLUMNS = [("start", pa.int64(), f":START_ID({ID_SPACE})"), ("end", pa.int64(), f":END_ID({ID_SPACE})"),
                  ("cosine", pa.float64(), "cosine:double"), ("rank", pa.int64(), "rank:long"),
                  ("above", pa.bool_(), "above:boolean")]
+_ALIGNS_COLUMNS = [*_EDGE_COLUMNS[:2], ("link", pa.string(), "link"), *_EDGE_COLUMNS[2:],
+                   ("category", pa.string(), "category")]
 _ID = [("id", pa.int64(), f":ID({ID_SPACE})")]
 
 
@@ -103,10 +114,11 @@ class BulkPack:
 @dataclass
 class BulkReport:
     packs: list[str]
-    nodes: int  # every node written: features, Nowhere, Pack and SAE nodes
-    relationships: int  # match edges, FROM_NOWHERE and HAS_SAE
+    nodes: int  # every node written: features, Nowhere, Pack and SAE nodes, LinkSet and LinkPlace nodes
+    relationships: int  # match edges, FROM_NOWHERE, HAS_SAE, ALIGNS and HAS_PLACE
     import_seconds: float  # neo4j-admin alone
     total_seconds: float  # the whole bulk_load, checks and restarts included
+    links: list[str] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
@@ -125,6 +137,39 @@ class PackRows:
 
 
 @dataclass
+class LinkRows:
+    """A link set to import: its link atlas, and what the importer does not write of it
+    (its LinkSet node and LinkPlace nodes)."""
+
+    name: str
+    atlas: str  # the link atlas directory, whose matches become ALIGNS rows
+    a: str
+    b: str
+    properties: dict  # links.link_set_properties
+    places: dict[str, dict]  # LinkPlace records by place key ("3-res"), in the atlas's order
+
+    def graph_size(self) -> tuple[int, int]:
+        """The nodes and relationships it adds: LinkSet and LinkPlace nodes; ALIGNS and HAS_PLACE."""
+        aligns = sum(r["n_a"] * r["k"] + r["n_b"] for r in self.places.values())
+        return 1 + len(self.places), aligns + len(self.places)
+
+
+class FeatureIds:
+    """The node ids the import files give features: per pack, layer and module, the id of
+    index 0 and the width (index i has id first + i)."""
+
+    def __init__(self):
+        self._slots: dict[tuple[str, int, str], tuple[int, int]] = {}
+
+    def add(self, pack: str, layer: int, module: str, first: int, width: int) -> None:
+        self._slots[(pack, layer, module)] = (first, width)
+
+    def get(self, pack: str, layer: int, module: str) -> tuple[int, int] | None:
+        """(id of index 0, width), or None where the files have no such features."""
+        return self._slots.get((pack, layer, module))
+
+
+@dataclass
 class ImportFiles:
     """Import files in `directory`: per node label set and relationship type, a header
     file and a data file (names relative to directory), and in import.json this and
@@ -136,6 +181,7 @@ class ImportFiles:
     packs: list[PackRows]
     n_nodes: int = 0  # nodes and relationships in the files
     n_relationships: int = 0
+    links: list[LinkRows] = field(default_factory=list)
 
     def paths(self, names: list[str]) -> list[Path]:
         return [self.directory / name for name in names]
@@ -143,7 +189,7 @@ class ImportFiles:
     def save(self) -> None:
         state = {"format": FORMAT, "nodes": self.nodes, "relationships": self.relationships,
                  "n_nodes": self.n_nodes, "n_relationships": self.n_relationships,
-                 "packs": [vars(rows) for rows in self.packs]}
+                 "packs": [vars(rows) for rows in self.packs], "links": [vars(rows) for rows in self.links]}
         with write_errors(self.directory / MANIFEST):
             _create_private(self.directory / MANIFEST).write_text(json.dumps(state, default=_plain))
 
@@ -155,11 +201,12 @@ class ImportFiles:
             state = json.loads(regular_file(directory / MANIFEST, "import files").read_text())
         except (OSError, ValueError) as exc:
             raise FlowdbError(f"{directory} holds no flowdb import files ({exc})") from None
-        if state.get("format") != FORMAT:
+        if state.get("format") not in READABLE_FORMATS:
             raise FlowdbError(f"{directory}: import files of format {state.get('format')!r}, "
-                              f"this flowdb reads {FORMAT}; write them again")
+                              f"this flowdb reads {', '.join(map(str, READABLE_FORMATS))}; write them again")
         return cls(directory, state["nodes"], state["relationships"],
-                   [PackRows(**rows) for rows in state["packs"]], state["n_nodes"], state["n_relationships"])
+                   [PackRows(**rows) for rows in state["packs"]], state["n_nodes"], state["n_relationships"],
+                   [LinkRows(**rows) for rows in state.get("links", [])])
 
 
 # --- the import files ---------------------------------------------------------------------
@@ -211,15 +258,17 @@ class _Group:
             path.unlink(missing_ok=True)
 
 
-def write_import_files(directory: Path, packs: list[BulkPack]) -> ImportFiles:
-    """Write the packs' features, Nowhere nodes and edges as neo4j-admin import files into
-    `directory` (created private), layer by layer. Refuses, before anything is imported,
-    packs that share a name and layers whose matches point outside their SAEs."""
+def write_import_files(directory: Path, packs: list[BulkPack], links: Sequence[LinkAtlas] = ()) -> ImportFiles:
+    """Write the packs' features, Nowhere nodes and edges, and the link sets' ALIGNS, as
+    neo4j-admin import files into `directory` (created private), layer by layer. Refuses,
+    before anything is imported, packs that share a name, layers whose matches point
+    outside their SAEs and link atlases that do not link two of these builds (link_rows)."""
     _check_names(packs)
+    linked = link_rows(links, packs)
     directory = private_dir(Path(directory))
     groups: list[_Group] = []
     try:
-        return _write_import_files(directory, packs, groups)
+        return _write_import_files(directory, packs, linked, groups)
     except BaseException:  # nothing half-written is left: every file this call made goes
         for group in groups:
             group.remove()
@@ -227,7 +276,8 @@ def write_import_files(directory: Path, packs: list[BulkPack]) -> ImportFiles:
         raise
 
 
-def _write_import_files(directory: Path, packs: list[BulkPack], groups: list[_Group]) -> ImportFiles:
+def _write_import_files(directory: Path, packs: list[BulkPack], links: list[LinkRows],
+                        groups: list[_Group]) -> ImportFiles:
     def add(stem: str, columns: list[tuple[str, pa.DataType, str]]) -> _Group:
         groups.append(_Group(directory, stem, columns))
         return groups[-1]
@@ -239,7 +289,8 @@ def _write_import_files(directory: Path, packs: list[BulkPack], groups: list[_Gr
     nowhere = add("nowhere", _ID + [("pack", pa.string(), "pack")])
     edges = {m.edge_type: add(f"edges-{m.edge_type}", _EDGE_COLUMNS) for m in MODULES.values()}
     edges[FROM_NOWHERE] = add(f"edges-{FROM_NOWHERE}", _EDGE_COLUMNS[:2])
-    rows, next_id, pending = [], 0, []
+    edges[ALIGNS] = add(f"edges-{ALIGNS}", _ALIGNS_COLUMNS)
+    rows, next_id, pending, ids = [], 0, [], FeatureIds()
     # Arrow formats CSV without the GIL: a layer's groups are written side by side, while
     # the next layer's rows are made (so at most two layers are in memory).
     pool = ThreadPoolExecutor(min(os.cpu_count() or 2, 4), thread_name_prefix="flowdb-csv")
@@ -248,10 +299,9 @@ def _write_import_files(directory: Path, packs: list[BulkPack], groups: list[_Gr
             pack_rows = PackRows(pack.name, graph.pack_properties(
                 pack.name, pack.plan, pack.fingerprint, __version__, pack.backend))
             nowhere_id, next_id = next_id, next_id + 1
-            slots: dict[tuple[int, str], tuple[int, int]] = {}  # (layer, module) -> (first id, width)
             writes = [(nowhere, {"id": [nowhere_id], "pack": [pack.name]})]
             for layer in pack.layers():
-                next_id, layer_writes = _layer_rows(pack.name, layer, nowhere_id, next_id, slots, features, edges)
+                next_id, layer_writes = _layer_rows(pack.name, layer, nowhere_id, next_id, ids, features, edges)
                 _finish(pending)
                 pending = [pool.submit(group.write, columns) for group, columns in writes + layer_writes]
                 writes = []
@@ -260,6 +310,12 @@ def _write_import_files(directory: Path, packs: list[BulkPack], groups: list[_Gr
             if not pack_rows.layers:
                 raise FlowdbError(f"pack {pack.name!r} has no layers to import")
             rows.append(pack_rows)
+        for link in links:
+            atlas = LinkAtlas(link.atlas)
+            for key in link.places:
+                columns = _link_place_rows(link, atlas.read_place(key), ids)
+                _finish(pending)
+                pending = [pool.submit(edges[ALIGNS].write, columns)]
         _finish(pending)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # no write runs on when the files close
@@ -270,7 +326,7 @@ def _write_import_files(directory: Path, packs: list[BulkPack], groups: list[_Gr
         {labels[name]: [g.header, g.data] for name, g in features.items() if g.rows}
         | ({"Nowhere": [nowhere.header, nowhere.data]} if nowhere.rows else {}),
         {kind: [g.header, g.data] for kind, g in edges.items() if g.rows},
-        rows, sum(g.rows for g in (*features.values(), nowhere)), sum(g.rows for g in edges.values()))
+        rows, sum(g.rows for g in (*features.values(), nowhere)), sum(g.rows for g in edges.values()), links)
     files.save()
     return files
 
@@ -280,22 +336,21 @@ def _finish(writes: list[Future]) -> None:
         write.result()
 
 
-def _layer_rows(pack: str, layer: LayerBuild, nowhere_id: int, next_id: int,
-                slots: dict[tuple[int, str], tuple[int, int]], features: dict[str, _Group],
-                edges: dict[str, _Group]) -> tuple[int, list[tuple[_Group, dict]]]:
+def _layer_rows(pack: str, layer: LayerBuild, nowhere_id: int, next_id: int, ids: FeatureIds,
+                features: dict[str, _Group], edges: dict[str, _Group]) -> tuple[int, list[tuple[_Group, dict]]]:
     """One layer's rows for each group (all checked first); its features get the ids from
-    next_id on. Returns the next free id and the rows."""
+    next_id on (recorded in ids). Returns the next free id and the rows."""
     number = layer.layer
     if layer.categories is None or layer.thresholds is None:
         raise FlowdbError(f"pack {pack!r}: layer {number} is not classified")
-    if (number, RESIDUAL.name) in slots:
+    if ids.get(pack, number, RESIDUAL.name) is not None:
         raise FlowdbError(f"pack {pack!r}: layer {number} comes twice")
     writes = []
     for module in MODULES.values():
         if module.name not in layer.widths:
             continue
         width = int(layer.widths[module.name])
-        slots[(number, module.name)] = (next_id, width)
+        ids.add(pack, number, module.name, next_id, width)
         index = np.arange(width, dtype=np.int64)
         columns = {"id": next_id + index, "index": index, "pack": pa.repeat(pack, width),
                    "layer": np.full(width, number, dtype=np.int64), "module": pa.repeat(module.name, width),
@@ -306,14 +361,14 @@ def _layer_rows(pack: str, layer: LayerBuild, nowhere_id: int, next_id: int,
                         **{f"s_{place}": layer.top1(place) for place in MODULES}}
         writes.append((features[module.name], columns))
         next_id += width
-    res_first, n_res = slots[(number, RESIDUAL.name)]
+    res_first, n_res = ids.get(pack, number, RESIDUAL.name)
     for place, indices in layer.indices.items():
         module = MODULES[place]
         source = module.predecessor_layer(number)
-        if (source, place) not in slots:
+        if ids.get(pack, source, place) is None:
             raise FlowdbError(f"pack {pack!r}: layer {number}'s {module.title} matches point into layer "
                               f"{source}, which is not written before it")
-        first, width = slots[(source, place)]
+        first, width = ids.get(pack, source, place)
         n, k = indices.shape
         if n != n_res or (indices.size and (indices.min() < 0 or indices.max() >= width)):
             raise FlowdbError(f"pack {pack!r}: layer {number}'s {module.title} matches name features "
@@ -328,6 +383,31 @@ def _layer_rows(pack: str, layer: LayerBuild, nowhere_id: int, next_id: int,
     writes.append((edges[FROM_NOWHERE], {"start": np.full(marked.size, nowhere_id, dtype=np.int64),
                                          "end": res_first + marked.astype(np.int64)}))
     return next_id, writes
+
+
+def _link_place_rows(link: LinkRows, place, ids: FeatureIds) -> dict[str, object]:
+    """The ALIGNS rows of one linked place (a links.PlaceLink), both ways, between the ids
+    its two packs' features got; refused when a side's width is not its pack's."""
+    starts, ends, sides = [], [], place.directions()
+    for side, columns in sides.items():
+        own, other = (link.a, link.b) if side == "a" else (link.b, link.a)
+        (own_first, own_width), (other_first, other_width) = (
+            ids.get(pack, place.layer, place.module) or (0, 0) for pack in (own, other))
+        matched = columns["other"]
+        if (place.n_a if side == "a" else place.n_b) != own_width or (
+                matched.size and not 0 <= matched.min() <= matched.max() < other_width):
+            raise FlowdbError(f"link atlas {link.atlas}: layer {place.layer} {place.module} does not fit "
+                              f"{own}'s {own_width} and {other}'s {other_width} features there; "
+                              "link these builds again")
+        starts.append(own_first + columns["index"].astype(np.int64))
+        ends.append(other_first + matched.astype(np.int64))
+    start = np.concatenate(starts)
+
+    def both(name: str) -> np.ndarray:
+        return np.concatenate([columns[name] for columns in sides.values()])
+
+    return {"start": start, "end": np.concatenate(ends), "link": pa.repeat(link.name, start.size),
+            "cosine": both("cosine"), "rank": both("rank"), "above": both("above"), "category": both("category")}
 
 
 def _arrow(values, kind: pa.DataType) -> pa.Array:
@@ -347,6 +427,37 @@ def _check_names(packs: list[BulkPack]) -> None:
     if twice:
         raise FlowdbError(f"bulk load got pack {twice[0]!r} more than once; a database holds one "
                           "build of each pack")
+
+
+def link_rows(atlases: Sequence[LinkAtlas], packs: list[BulkPack]) -> list[LinkRows]:
+    """The link sets of these link atlases, each refused in one line unless both its packs
+    are among `packs` in the builds it linked (name and fingerprint), it has every place
+    the two builds share, and no other link set here has its name."""
+    by_name = {pack.name: pack for pack in packs}
+    linked: list[LinkRows] = []
+    for atlas in atlases:
+        info = atlas.info
+        name, where = info["name"], atlas.root
+        for side in ("a", "b"):
+            pack, fingerprint = by_name.get(info[side]), info[f"{side}_fingerprint"]
+            if pack is None:
+                raise FlowdbError(f"link atlas {where} links pack {info[side]!r}, which is not among the atlases "
+                                  f"being imported ({', '.join(by_name)}); import its atlas too or leave the link out")
+            if pack.fingerprint != fingerprint:
+                raise FlowdbError(f"link atlas {where} links build {fingerprint} of pack {info[side]!r}; the atlas "
+                                  f"being imported holds build {pack.fingerprint}: link that build (flowdb link)")
+        if name in {rows.name for rows in linked}:
+            raise FlowdbError(f"bulk load got link set {name!r} more than once; a database holds one of each name")
+        shared = common_places(BuildPlan.from_json(by_name[info["a"]].plan), BuildPlan.from_json(
+            by_name[info["b"]].plan), tuple(info["spec"]["modules"]))
+        done = atlas.places_done()
+        missing = [f"{layer}-{module}" for layer, module in shared if f"{layer}-{module}" not in done]
+        if missing:
+            raise FlowdbError(f"link atlas {where} lacks layer-module {', '.join(missing)}; finish it "
+                              "(flowdb.links.link_atlas) before importing it")
+        linked.append(LinkRows(name, str(where), info["a"], info["b"], link_set_properties(info, atlas.matchers()),
+                               {key: atlas.place_record(key) for key in done}))
+    return linked
 
 
 def _plain(value):
@@ -377,19 +488,22 @@ def import_command(files: ImportFiles, database: str = DATABASE, *, overwrite: b
 
 
 def bulk_load(server: ManagedServer, packs: list[BulkPack],
-              progress: Callable[[str], None] | None = None) -> BulkReport:
-    """Build the managed server's database from packs with neo4j-admin's importer.
+              progress: Callable[[str], None] | None = None, links: Sequence[LinkAtlas] = ()) -> BulkReport:
+    """Build the managed server's database from packs, and link sets of theirs from link
+    atlases, with neo4j-admin's importer.
 
-    Refuses (FlowdbError, nothing changed) when the database holds any node. The server
+    Refuses (FlowdbError, nothing changed) when the database holds any node, or a link
+    atlas does not link two of these builds (link_rows). The server
     is stopped (while the import files are written) and started again after the import;
     a failed import leaves the database as it was. progress, if given, gets a short line
     as each step begins."""
     say = progress or _quiet
     started = time.perf_counter()
     _check_names(packs)
+    linked = link_rows(links, packs)
     with server.importing():
         _require_empty(server)
-        _require_space(server, packs)
+        _require_space(server, packs, linked)
         work = Path(tempfile.mkdtemp(prefix="files-", dir=private_dir(server.root / "bulk")))
         try:
             say(f"writing import files into {work}; Neo4j is stopped meanwhile")
@@ -397,7 +511,7 @@ def bulk_load(server: ManagedServer, packs: list[BulkPack],
             with ThreadPoolExecutor(1) as pool:
                 stopping = pool.submit(server.stop, store_only=True)
                 try:
-                    files = write_import_files(work, packs)
+                    files = write_import_files(work, packs, links)
                 except BaseException:
                     if stopping.result():  # it was running: it goes on running
                         _restart(server)
@@ -432,11 +546,12 @@ def _load(server: ManagedServer, files: ImportFiles, say: Callable[[str], None],
     say("starting Neo4j")
     server.stop()  # the old process, should it still be shutting down its connector
     server.start()
-    say("creating constraints and indexes, and the Pack and SAE nodes")
+    say("creating constraints and indexes, the Pack and SAE nodes" + (" and the link sets" if files.links else ""))
     with _connect(server) as db:
         nodes, relationships = finish_import(db, files)
     return BulkReport([rows.name for rows in files.packs], files.n_nodes + nodes,
-                      files.n_relationships + relationships, import_seconds, time.perf_counter() - started)
+                      files.n_relationships + relationships, import_seconds, time.perf_counter() - started,
+                      [rows.name for rows in files.links])
 
 
 def _restart(server: ManagedServer) -> None:
@@ -454,9 +569,10 @@ def _quiet(_line: str) -> None:
 
 def finish_import(db: Database, files: ImportFiles) -> tuple[int, int]:
     """After neo4j-admin imported `files` (here, or into a server of the user's own, which
-    then has been started): flowdb's constraints and indexes, online, and each pack's Pack
-    node and SAE nodes; a pack whose Pack node is there already is left alone. Returns the
-    nodes and relationships it wrote."""
+    then has been started): flowdb's constraints and indexes, online, each pack's Pack
+    node and SAE nodes, and each link set's LinkSet and LinkPlace nodes, as flowdb link
+    writes them; a pack whose Pack node is there already is left alone, a link set is
+    finished where it stopped. Returns the nodes and relationships it wrote."""
     # graph.ensure_schema's statements, plain indexes first: on a full store they populate
     # in the background while each constraint builds its own index (2.5 s of 13 at 1.6M nodes).
     for statement in sorted(graph.SCHEMA, key=lambda cypher: "CONSTRAINT" in cypher):
@@ -467,6 +583,19 @@ def finish_import(db: Database, files: ImportFiles) -> tuple[int, int]:
         if graph.read_pack(db, rows.name) is None:
             graph.store_complete_pack(db, rows.properties, rows.layers, rows.saes)
             nodes, relationships = nodes + 1 + len(rows.saes), relationships + len(rows.saes)
+    for link in files.links:
+        stored = graph.read_link(db, link.name)
+        if stored is None:
+            graph.begin_link(db, link.properties)
+            nodes += 1
+        elif stored["status"] == "complete":
+            continue
+        done = set(stored["places_done"]) if stored else set()
+        for key, record in link.places.items():
+            if key not in done:
+                graph.write_link_record(db, link.name, key, record)
+                nodes, relationships = nodes + 1, relationships + 1
+        graph.finish_link(db, link.name)
     return nodes, relationships
 
 
@@ -484,10 +613,10 @@ def _require_empty(server: ManagedServer) -> None:
             "or delete its packs first (flowdb packs lists them; flowdb delete PACK --yes)")
 
 
-def _require_space(server: ManagedServer, packs: list[BulkPack]) -> None:
+def _require_space(server: ManagedServer, packs: list[BulkPack], links: list[LinkRows]) -> None:
     """Refuse before the import files are written when the store's disk cannot take them
     and the store they become (BULK_COST counts both)."""
-    sizes = [pack.graph_size() for pack in packs]
+    sizes = [item.graph_size() for item in (*packs, *links)]
     nodes, relationships = sum(n for n, _ in sizes), sum(r for _, r in sizes)
     server.require_space(BULK_COST.bytes(nodes, relationships),
                          f"bulk-loading {', '.join(pack.name for pack in packs)} "

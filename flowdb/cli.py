@@ -262,9 +262,11 @@ def doctor(measure):
               help="With --bulk and a server of your own: write the import files here and print the command.")
 @click.option("--finish-import", "finish_dir", type=click.Path(file_okay=False),
               help="After you ran that command and started the server: constraints, Pack and SAE nodes.")
+@click.option("--link", "link_atlases", multiple=True, type=click.Path(file_okay=False),
+              help="With --bulk: a link atlas of two of these packs' builds, imported as its link set (repeatable).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal).")
 @connection_options
-def load(atlases, replace, bulk, import_dir, finish_dir, progress, settings):
+def load(atlases, replace, bulk, import_dir, finish_dir, link_atlases, progress, settings):
     """Write one or more flow atlases (from flowdb match) into Neo4j: over Bolt, or
     with --bulk through neo4j-admin database import (into an empty database only)."""
     from flowdb.atlas import Atlas
@@ -274,7 +276,8 @@ def load(atlases, replace, bulk, import_dir, finish_dir, progress, settings):
 
         with _connect(settings) as db:
             nodes, relationships = finish_import(db, ImportFiles.open(finish_dir))
-        click.echo(f"constraints and indexes online; wrote {nodes} Pack and SAE nodes, {relationships} relationships")
+        click.echo(f"constraints and indexes online; wrote {nodes} Pack, SAE and link set nodes, "
+                   f"{relationships} relationships")
         return
     if not atlases:
         raise click.UsageError("give one or more atlas directories (from flowdb match)")
@@ -282,10 +285,14 @@ def load(atlases, replace, bulk, import_dir, finish_dir, progress, settings):
     for atlas in opened:
         atlas.require_complete()
     if bulk:
-        _bulk_load(opened, import_dir, replace, progress, settings)
+        from flowdb.links import LinkAtlas
+
+        _bulk_load(opened, [LinkAtlas(path) for path in link_atlases], import_dir, replace, progress, settings)
         return
     if import_dir:
         raise click.UsageError("--import-dir goes with --bulk")
+    if link_atlases:
+        raise click.UsageError("--link goes with --bulk; over Bolt, link stored packs with flowdb link A B")
     from flowdb.ingest import load as run_load
 
     with _connect(settings) as db:
@@ -293,7 +300,7 @@ def load(atlases, replace, bulk, import_dir, finish_dir, progress, settings):
             _echo_stored(run_load(atlas, db, replace=replace, show_progress=progress))
 
 
-def _bulk_load(atlases, import_dir, replace, progress, settings) -> None:
+def _bulk_load(atlases, links, import_dir, replace, progress, settings) -> None:
     import shlex
     from pathlib import Path
 
@@ -306,7 +313,7 @@ def _bulk_load(atlases, import_dir, replace, progress, settings) -> None:
         if not import_dir:
             raise click.UsageError("--bulk into a server of your own: neo4j-admin must run where its store is; "
                                    "give --import-dir DIR to write the files and get the command")
-        files = write_import_files(Path(import_dir), packs)
+        files = write_import_files(Path(import_dir), packs, links)
         click.echo(f"wrote {files.n_nodes:,} nodes and {files.n_relationships:,} relationships to {files.directory}")
         click.echo("stop the server, then on its machine run (--overwrite-destination only if that database is "
                    "empty or may go):")
@@ -316,8 +323,9 @@ def _bulk_load(atlases, import_dir, replace, progress, settings) -> None:
     from flowdb.neo4j_server import ManagedServer
 
     say = (lambda line: click.echo(line, err=True)) if progress is not False else None
-    report = bulk_load(ManagedServer.default(), packs, progress=say)
-    click.echo(f"bulk-loaded {', '.join(report.packs)}: {report.nodes:,} nodes and {report.relationships:,} "
+    report = bulk_load(ManagedServer.default(), packs, progress=say, links=links)
+    linked = f" and link set{'s' * (len(report.links) > 1)} {', '.join(report.links)}" if report.links else ""
+    click.echo(f"bulk-loaded {', '.join(report.packs)}{linked}: {report.nodes:,} nodes and {report.relationships:,} "
                f"relationships in {report.total_seconds:.1f}s (neo4j-admin {report.import_seconds:.1f}s): "
                f"{report.rate:,.0f} relationships/s")
 

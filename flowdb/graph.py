@@ -559,16 +559,18 @@ def write_link_place(db: Database, link: str, a_pack: str, b_pack: str, place) -
         return session.execute_write(_write_link_place, link, a_pack, b_pack, place)
 
 
+def write_link_record(db: Database, link: str, key: str, record: dict) -> None:
+    """A place's LinkPlace record and the link set's places_done, without its ALIGNS (a bulk
+    import wrote those)."""
+    with db.session() as session:
+        session.execute_write(_write_link_record, link, key, record)
+
+
 def _write_link_place(tx, link: str, a_pack: str, b_pack: str, place) -> int:
-    n_a, k = place.ab_indices.shape
     slot = {"layer": place.layer, "module": place.module}
     made = 0
-    for source, target, src, dst, cosine, rank, above, category in (
-            (a_pack, b_pack, np.repeat(np.arange(n_a), k), place.ab_indices.reshape(-1),
-             place.ab_scores.reshape(-1), np.tile(np.arange(1, k + 1), n_a),
-             (place.ab_scores >= place.t_ab).reshape(-1), np.repeat(place.a_categories, k)),
-            (b_pack, a_pack, np.arange(place.n_b), place.ba_indices, place.ba_scores,
-             np.ones(place.n_b, dtype=int), place.ba_scores >= place.t_ba, place.b_categories)):
+    for side, columns in place.directions().items():
+        source, target = (a_pack, b_pack) if side == "a" else (b_pack, a_pack)
         # Nodes collected in index order once: each relationship is two list look-ups.
         made += tx.run(
             "MATCH (s:Feature {pack: $source, layer: $layer, module: $module}) "
@@ -579,11 +581,16 @@ def _write_link_place(tx, link: str, a_pack: str, b_pack: str, place) -> int:
             "WITH sources[$src[i]] AS a, targets[$dst[i]] AS b, i "
             "CREATE (a)-[:ALIGNS {link: $link, cosine: $cosine[i], rank: $rank[i], above: $above[i], "
             "                     category: $category[i]}]->(b)",
-            source=source, target=target, link=link, **slot, src=src.tolist(), dst=dst.tolist(),
-            cosine=cosine.astype(float).tolist(), rank=rank.tolist(), above=above.tolist(),
-            category=category.tolist()).consume().counters.relationships_created
+            source=source, target=target, link=link, **slot, src=columns["index"].tolist(),
+            dst=columns["other"].tolist(), cosine=columns["cosine"].astype(float).tolist(),
+            rank=columns["rank"].tolist(), above=columns["above"].tolist(),
+            category=columns["category"].tolist()).consume().counters.relationships_created
+    _write_link_record(tx, link, place.key, place.record())
+    return made
+
+
+def _write_link_record(tx, link: str, key: str, record: dict) -> None:
     tx.run("MATCH (l:LinkSet {name: $link}) "
            "CREATE (l)-[:HAS_PLACE]->(p:LinkPlace) SET p = $record, p.link = $link "
            "SET l.places_done = l.places_done + $key",
-           link=link, record=place.record(), key=place.key).consume()
-    return made
+           link=link, record=record, key=key).consume()

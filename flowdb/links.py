@@ -206,6 +206,20 @@ class PlaceLink:
         return {**{f"a_{c}": float(np.mean(self.a_categories == c)) for c in A_CATEGORIES},
                 **{f"b_{c}": float(np.mean(self.b_categories == c)) for c in B_CATEGORIES}}
 
+    def directions(self) -> dict[str, dict[str, np.ndarray]]:
+        """Its matches by the side they start from: "a" (A's top-k in B) and "b" (B's top-1
+        in A), each as columns index (on that side), rank, other (the index matched on the
+        other side), cosine, above (at or above that direction's threshold) and category
+        (of the feature at index): the atlas's rows and the ALIGNS relationships."""
+        n_a, k = self.ab_indices.shape
+        return {"a": {"index": np.repeat(np.arange(n_a), k), "rank": np.tile(np.arange(1, k + 1), n_a),
+                      "other": self.ab_indices.reshape(-1), "cosine": self.ab_scores.reshape(-1),
+                      "above": (self.ab_scores >= self.t_ab).reshape(-1),
+                      "category": np.repeat(self.a_categories, k)},
+                "b": {"index": np.arange(self.n_b), "rank": np.ones(self.n_b, dtype=np.int64),
+                      "other": self.ba_indices, "cosine": self.ba_scores, "above": self.ba_scores >= self.t_ba,
+                      "category": self.b_categories}}
+
     def record(self) -> dict:
         return {"layer": self.layer, "module": self.module, "n_a": self.n_a, "n_b": self.n_b,
                 "d_in": self.d_in, "k": int(self.ab_scores.shape[1]), "t_ab": self.t_ab, "t_ba": self.t_ba,
@@ -322,6 +336,10 @@ class LinkAtlas:
     def records(self) -> list[dict]:
         return [self.place_record(key) for key in self.places_done()]
 
+    def matchers(self) -> str:
+        """The backends that searched its places, e.g. "faiss-cpu"."""
+        return ",".join(sorted({record["matcher"] for record in self.records()}))
+
     def claim(self, info: dict) -> None:
         """Start the atlas of this link, or check the one there is of the same link."""
         if (self.root / "link.json").exists():
@@ -371,15 +389,8 @@ class LinkAtlas:
 
 
 def matches_frame(place: PlaceLink) -> pd.DataFrame:
-    n_a, k = place.ab_indices.shape
-    a = pd.DataFrame({"side": "a", "index": np.repeat(np.arange(n_a), k), "rank": np.tile(np.arange(1, k + 1), n_a),
-                      "other": place.ab_indices.reshape(-1), "cosine": place.ab_scores.reshape(-1),
-                      "above": (place.ab_scores >= place.t_ab).reshape(-1),
-                      "category": np.repeat(place.a_categories, k)})
-    b = pd.DataFrame({"side": "b", "index": np.arange(place.n_b), "rank": 1, "other": place.ba_indices,
-                      "cosine": place.ba_scores, "above": place.ba_scores >= place.t_ba,
-                      "category": place.b_categories})
-    frame = pd.concat([a, b], ignore_index=True)
+    frame = pd.concat([pd.DataFrame({"side": side, **columns}) for side, columns in place.directions().items()],
+                      ignore_index=True)
     return frame.astype({"index": np.int32, "rank": np.int16, "other": np.int32, "cosine": np.float32})
 
 
@@ -404,6 +415,13 @@ class LinkPlan:
                 "a_fingerprint": self.a.fingerprint(), "b_fingerprint": self.b.fingerprint(),
                 "a_model": self.a.model, "b_model": self.b.model, "spec": self.spec.to_json(),
                 "fingerprint": self.fingerprint, "flowdb_version": __version__}
+
+
+def link_set_properties(info: dict, matcher: str) -> dict:
+    """The LinkSet node of a link atlas's info (link.json, LinkPlan.info): its fields and the
+    spec's, the matcher and the flowdb that writes the node."""
+    return ({key: value for key, value in info.items() if key not in ("spec", "format")} | info["spec"]
+            | {"matcher": matcher, "flowdb_version": __version__})
 
 
 def default_link_dir(plan: LinkPlan) -> Path:
@@ -507,8 +525,7 @@ def link_packs(db, a: str, b: str, spec: LinkSpec = LinkSpec(), name: str | None
         atlas = link_atlas(plan, matcher=matcher,
                            progress=layer_bar(len(places), f"linking {name}", show_progress))
         if existing is None:
-            props = {key: value for key, value in plan.info().items() if key not in ("spec", "format")}
-            graph.begin_link(db, props | spec.to_json() | {"matcher": matcher.backend})
+            graph.begin_link(db, link_set_properties(plan.info(), matcher.backend))
         else:
             status = "resumed"
         done = set(existing["places_done"]) if existing else set()

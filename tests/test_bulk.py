@@ -253,3 +253,156 @@ def test_cli_bulk_for_a_server_of_ones_own_prints_the_command_and_finishes(plant
         edges = db.read("MATCH (:Feature)-[e:RESIDUAL|MLP|ATTENTION]->(:Feature {pack: 'planted'}) "
                         "RETURN count(e) AS n")[0]["n"]
     assert edges == atlas.n_edges()
+
+
+# --- link sets (flowdb load --bulk --link) -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def linked(flowdb_home, tmp_path_factory):
+    """A planted pack and its residual-only split and drift companions, matched into their
+    atlases, and the link atlases of base--split and base--drift (where flowdb link keeps
+    them, so link_packs reuses them): (pack directories, flow atlases, link atlases)."""
+    from flowdb.atlas import match
+    from flowdb.links import LinkPlan, LinkSpec, default_link_dir, link_atlas, link_name
+    from flowdb.synth import SynthSpec, synthesize
+
+    out = tmp_path_factory.mktemp("linked")
+    synthesize(out, SynthSpec(name="lbase", layers=2, width=128, d_model=128, seed=5, companions=True))
+    dirs = {"lbase": out, "lbase-split": out / "split", "lbase-drift": out / "drift"}
+    plans = {name: make_plan(load_manifest(path / "manifest.toml")) for name, path in dirs.items()}
+    atlases = [match(plan, default_dir(plan)) for plan in plans.values()]
+    links = []
+    for companion in ("lbase-split", "lbase-drift"):
+        plan = LinkPlan(link_name("lbase", companion), plans["lbase"], plans[companion], LinkSpec())
+        links.append(link_atlas(plan, default_link_dir(plan)))
+    return dirs, atlases, links
+
+
+def _unit_rows(pack_dir, layer: int) -> np.ndarray:
+    from safetensors.numpy import load_file
+
+    w = load_file(str(pack_dir / "saes" / "res" / f"layer_{layer}" / "sae_weights.safetensors"))["W_dec"]
+    w = w.astype(np.float64)
+    return w / np.linalg.norm(w, axis=1, keepdims=True)
+
+
+def test_bulk_link_sets_are_the_bolt_link_sets(db, linked, bulk_server):
+    """Packs and link atlases bulk-loaded give the graph that ingest's load and flowdb link
+    give over Bolt: every node and relationship, LinkSet, LinkPlace and ALIGNS included."""
+    from flowdb.ingest import load
+    from flowdb.links import link_packs
+
+    dirs, atlases, links = linked
+    for atlas in atlases:
+        load(atlas, db, show_progress=False)
+    for name in ("lbase-split", "lbase-drift"):
+        assert link_packs(db, "lbase", name, show_progress=False).status == "built"
+    _empty(bulk_server)
+    report = bulk_load(bulk_server, [atlas.bulk_pack() for atlas in atlases], links=links)
+    assert report.links == ["lbase--lbase-split", "lbase--lbase-drift"]
+    bolt_nodes, bolt_relationships = dump(db)
+    with _connect(bulk_server) as bulk:
+        bulk_nodes, bulk_relationships = dump(bulk)
+        stored = bulk.read("MATCH (l:LinkSet) RETURN l.name AS name, l.status AS status, l.places_done AS places, "
+                           "l.created_at IS NOT NULL AND l.completed_at IS NOT NULL AS stamped ORDER BY name")
+        # An ALIGNS ends where the SAE files say: A's rank-1 relative in B is its brute-force nearest.
+        top1 = bulk.read("MATCH (a:Feature {pack: 'lbase', layer: 1})-[r:ALIGNS {rank: 1}]->"
+                         "(b:Feature {pack: 'lbase-split'}) RETURN a.index AS a, b.index AS b, r.cosine AS cosine")
+    assert stored == [{"name": name, "status": "complete", "places": ["0-res", "1-res"], "stamped": True}
+                      for name in ("lbase--lbase-drift", "lbase--lbase-split")]
+    cos = _unit_rows(dirs["lbase"], 1) @ _unit_rows(dirs["lbase-split"], 1).T
+    assert len(top1) == 128
+    for row in top1:
+        assert abs(row["cosine"] - cos[row["a"]].max()) < 1e-5 and abs(cos[row["a"], row["b"]] - row["cosine"]) < 1e-5
+    # Each link: per layer, A's 128 features with their top 5 in B, and B's each with its top 1 in A.
+    kinds = Counter(json.loads(row)[0] for row in bolt_relationships.elements())
+    widths = {name: [_unit_rows(dirs[name], layer).shape[0] for layer in (0, 1)] for name in dirs}
+    assert widths["lbase"] == [128, 128]
+    assert kinds["ALIGNS"] == sum(128 * 5 + widths[name][layer] for name in ("lbase-split", "lbase-drift")
+                                  for layer in (0, 1))
+    assert kinds["HAS_PLACE"] == 4
+    assert_same(bulk_nodes, bolt_nodes, "nodes")
+    assert_same(bulk_relationships, bolt_relationships, "relationships")
+    assert report.nodes == sum(bolt_nodes.values()) and report.relationships == sum(bolt_relationships.values())
+
+
+def test_link_atlases_of_other_builds_are_refused_before_anything_is_written(linked, tmp_path):
+    import dataclasses
+    import shutil
+
+    from flowdb.links import LinkAtlas
+    from tests.helpers import assert_one_line_error, run_flowdb
+
+    _, atlases, links = linked
+    packs = [atlas.bulk_pack() for atlas in atlases]
+    incomplete = LinkAtlas(tmp_path / "incomplete")
+    shutil.copytree(links[0].root, incomplete.root)
+    (incomplete.root / "places" / "1-res.json").unlink()
+    for chosen, link_atlases, words in (
+            (packs[:2], [links[1]], "links pack 'lbase-drift', which is not among the atlases being imported"),
+            ([packs[0], dataclasses.replace(packs[1], fingerprint="0123")], [links[0]],
+             f"links build {atlases[1].fingerprint} of pack 'lbase-split'; the atlas being imported holds build 0123"),
+            (packs, [links[0], links[0]], "link set 'lbase--lbase-split' more than once"),
+            (packs, [incomplete], "lacks layer-module 1-res")):
+        with pytest.raises(FlowdbError) as refused:
+            write_import_files(tmp_path / "files", chosen, link_atlases)
+        assert words in str(refused.value) and "\n" not in str(refused.value)
+        assert not (tmp_path / "files").exists()
+    roots = [str(atlas.root) for atlas in atlases[:2]]
+    # The command line says so in one line, before any file is written.
+    refused = run_flowdb("load", "--bulk", *roots, "--link", links[1].root, "--import-dir", tmp_path / "files",
+                         "--uri", "bolt://127.0.0.1:9", "--user", "neo4j", "--password", "unused")
+    assert_one_line_error(refused, "'lbase-drift', which is not among")
+    assert not (tmp_path / "files").exists()
+    over_bolt = run_flowdb("load", *roots, "--link", links[0].root, "--uri", "bolt://127.0.0.1:9")
+    assert over_bolt.code == 2 and "--link goes with --bulk" in over_bolt.stderr
+
+
+def test_cli_bulk_links_into_a_server_of_ones_own(linked, bulk_server, tmp_path):
+    """--link with --import-dir: the ALIGNS go in with the importer, --finish-import writes
+    the LinkSet and LinkPlace nodes (and finds nothing left to do a second time); every
+    ALIGNS is a row of its link atlas."""
+    import shlex
+
+    import pandas as pd
+    from click.testing import CliRunner
+
+    from flowdb.cli import cli
+
+    _, atlases, links = linked
+    _empty(bulk_server)
+    user, password = bulk_server.auth()
+    connection = ["--uri", bulk_server.uri, "--user", user, "--password", password]
+    runner = CliRunner()
+    written = runner.invoke(cli, ["load", "--bulk", *(str(a.root) for a in atlases),
+                                  *(arg for link in links for arg in ("--link", str(link.root))),
+                                  "--import-dir", str(tmp_path / "files"), *connection])
+    assert written.exit_code == 0, written.output
+    command = next(line for line in written.output.splitlines() if "neo4j-admin database import full" in line)
+    assert "--relationships=ALIGNS=" in command
+    bulk_server.stop()
+    log = tmp_path / "import.log"
+    assert bulk_server.admin([*shlex.split(command)[1:], "--overwrite-destination"], log) == 0, log.read_text()
+    bulk_server.start()
+    for expected in ("wrote 19 Pack", "wrote 0 Pack"):  # 3 Pack, 6 + 2 + 2 SAE, 2 LinkSet, 4 LinkPlace; then none
+        finished = runner.invoke(cli, ["load", "--finish-import", str(tmp_path / "files"), *connection])
+        assert finished.exit_code == 0 and expected in finished.output, finished.output
+    expected = []
+    for link in links:
+        info, frame = link.info, pd.read_parquet(link.root / "matches")
+        for row in frame.itertuples():
+            own, other = (info["a"], info["b"]) if row.side == "a" else (info["b"], info["a"])
+            expected.append(json.dumps([info["name"], f"{own}/{row.layer}/{row.module}/{row.index}",
+                                        f"{other}/{row.layer}/{row.module}/{row.other}", round(float(row.cosine), 6),
+                                        int(row.rank), bool(row.above), row.category]))
+    with _connect(bulk_server) as db:
+        found = [json.dumps([r["link"], r["a"], r["b"], round(r["cosine"], 6), r["rank"], r["above"], r["category"]])
+                 for r in db.read("MATCH (a)-[r:ALIGNS]->(b) RETURN r.link AS link, a.key AS a, b.key AS b, "
+                                  "r.cosine AS cosine, r.rank AS rank, r.above AS above, r.category AS category")]
+        places = db.read("MATCH (l:LinkSet)-[:HAS_PLACE]->(p:LinkPlace) RETURN l.name AS name, p.layer AS layer, "
+                         "p.n_a AS n_a, p.a_kept AS kept, l.status AS status ORDER BY name, layer")
+    assert_same(Counter(found), Counter(expected), "ALIGNS")
+    records = {(link.info["name"], r["layer"]): r for link in links for r in link.records()}
+    assert places == [{"name": name, "layer": layer, "n_a": 128, "kept": records[(name, layer)]["a_kept"],
+                       "status": "complete"} for name in ("lbase--lbase-drift", "lbase--lbase-split")
+                      for layer in (0, 1)]
