@@ -18,7 +18,7 @@ from flowdb.errors import PackError
 from flowdb.matching import Matcher
 from flowdb.modules import MODULES, NAMES, RESIDUAL
 from flowdb.plan import BuildPlan, PlannedSae
-from flowdb.sources import SaeInfo, check_decoder, check_same_space, load_decoder
+from flowdb.sources import SaeInfo, check_decoder, check_same_space, load_decoder, load_encoder
 
 
 @dataclass
@@ -64,8 +64,12 @@ def match_layer(plan: BuildPlan, layer: int, matcher: Matcher) -> LayerBuild:
     """One layer's searches: R_L against R_{L-1}, M_L and A_L (where the pack has them).
 
     Self-contained (it loads its own SAEs), so layers can run in any order, in other
-    processes or on other machines, and give the same result."""
+    processes or on other machines, and give the same result. With plan.score "encoder"
+    the queries are R_L's encoder columns instead of its decoder rows; the base and the
+    chance level (its width and d) are the same."""
     res_info, res_w = _load(plan.sae(layer, RESIDUAL.name), None)
+    if plan.score == "encoder":
+        res_w = load_encoder(plan.sae(layer, RESIDUAL.name).ref)[1]
     current = LayerBuild(layer, {RESIDUAL.name: res_w.shape[0]}, matcher=matcher.backend)
     current.saes[RESIDUAL.name] = _provenance(res_info, plan.model, plan.sae(layer, RESIDUAL.name))
     for module in MODULES.values():

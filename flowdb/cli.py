@@ -680,14 +680,17 @@ def validate():
               help="Active (token, target feature) pairs per layer.")
 @click.option("--exhaustive/--no-exhaustive", default=True, show_default=True,
               help="Also run the exhaustive search (one replay per active feature of each place).")
+@click.option("--ceiling", is_flag=True,
+              help="Also run the same trials with R_{L-1} read by R_L's own SAE (a feature's top-1 is itself): "
+                   "the figures a matcher could reach if consecutive dictionaries shared their features.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False),
               help="Also write the summary, with the pack's training tokens and quality (input of `validate curve`).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Also draw the results (.png, .svg, .html).")
 @click.option("--progress/--no-progress", default=None)
 @connection_options
-def validate_deactivation(pack, layers, texts, samples, max_targets, exhaustive, seed, csv_path, out, progress,
-                          settings):
+def validate_deactivation(pack, layers, texts, samples, max_targets, exhaustive, ceiling, seed, csv_path, out,
+                          progress, settings):
     """Table 1 of the paper: remove each matcher's predecessor at a token; does the target turn off?"""
     import time
 
@@ -702,7 +705,7 @@ def validate_deactivation(pack, layers, texts, samples, max_targets, exhaustive,
         except ValueError:
             raise click.BadParameter("comma-separated integers", param_hint="--layers") from None
     spec = DeactivationSpec(layers=layer_list, texts=texts, samples=samples, max_targets=max_targets,
-                            exhaustive=exhaustive, seed=seed)
+                            exhaustive=exhaustive, ceiling=ceiling, seed=seed)
     timings: list = []
     started = time.perf_counter()
     with _connect(settings) as db:
@@ -710,6 +713,7 @@ def validate_deactivation(pack, layers, texts, samples, max_targets, exhaustive,
         facts = pack_facts(db, pack)
     if trials.empty:
         raise click.ClickException("no eligible (target, active predecessor) pairs at these layers")
+    everything, trials = trials, trials[trials["reading"] == "real"]
     fmt = lambda v: f"{v:.3f}"  # noqa: E731
     click.echo("per layer, place and matcher (95% bootstrap intervals):")
     click.echo(summarise(trials, ("layer", "place", "matcher")).to_string(index=False, float_format=fmt))
@@ -721,8 +725,10 @@ def validate_deactivation(pack, layers, texts, samples, max_targets, exhaustive,
     click.echo(summarise(named, ("group",)).to_string(index=False, float_format=fmt))
     removals = sum(t["removals"] for t in timings)
     seconds = sum(t["seconds"] for t in timings)
+    if ceiling:
+        overall = _echo_ceiling(everything, overall, fmt)
     click.echo(f"{removals} removals in {seconds:.1f} s ({removals / max(seconds, 1e-9):.0f} per second, batched); "
-               f"{len(trials)} matcher trials; {time.perf_counter() - started:.0f} s in all")
+               f"{len(everything)} matcher trials; {time.perf_counter() - started:.0f} s in all")
     if csv_path:
         with atomic_write(csv_path) as partial:
             overall.assign(pack=pack, **facts).to_csv(partial, index=False)
@@ -732,6 +738,32 @@ def validate_deactivation(pack, layers, texts, samples, max_targets, exhaustive,
 
         plot_deactivation(overall, out, pack)
         click.echo(f"wrote {out}")
+
+
+def _echo_ceiling(trials, overall, fmt):
+    """Print the ceiling control beside the real figures; return `overall` with its columns."""
+    from flowdb.deactivation import with_ceiling
+
+    shown = ["trials", "success_rate", "ceiling_success_rate", "ceiling_success_lo", "ceiling_success_hi",
+             "fraction_of_ceiling", "activation_change", "ceiling_activation_change", "ceiling_change_lo",
+             "ceiling_change_hi", "change_fraction_of_ceiling"]
+    ceiling_rows = trials[trials["reading"] == "ceiling"]
+    if ceiling_rows.empty:
+        click.echo("ceiling: no trials (no residual SAE at L-1, or no active target)")
+        return overall
+    click.echo("ceiling control: R_{L-1} read by R_L's own SAE (its top-1 is the feature itself); "
+               "M and A as they are. Place RES, per layer:")
+    res = trials[trials["place"] == "RES"]
+    click.echo(with_ceiling(res, ("layer", "matcher"))[["layer", "matcher", *shown]]
+               .to_string(index=False, float_format=fmt, na_rep="-"))
+    click.echo("ceiling, all layers, per place:")
+    click.echo(with_ceiling(trials, ("place", "matcher"))[["place", "matcher", *shown]]
+               .to_string(index=False, float_format=fmt, na_rep="-"))
+    click.echo("ceiling, all layers and places (control: RES read by R_L's SAE, M and A unchanged):")
+    whole = with_ceiling(trials, ("matcher",))
+    click.echo(whole[["matcher", *shown]].to_string(index=False, float_format=fmt, na_rep="-"))
+    added = [c for c in whole if c.startswith("ceiling_") or c.endswith("fraction_of_ceiling")]
+    return overall.merge(whole[["matcher", *added]], on="matcher", how="left")
 
 
 @validate.command("curve")

@@ -9,6 +9,8 @@ A matcher's trial counts when its chosen predecessor is active on the token.
 
 Matchers:
   top-1          the best cosine match (flowdb's stored rank-1 edge)
+  encoder        the feature of P whose unit decoder row the target's unit encoder column
+                 reads most (data-free, computed here from the SAEs, exact)
   top-5          every active one of the five best cosine matches, removed together
   random-top-5   one of the five best cosine matches, picked at random (a control)
   random-active  a uniformly random active feature of P (a control)
@@ -16,6 +18,11 @@ Matchers:
   pearson        the feature of P whose activations correlate best with f's over the
                  sampled windows (data-based)
   exhaustive     the active feature of P whose removal lowers f most (the upper bound)
+
+The ceiling control (--ceiling): the same trials with R_{L-1} read by R_L's own SAE
+(its codes, directions, and decoder-cosine predecessors among its own features, so a
+feature's top-1 is itself); M_L and A_L as they are. It shows what a matcher could
+reach if consecutive dictionaries shared their features. Nothing is stored.
 
 Speed: a removal at a token of layer L changes nothing before block L, and R_L at
 that token depends only on block L's inputs. So the model runs once to block L on
@@ -35,7 +42,7 @@ from flowdb.database import Database
 from flowdb.errors import FlowdbError
 from flowdb.modules import MODULES, RESIDUAL
 
-MATCHERS = ("top-1", "top-5", "random-top-5", "random-active", "permutation", "pearson", "exhaustive")
+MATCHERS = ("top-1", "encoder", "top-5", "random-top-5", "random-active", "permutation", "pearson", "exhaustive")
 PLACE_NAME = {"res": "RES", "mlp": "MLP", "att": "ATT"}
 # Laptev et al., Table 1 (Gemma 2 2B, Gemma Scope, 1,894 features over two layers).
 PAPER = {"top-1": {"success_rate": 0.65, "activation_change": 0.75},
@@ -53,6 +60,7 @@ class DeactivationSpec:
     max_targets: int = 200  # active (token, target feature) pairs per layer
     batch_rows: int = 128  # removals per call of the block
     exhaustive: bool = True  # costs a replay per active feature: off for dense SAEs when only the matchers matter
+    ceiling: bool = False  # also run the ceiling control at place RES (trials with reading "ceiling")
     seed: int = 0
 
 
@@ -139,30 +147,67 @@ def _encode(sae, activations) -> np.ndarray:
         return sae.encode(activations).numpy()
 
 
+@dataclass
+class _Reading:
+    """How the trials read one place P: its SAE's codes at every non-sink token, what
+    each of its features adds, and each matcher's predecessors of every target feature."""
+
+    codes: np.ndarray  # [tokens, width of P's SAE]
+    directions: np.ndarray  # [width, d]
+    preds: np.ndarray  # [target width, k]: cosine top-k, -1 where none
+    picks: dict  # matcher -> [target width]: its one predecessor, -1 where none
+
+
+def _reading(target_sae, sae, codes, preds, target_every, permutation: bool) -> _Reading:
+    from flowdb.matchers import encoder_top1, folded_decoder, pearson_top1, sae_match
+    from flowdb.pack_model import feature_directions
+
+    picks = {"encoder": encoder_top1(target_sae, sae), "pearson": pearson_top1(target_every, codes)}
+    if permutation:
+        picks["permutation"] = sae_match(folded_decoder(target_sae), folded_decoder(sae))
+    return _Reading(codes, feature_directions(sae).numpy(), preds, picks)
+
+
+def own_predecessors(sae, k: int) -> np.ndarray:
+    """[width, k]: each feature's top-k cosine matches among the same SAE's decoder rows
+    (itself first): the R-place table of the ceiling control."""
+    from flowdb.matching import top_k
+
+    w_dec = sae.W_dec.detach().float().numpy()
+    return top_k(w_dec, w_dec, k)[1].astype(np.int64)
+
+
 def _layer_trials(db, pack_name, pack, model, layer, windows, positions, spec, rng, progress) -> tuple[list, dict]:
     from flowdb.groups import group_codes
-    from flowdb.matchers import folded_decoder, pearson_top1, sae_match
-    from flowdb.pack_model import feature_directions, predecessor_table
+    from flowdb.pack_model import predecessor_table
 
     replay = BlockReplay(model, layer, windows)
     places = [m.name for m in MODULES.values() if pack.has(m.predecessor_layer(layer), m.name)]
-    saes = {place: pack.sae(MODULES[place].predecessor_layer(layer), place) for place in places}
     target_sae = pack.sae(layer, RESIDUAL.name)
     acts = replay.activations
-    # Codes at every non-sink token (Pearson) and at the sampled tokens (trials).
     d_model = acts[replay.target_hook].shape[-1]
-    every = {place: _encode(saes[place], acts[replay.hooks[place]][:, 1:].reshape(-1, d_model)) for place in places}
-    target_every = _encode(target_sae, acts[replay.target_hook][:, 1:].reshape(-1, d_model))
+
+    def every(sae, hook):  # codes at every non-sink token (Pearson, groups) and so at the sampled ones
+        return _encode(sae, acts[hook][:, 1:].reshape(-1, d_model))
+
+    target_every = every(target_sae, replay.target_hook)
     width = target_every.shape[1]
-    preds = predecessor_table(db, pack_name, layer, width, min(5, pack.k))
-    picks = {("pearson", place): pearson_top1(target_every, every[place]) for place in places}
-    if RESIDUAL.name in places:
-        picks[("permutation", RESIDUAL.name)] = sae_match(folded_decoder(target_sae),
-                                                          folded_decoder(saes[RESIDUAL.name]))
-    directions = {place: feature_directions(saes[place]).numpy() for place in places}
-    # The target's activation group (top-1 predecessors active on the token) at every token.
-    groups = group_codes({(MODULES[place].predecessor_layer(layer), place): every[place] > 0 for place in places}
-                         | {(layer, RESIDUAL.name): target_every > 0}, preds, layer, 1)
+    k = min(5, pack.k)
+    stored = predecessor_table(db, pack_name, layer, width, k)
+    real = {}
+    for place in places:
+        sae = pack.sae(MODULES[place].predecessor_layer(layer), place)
+        real[place] = _reading(target_sae, sae, every(sae, replay.hooks[place]), stored[place], target_every,
+                               place == RESIDUAL.name)
+    # reading -> (how each place is read, the places its trials run at, its random generator)
+    readings = {"real": (real, places, rng)}
+    if spec.ceiling and RESIDUAL.name in places:
+        # The control: R_{L-1} read by the target's own SAE, so a feature's top-1 is itself.
+        # Its own generator keeps the real trials what they are without --ceiling.
+        own = _reading(target_sae, target_sae, every(target_sae, replay.hooks[RESIDUAL.name]),
+                       own_predecessors(target_sae, k), target_every, True)
+        readings["ceiling"] = ({**real, RESIDUAL.name: own}, [RESIDUAL.name],
+                               np.random.default_rng([spec.seed, layer]))
 
     t_minus_1 = windows.shape[1] - 1
     def at(codes, w, p):  # row of the flattened non-sink codes
@@ -175,59 +220,67 @@ def _layer_trials(db, pack_name, pack, model, layer, windows, positions, spec, r
 
     # Each matcher's removal, and (for the exhaustive search) every active feature of P alone:
     # each distinct removal is one row of the batched replay.
-    plans = []  # (occurrence, place, {matcher: removed features}, active features)
-    needed: dict = {}  # (occurrence, place, removed) -> row
-    for o, (w, p, f) in enumerate(occurrences):
-        for place in places:
-            codes = at(every[place], w, p)
-            active = [int(j) for j in np.flatnonzero(codes > 0)]
-            if not active:
-                continue
-            top = [int(j) for j in preds[place][f] if j >= 0]
-            chosen = {"top-1": top[:1], "top-5": top,
-                      "random-top-5": [top[int(rng.integers(len(top)))]] if top else [],
-                      "random-active": [active[int(rng.integers(len(active)))]]}
-            for matcher in ("permutation", "pearson"):
-                pick = picks.get((matcher, place))
-                chosen[matcher] = [int(pick[f])] if pick is not None and pick[f] >= 0 else []
-            # A matcher whose predecessor is not active here has no trial.
-            removals = {m: tuple(j for j in js if codes[j] > 0) for m, js in chosen.items()}
-            removals = {m: r for m, r in removals.items() if r}
-            for removed in [*removals.values(), *([(j,) for j in active] if spec.exhaustive else [])]:
-                needed.setdefault((o, place, removed), len(needed))
-            plans.append((o, place, removals, active))
+    plans = []  # (reading, occurrence, place, {matcher: removed features}, active features)
+    needed: dict = {}  # (reading, occurrence, place, removed) -> row
+    groups = {}
+    for name, (read, run_at, generator) in readings.items():
+        # The target's activation group (top-1 predecessors active on the token) at every token.
+        groups[name] = group_codes({(MODULES[place].predecessor_layer(layer), place): read[place].codes > 0
+                                    for place in places} | {(layer, RESIDUAL.name): target_every > 0},
+                                   {place: read[place].preds for place in places}, layer, 1)
+        for o, (w, p, f) in enumerate(occurrences):
+            for place in run_at:
+                codes = at(read[place].codes, w, p)
+                active = [int(j) for j in np.flatnonzero(codes > 0)]
+                if not active:
+                    continue
+                top = [int(j) for j in read[place].preds[f] if j >= 0]
+                chosen = {"top-1": top[:1], "top-5": top,
+                          "random-top-5": [top[int(generator.integers(len(top)))]] if top else [],
+                          "random-active": [active[int(generator.integers(len(active)))]]}
+                for matcher, pick in read[place].picks.items():
+                    chosen[matcher] = [int(pick[f])] if pick[f] >= 0 else []
+                # A matcher whose predecessor is not active here has no trial.
+                removals = {m: tuple(j for j in js if codes[j] > 0) for m, js in chosen.items()}
+                removals = {m: r for m, r in removals.items() if r}
+                for removed in [*removals.values(), *([(j,) for j in active] if spec.exhaustive else [])]:
+                    needed.setdefault((name, o, place, removed), len(needed))
+                plans.append((name, o, place, removals, active))
     rows = list(needed)
     z_new = np.empty(len(rows))
     started = time.perf_counter()
     for start in progress(range(0, len(rows), spec.batch_rows)):
         chunk = rows[start:start + spec.batch_rows]
         deltas = {place: np.zeros((len(chunk), d_model), dtype=np.float32) for place in places}
-        for n, (o, place, removed) in enumerate(chunk):
+        for n, (name, o, place, removed) in enumerate(chunk):
             w, p, _ = occurrences[o]
-            codes = at(every[place], w, p)
+            read = readings[name][0][place]
+            codes = at(read.codes, w, p)
             for j in removed:
-                deltas[place][n] += codes[j] * directions[place][j]
-        out = replay.run([occurrences[o][0] for o, _, _ in chunk], [occurrences[o][1] for o, _, _ in chunk], deltas)
+                deltas[place][n] += codes[j] * read.directions[j]
+        out = replay.run([occurrences[o][0] for _, o, _, _ in chunk],
+                         [occurrences[o][1] for _, o, _, _ in chunk], deltas)
         encoded = _encode(target_sae, out)
-        z_new[start:start + len(chunk)] = [encoded[n, occurrences[o][2]] for n, (o, _, _) in enumerate(chunk)]
+        z_new[start:start + len(chunk)] = [encoded[n, occurrences[o][2]] for n, (_, o, _, _) in enumerate(chunk)]
     seconds = time.perf_counter() - started
     _check_replay(replay, target_sae, occurrences, target_every, at)
 
     results = {row: float(z) for row, z in zip(rows, z_new)}
     trials = []
-    for o, place, removals, active in plans:
+    for name, o, place, removals, active in plans:
         w, p, f = occurrences[o]
         if spec.exhaustive:
-            removals["exhaustive"] = (min(active, key=lambda j: results[(o, place, (j,))]),)
+            removals["exhaustive"] = (min(active, key=lambda j: results[(name, o, place, (j,))]),)
         z_old = float(at(target_every, w, p)[f])
-        group = int(at(groups, w, p)[f])
+        group = int(at(groups[name], w, p)[f])
         for matcher in MATCHERS:
             removed = removals.get(matcher)
             if removed:
-                z = results[(o, place, removed)]
+                z = results[(name, o, place, removed)]
                 trials.append({"layer": layer, "place": PLACE_NAME[place], "matcher": matcher, "feature": f,
                                "window": w, "position": p, "removed": removed, "group": group,
-                               "z_old": z_old, "z_new": z, "success": z <= 0, "activation_change": 1 - z / z_old})
+                               "z_old": z_old, "z_new": z, "success": z <= 0, "activation_change": 1 - z / z_old,
+                               "reading": name})
     return trials, {"layer": layer, "targets": len(occurrences), "removals": len(rows), "seconds": seconds}
 
 
@@ -250,7 +303,8 @@ def _check_replay(replay, target_sae, occurrences, target_every, at) -> None:
 def deactivation_experiment(db: Database, pack_name: str, spec: DeactivationSpec = DeactivationSpec(),
                             model_and_tokenizer=None, progress=None, timings: list | None = None) -> pd.DataFrame:
     """One row per trial: layer, place, matcher, feature, window, position, removed (the
-    predecessors removed), group, z_old, z_new, success, activation_change.
+    predecessors removed), group, z_old, z_new, success, activation_change, reading
+    ("real", or "ceiling" for the control's trials at place RES when spec.ceiling).
     `timings`, when given, receives per layer the number of removals and the seconds they took."""
     from tqdm.auto import tqdm
 
@@ -299,6 +353,31 @@ def summarise(trials: pd.DataFrame, by=("layer", "matcher"), seed: int = 0) -> p
         table["matcher"] = pd.Categorical(table["matcher"], MATCHERS, ordered=True)
         table = table.sort_values([*[b for b in by if b != "matcher"], "matcher"]).reset_index(drop=True)
         table["matcher"] = table["matcher"].astype(str)
+    return table
+
+
+SUMMARY_FIGURES = ("trials", "success_rate", "success_lo", "success_hi",
+                   "activation_change", "change_lo", "change_hi")
+
+
+def control_trials(trials: pd.DataFrame) -> pd.DataFrame:
+    """The ceiling control as a whole: its own trials at RES, the real ones at M and A
+    (which it leaves as they are)."""
+    real = trials[trials["reading"] == "real"]
+    return pd.concat([trials[trials["reading"] == "ceiling"], real[real["place"] != PLACE_NAME[RESIDUAL.name]]],
+                     ignore_index=True)
+
+
+def with_ceiling(trials: pd.DataFrame, by=("layer", "matcher"), seed: int = 0) -> pd.DataFrame:
+    """summarise() of the real trials with the ceiling control's figures beside them
+    (ceiling_*), and the real success rate and activation change as fractions of them."""
+    real = summarise(trials[trials["reading"] == "real"], by, seed)
+    control = summarise(control_trials(trials), by, seed)
+    control = control[[*by, *SUMMARY_FIGURES]].rename(columns={c: f"ceiling_{c}" for c in SUMMARY_FIGURES})
+    table = real.merge(control, on=list(by), how="left")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        table["fraction_of_ceiling"] = table["success_rate"] / table["ceiling_success_rate"]
+        table["change_fraction_of_ceiling"] = table["activation_change"] / table["ceiling_activation_change"]
     return table
 
 

@@ -5,6 +5,7 @@
     layers = [0, 11]                  # inclusive
     [match]                           # optional
     k = 1
+    score = "decoder"                 # or "encoder": query with R_L's W_enc columns, not its W_dec rows
     [classify]                        # optional, see flowdb.classify
     t_res = 0.5
     [modules.res]                     # modules: res, mlp, att
@@ -37,6 +38,10 @@ from flowdb.schema import NonEmpty, Strict, explain
 from flowdb.settings import flowdb_home
 
 MAX_K = 10
+# What a residual feature is matched by: its decoder row (the paper's cosine) or its
+# encoder column (the direction it reads); the base is always the predecessors' decoder rows.
+SCORES = ("decoder", "encoder")
+DEFAULT_SCORE = "decoder"
 # A pack name becomes part of file names (the atlas FLOWDB_HOME/atlas/NAME-FINGERPRINT
 # and its lock and dot-files), so it is short and plain: far below the 255 bytes of a name.
 MAX_PACK_NAME = 100
@@ -101,6 +106,7 @@ class Manifest:
     k: int
     thresholds: Thresholds
     path: Path
+    score: str = DEFAULT_SCORE
 
     @property
     def layers(self) -> range:
@@ -167,6 +173,7 @@ class ModuleTable(SourceTable):
 
 class MatchTable(Strict):
     k: Annotated[int, Field(strict=True, ge=1, le=MAX_K)] = 1
+    score: Literal[SCORES] = DEFAULT_SCORE
 
 
 class ManifestTable(Strict):
@@ -203,7 +210,7 @@ def parse_manifest(raw: dict[str, Any], path: Path, *, k: int | None = None,
         raise fail("[modules.res] is required: residual features are what gets matched")
     modules = {name: _module_spec(name, spec, fail) for name, spec in table.modules.items()}
     manifest = Manifest(table.name, table.model, first, last, modules,
-                        k if k is not None else table.match.k, thresholds, path)
+                        k if k is not None else table.match.k, thresholds, path, table.match.score)
     manifest.sources()  # every template rendered at every layer fails now, not mid-build
     return manifest
 
@@ -217,6 +224,8 @@ def _manifest_message(exc: ValidationError) -> str:
         return f"layers must be [first, last] with 0 <= first <= last, got {raw_input(exc)!r}"
     if loc == ("match", "k"):
         return f"k must be an integer from 1 to {MAX_K}, got {problem['input']!r}"
+    if loc == ("match", "score"):
+        return f"[match] score must be {' or '.join(repr(s) for s in SCORES)}, got {problem['input']!r}"
     return explain(exc, ManifestTable, "the manifest")
 
 

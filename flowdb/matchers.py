@@ -1,6 +1,6 @@
 """The predecessor matchers the deactivation experiment compares besides top-k cosine
-(Laptev et al., Table 1): the data-free one-to-one SAE Match, and data-based
-Pearson correlation of activations."""
+(Laptev et al., Table 1): the data-free one-to-one SAE Match and encoder-aware
+match, and data-based Pearson correlation of activations."""
 
 from __future__ import annotations
 
@@ -50,3 +50,13 @@ def pearson_top1(target_codes: np.ndarray, source_codes: np.ndarray) -> np.ndarr
     correlation = np.where(t_ok[:, None] & s_ok[None, :], np.nan_to_num(t.T @ s), -np.inf)
     best = correlation.argmax(1)
     return np.where(t_ok & s_ok.any(), best, -1)
+
+
+def encoder_top1(target_sae, source_sae) -> np.ndarray:
+    """Per target feature, the source feature whose unit decoder row the target's unit
+    encoder column (W_enc[:, f]) reads most: the predecessor the target's own detector
+    responds to, rather than the one its output direction resembles (exact top-1)."""
+    from flowdb.matching import top_k
+
+    queries = target_sae.W_enc.detach().float().T.numpy()
+    return top_k(queries, source_sae.W_dec.detach().float().numpy(), 1)[1][:, 0].astype(np.int64)

@@ -5,7 +5,8 @@ the experiments reload a pack's SAEs from the stored plan, never from the
 manifest file, and refuse when a file's content differs from what was matched.
 
 The fingerprint hashes what decides the stored graph: the model, layers, k, the
-threshold rule and each SAE's content digest and Neuronpedia source. Where the
+match score (only when not the default, so older fingerprints stand), the threshold
+rule and each SAE's content digest and Neuronpedia source. Where the
 files lie does not enter it: a moved pack with the same content is the same build.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from flowdb.classify import Thresholds
 from flowdb.errors import FlowdbError, PackError, StaleBuildError
-from flowdb.manifest import Manifest, SourceRef
+from flowdb.manifest import DEFAULT_SCORE, Manifest, SourceRef
 from flowdb.modules import NAMES, RESIDUAL
 from flowdb.sources import SaeInfo, check_same_space, content_digest, inspect
 
@@ -64,6 +65,7 @@ class BuildPlan:
     manifest: str  # absolute path of the manifest it came from
     saes: tuple[PlannedSae, ...]
     manifest_digest: str = ""  # SHA-256 of the manifest's text when the build was made
+    score: str = DEFAULT_SCORE  # what R_L's features are matched by: "decoder" rows or "encoder" columns
 
     @property
     def layers(self) -> range:
@@ -93,12 +95,14 @@ class BuildPlan:
                    for s in self.saes]
         spec = {"plan": PLAN_VERSION, "model": self.model, "layers": [self.first_layer, self.last_layer],
                 "k": self.k, "thresholds": self.thresholds.spec(), "sources": sources}
+        if self.score != DEFAULT_SCORE:
+            spec["score"] = self.score
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
     def to_json(self) -> dict:
         return {"version": PLAN_VERSION, "name": self.name, "model": self.model,
                 "first_layer": self.first_layer, "last_layer": self.last_layer, "k": self.k,
-                "thresholds": self.thresholds.spec(), "manifest": self.manifest,
+                "score": self.score, "thresholds": self.thresholds.spec(), "manifest": self.manifest,
                 "manifest_digest": self.manifest_digest,
                 "modules": self.modules, "saes": [s.to_json() for s in self.saes]}
 
@@ -109,7 +113,8 @@ class BuildPlan:
                               "build plan; ingest it again with --replace")
         return cls(data["name"], data["model"], data["first_layer"], data["last_layer"], data["k"],
                    Thresholds.from_mapping(data["thresholds"]), data["manifest"],
-                   tuple(PlannedSae.from_json(row) for row in data["saes"]), data.get("manifest_digest", ""))
+                   tuple(PlannedSae.from_json(row) for row in data["saes"]), data.get("manifest_digest", ""),
+                   data.get("score", DEFAULT_SCORE))
 
     def verify(self) -> None:
         """Refuse, naming the file, when an SAE's content differs from what was matched, or
@@ -148,7 +153,7 @@ def make_plan(manifest: Manifest, progress=None) -> BuildPlan:
     path = Path(manifest.path).resolve()
     return BuildPlan(manifest.name, manifest.model, manifest.first_layer, manifest.last_layer,
                      manifest.k, manifest.thresholds, str(path), saes,
-                     _text_digest(path) if path.is_file() else "")
+                     _text_digest(path) if path.is_file() else "", manifest.score)
 
 
 def _text_digest(path: Path) -> str:

@@ -3,7 +3,8 @@ params.npz files, or sae-lens releases.
 
 `inspect` reads only headers (cheap, for checking a whole pack up front);
 `load_decoder` gives W_dec as float32 rows [d_sae, d_in] and rejects NaN/Inf and
-all-zero rows. Local sae-lens directories are read with safetensors directly, so
+all-zero rows; `load_encoder` gives W_enc's columns the same way (for builds that
+match with [match] score = "encoder"). Local sae-lens directories are read with safetensors directly, so
 a pack on disk is checked without importing torch, and lazily: a slice of rows at a
 time (`SafetensorsRows`), so a wide decoder is never whole in memory. Gemma Scope
 params.npz files (whose members may be compressed) and releases (through sae-lens)
@@ -80,11 +81,40 @@ def load_decoder(ref: SourceRef) -> tuple[SaeInfo, np.ndarray | SafetensorsRows]
     return info, w_dec
 
 
+def load_encoder(ref: SourceRef) -> tuple[SaeInfo, np.ndarray]:
+    """W_enc's columns (what each feature reads) as float32 rows [d_sae, d_in], checked
+    like a decoder. Read whole: sae-lens and Gemma Scope store W_enc as [d_in, d_sae]."""
+    if ref.kind == "path":
+        info = _inspect_saelens_dir(ref)
+        weights = Path(ref.location) / WEIGHTS_FILE
+        _safetensor_header(weights, "W_enc", ref)  # a missing W_enc is named, not a safetensors error
+        w_enc = np.asarray(SafetensorsRows(weights, "W_enc", ref))
+    elif ref.kind == "npz":
+        info = _inspect_npz(ref)
+        try:
+            with np.load(local_file(Path(ref.location), ref)) as data:
+                w_enc = np.asarray(data["W_enc"], dtype=np.float32)
+        except KeyError:
+            raise PackError(f"{where(ref)}: params.npz has no W_enc") from None
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+            raise PackError(f"{where(ref)}: cannot read W_enc ({exc})") from None
+    else:
+        info, w_enc = _load_release(ref, "W_enc")
+    if w_enc.ndim != 2 or (info.d_in, info.d_sae) != w_enc.shape:
+        raise PackError(f"{where(ref)}: W_enc has shape {tuple(w_enc.shape)}, "
+                        f"expected [d_in, d_sae] = [{info.d_in}, {info.d_sae}]")
+    rows = np.ascontiguousarray(w_enc.T)
+    check_decoder(rows, ref, "W_enc", "column")
+    return info, rows
+
+
 CHECK_BYTES = 8 << 20  # a decoder is checked in blocks of rows this large (float32)
 
 
-def check_decoder(w_dec: np.ndarray | SafetensorsRows, ref: SourceRef) -> None:
-    """Refuse NaN/Inf and all-zero rows, naming the first; reads a block of rows at a time."""
+def check_decoder(w_dec: np.ndarray | SafetensorsRows, ref: SourceRef, name: str = "W_dec",
+                  unit: str = "row") -> None:
+    """Refuse NaN/Inf and all-zero rows, naming the first; reads a block of rows at a time.
+    name and unit say what the rows are in the message (an encoder's rows are its columns)."""
     n_rows, d = w_dec.shape
     block_rows = max(1, CHECK_BYTES // (4 * max(d, 1)))
     nonfinite, zero = [], []  # row numbers of each defect
@@ -93,11 +123,11 @@ def check_decoder(w_dec: np.ndarray | SafetensorsRows, ref: SourceRef) -> None:
         nonfinite.extend(start + np.flatnonzero(~np.isfinite(block).all(axis=1)))
         zero.extend(start + np.flatnonzero(~np.any(block != 0, axis=1)))
     if nonfinite:
-        raise PackError(f"{where(ref)}: W_dec has NaN/Inf in {len(nonfinite)} row(s), "
+        raise PackError(f"{where(ref)}: {name} has NaN/Inf in {len(nonfinite)} {unit}(s), "
                         f"first at feature {int(nonfinite[0])}")
     if zero:
-        raise PackError(f"{where(ref)}: W_dec has {len(zero)} all-zero row(s), "
-                        f"first at feature {int(zero[0])}; a zero decoder direction has no cosine")
+        raise PackError(f"{where(ref)}: {name} has {len(zero)} all-zero {unit}(s), "
+                        f"first at feature {int(zero[0])}; a zero direction has no cosine")
 
 
 def content_digest(ref: SourceRef) -> str:
@@ -349,7 +379,7 @@ def _inspect_release(ref: SourceRef) -> SaeInfo:
     return SaeInfo(ref, None, None, None, lookup.neuronpedia_id.get(ref.sae_id))
 
 
-def _load_release(ref: SourceRef) -> tuple[SaeInfo, np.ndarray]:
+def _load_release(ref: SourceRef, tensor: str = "W_dec") -> tuple[SaeInfo, np.ndarray]:
     _release_lookup(ref)
     from sae_lens import SAE
 
@@ -358,10 +388,10 @@ def _load_release(ref: SourceRef) -> tuple[SaeInfo, np.ndarray]:
     except Exception as exc:  # hub and conversion errors come in many types
         raise PackError(f"{where(ref)}: sae-lens could not load it ({type(exc).__name__}: {exc})") from None
     metadata = sae.cfg.metadata
-    w_dec = sae.W_dec.detach().float().cpu().numpy()
-    info = SaeInfo(ref, int(sae.cfg.d_in), int(w_dec.shape[0]),
+    weights = getattr(sae, tensor).detach().float().cpu().numpy()
+    info = SaeInfo(ref, int(sae.cfg.d_in), int(sae.cfg.d_sae),
                    getattr(metadata, "hook_name", None), getattr(metadata, "neuronpedia_id", None))
-    return info, w_dec
+    return info, weights
 
 
 def check_same_space(info: SaeInfo, residual_d_in: int, *, projected_from: int | None = None) -> None:

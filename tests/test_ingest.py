@@ -1,3 +1,4 @@
+import json
 import shutil
 import subprocess
 import sys
@@ -178,3 +179,63 @@ def test_killed_ingest_resumes_to_the_same_graph(db, resumable_pack, kill_at):
     assert resumed.equals(reference)
     assert db.read("MATCH (p:Pack {name: 'resumable'}) RETURN p.status AS s")[0]["s"] == "complete"
     assert assert_edges_equal_brute_force(db, "resumable", resumable_pack.parent, layers=8, k=1) == len(reference)
+
+
+def test_encoder_score_matches_encoder_columns_against_decoder_rows(db, planted_pack, tmp_path):
+    """[match] score = "encoder": each residual feature's stored top-1 is the predecessor
+    whose unit decoder row its unit encoder column reads most (dense float64 here), on
+    SAEs whose W_enc is not W_dec.T; the plan records the score and only then the
+    fingerprint changes."""
+    pack_dir = tmp_path / "pack"
+    shutil.copytree(planted_pack[0], pack_dir)
+    rng = np.random.default_rng(3)
+    for layer in range(4):
+        weights = pack_dir / "saes" / "res" / f"layer_{layer}" / "sae_weights.safetensors"
+        tensors = load_file(str(weights))
+        tensors["W_enc"] = (tensors["W_enc"] + rng.normal(scale=0.08, size=tensors["W_enc"].shape)).astype(np.float32)
+        save_file(tensors, str(weights))
+    path = pack_dir / "manifest.toml"
+    decoder_plan = make_plan(load_manifest(path))
+    text = path.read_text().replace('name = "planted"', 'name = "encoded"')
+    path.write_text(text.replace("k = 1", 'k = 1\nscore = "encoder"'))
+    ingest(load_manifest(path), db)
+
+    unit = lambda w: w / np.linalg.norm(w, axis=1, keepdims=True)  # noqa: E731
+    weights = lambda module, layer: load_file(  # noqa: E731
+        str(pack_dir / "saes" / module / f"layer_{layer}" / "sae_weights.safetensors"))
+    stored = run_template(db, "edges", {"pack": "encoded"})
+    differs = 0
+    for layer in range(4):
+        encoder = unit(weights("res", layer)["W_enc"].T.astype(np.float64))
+        decoder = unit(weights("res", layer)["W_dec"].astype(np.float64))
+        for place in ("res", "mlp", "att"):
+            src_layer = layer - 1 if place == "res" else layer
+            if src_layer < 0:
+                continue
+            base = unit(weights(place, src_layer)["W_dec"].astype(np.float64))
+            cos = encoder @ base.T
+            part = stored[(stored["dst_layer"] == layer) & (stored["src_module"] == place)].sort_values("dst_index")
+            assert list(part["dst_index"]) == list(range(len(cos)))
+            chosen = part["src_index"].to_numpy()
+            exact = cos[np.arange(len(cos)), chosen]
+            np.testing.assert_allclose(part["cosine"].to_numpy(), exact, atol=1e-5)
+            np.testing.assert_allclose(exact, cos.max(1), atol=1e-6)  # the best, or a tie with it
+            differs += int((chosen != (decoder @ base.T).argmax(1)).sum())
+    assert differs > 0  # the encoder's picks are not the decoder's here
+    plan = json.loads(db.read("MATCH (p:Pack {name: 'encoded'}) RETURN p.plan AS plan")[0]["plan"])
+    assert plan["score"] == "encoder"
+    encoder_plan = make_plan(load_manifest(path))
+    assert decoder_plan.fingerprint() != encoder_plan.fingerprint()
+    assert (encoder_plan.score, decoder_plan.score) == ("encoder", "decoder")
+
+
+def test_default_score_keeps_the_fingerprint(planted_pack):
+    """A plan with the default score hashes exactly what it hashed before the option existed."""
+    import hashlib
+
+    plan = make_plan(load_manifest(planted_pack[0] / "manifest.toml"))
+    sources = [{"layer": s.ref.layer, "module": s.ref.module, "digest": s.digest,
+                "neuronpedia": s.ref.neuronpedia, "project_model": s.ref.project_model} for s in plan.saes]
+    spec = {"plan": 2, "model": plan.model, "layers": [0, 3], "k": 1, "thresholds": plan.thresholds.spec(),
+            "sources": sources}
+    assert plan.fingerprint() == hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]

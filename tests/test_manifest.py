@@ -34,7 +34,8 @@ def write(tmp_path, text):
 
 def test_good_manifest_resolves_templates_and_overrides(tmp_path):
     manifest = load_manifest(write(tmp_path, GOOD))
-    assert manifest.k == 3 and list(manifest.layers) == [0, 1, 2]
+    assert manifest.k == 3 and list(manifest.layers) == [0, 1, 2] and manifest.score == "decoder"
+    assert load_manifest(write(tmp_path, GOOD.replace("k = 3", 'k = 3\nscore = "encoder"'))).score == "encoder"
     res1 = manifest.source("res", 1)
     assert res1.location == str((tmp_path / "saes/res/layer_1").resolve())
     assert res1.neuronpedia == "2-res-x"
@@ -49,6 +50,8 @@ def test_good_manifest_resolves_templates_and_overrides(tmp_path):
     (GOOD.replace('npz = "scope', 'path = "x"\nnpz = "scope'), "needs exactly one source"),
     (GOOD.replace("k = 3", "k = 11"), "k must be an integer from 1 to 10"),
     (GOOD.replace("k = 3", "k = 0"), "k must be an integer from 1 to 10"),
+    (GOOD.replace("k = 3", 'k = 3\nscore = "cosine"'), "[match] score must be 'decoder' or 'encoder', got 'cosine'"),
+    (GOOD.replace("k = 3", "k = 3\nscore = 1"), "[match] score must be 'decoder' or 'encoder', got 1"),
     (GOOD.replace('sae_id = "blocks', 'sae_idx = "blocks'), "unknown key(s) 'sae_idx'"),
     (GOOD.replace('name = "p1"', 'name = "a/b"'), "name 'a/b'"),
     (GOOD.replace("layers = [0, 2]", "layers = [3, 2]"), "layers must be [first, last]"),
