@@ -210,6 +210,8 @@ TEMPLATES = {
     "label-search": {"text": "planted"}, "edges": {"pack": "planted"},
     "by-category": {"pack": "planted", "layer": 2, "category": "newborn"},
     "hubs": {"pack": "planted", "kind": "chain-end"},
+    "family": {"feature": "planted/2/res/1"}, "splits": {"link": "planted--wide"},
+    "new-features": {"link": "planted--wide"}, "lineage-across": {"feature": "planted/3/res/0"},
 }
 
 
