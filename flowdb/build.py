@@ -67,7 +67,7 @@ def match_layer(plan: BuildPlan, layer: int, matcher: Matcher) -> LayerBuild:
     processes or on other machines, and give the same result. With plan.score "encoder"
     the queries are R_L's encoder columns instead of its decoder rows; the base and the
     chance level (its width and d) are the same."""
-    res_info, res_w = _load(plan.sae(layer, RESIDUAL.name), None)
+    res_info, res_w = load_rows(plan.sae(layer, RESIDUAL.name), None)
     if plan.score == "encoder":
         res_w = load_encoder(plan.sae(layer, RESIDUAL.name).ref)[1]
     current = LayerBuild(layer, {RESIDUAL.name: res_w.shape[0]}, matcher=matcher.backend)
@@ -76,7 +76,7 @@ def match_layer(plan: BuildPlan, layer: int, matcher: Matcher) -> LayerBuild:
         planned = plan.sae(module.predecessor_layer(layer), module.name)
         if planned is None:
             continue
-        info, base = _load(planned, res_info.d_in)
+        info, base = load_rows(planned, res_info.d_in)
         if module is not RESIDUAL:
             current.widths[module.name] = base.shape[0]
             current.saes[module.name] = _provenance(info, plan.model, plan.sae(layer, module.name))
@@ -90,7 +90,7 @@ def match_layer(plan: BuildPlan, layer: int, matcher: Matcher) -> LayerBuild:
     return current
 
 
-def _load(planned: PlannedSae, residual_d_in: int | None) -> tuple[SaeInfo, np.ndarray]:
+def load_rows(planned: PlannedSae, residual_d_in: int | None) -> tuple[SaeInfo, np.ndarray]:
     """An SAE's decoder rows in the residual space (hook_z SAEs projected through W_O), as
     stored: the matcher normalises them a tile at a time, so no second full copy is made."""
     info, w_dec = load_decoder(planned.ref)

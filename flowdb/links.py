@@ -198,8 +198,7 @@ class PlaceLink:
         return f"{self.layer}-{self.module}"
 
     def search_flops(self) -> float:
-        """2 n_a n_b d for each direction."""
-        return 2 * 2.0 * self.n_a * self.n_b * self.d_in
+        return search_flops(self.n_a, self.n_b, self.d_in)
 
     def shares(self) -> dict[str, float]:
         """Share of each category per side, keyed a_<category> and b_<category>."""
@@ -431,7 +430,7 @@ def default_link_dir(plan: LinkPlan) -> Path:
 def link_atlas(plan: LinkPlan, out: str | Path | None = None, matcher: Matcher | None = None,
                progress: Callable[[str], None] | None = None) -> LinkAtlas:
     """Write (or finish) the link atlas of a plan; places already there are kept."""
-    from flowdb.build import _load
+    from flowdb.build import load_rows
 
     places = plan.places()
     atlas = LinkAtlas(out or default_link_dir(plan))
@@ -441,18 +440,23 @@ def link_atlas(plan: LinkPlan, out: str | Path | None = None, matcher: Matcher |
         done = set(atlas.places_done())
         for layer, module in places:
             if f"{layer}-{module}" not in done:
-                _, a_rows = _load(plan.a.sae(layer, module), None)
-                _, b_rows = _load(plan.b.sae(layer, module), None)
+                _, a_rows = load_rows(plan.a.sae(layer, module), None)
+                _, b_rows = load_rows(plan.b.sae(layer, module), None)
                 atlas.write_place(link_place(a_rows, b_rows, layer, module, plan.spec, matcher))
             if progress:
                 progress(f"{layer}-{module}")
     return atlas
 
 
+def search_flops(n_a: int, n_b: int, d: int) -> float:
+    """A link's search arithmetic: 2 n_a n_b d in each direction."""
+    return 2 * 2.0 * n_a * n_b * d
+
+
 def link_rate(records: list[dict]) -> float | None:
     """GFLOP/s of the link searches that recorded their time."""
     seconds = sum(r["search_seconds"] for r in records)
-    flops = sum(2 * 2.0 * r["n_a"] * r["n_b"] * r["d_in"] for r in records if r["search_seconds"] > 0)
+    flops = sum(search_flops(r["n_a"], r["n_b"], r["d_in"]) for r in records if r["search_seconds"] > 0)
     return flops / seconds / 1e9 if seconds else None
 
 
