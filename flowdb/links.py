@@ -250,10 +250,11 @@ def link_place(a_rows, b_rows, layer: int, module: str, spec: LinkSpec, matcher:
 def unit_rows(w, rows: np.ndarray) -> np.ndarray:
     """Normalised rows of w at these indices; lazily read decoders are read a row at a time."""
     rows = np.asarray(rows, dtype=np.int64)
+    if not len(rows):
+        return np.zeros((0, w.shape[1]), np.float32)
     if isinstance(w, np.ndarray):
-        return normalise(w[rows]) if len(rows) else np.zeros((0, w.shape[1]), np.float32)
-    return normalise(np.stack([np.asarray(w[int(i):int(i) + 1])[0] for i in rows])) if len(rows) \
-        else np.zeros((0, w.shape[1]), np.float32)
+        return normalise(w[rows])
+    return normalise(np.stack([np.asarray(w[int(i):int(i) + 1])[0] for i in rows]))
 
 
 def categorise(place: PlaceLink, a_unit: Callable, b_unit: Callable) -> tuple[np.ndarray, np.ndarray]:
@@ -467,7 +468,6 @@ def shares_table(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(records, columns=columns).sort_values(["layer", "module"], ignore_index=True)
 
 
-
 # --- into Neo4j -------------------------------------------------------------------------
 
 @dataclass
@@ -534,11 +534,12 @@ def link_packs(db, a: str, b: str, spec: LinkSpec = LinkSpec(), name: str | None
             status = "resumed"
         done = set(existing["places_done"]) if existing else set()
         report = LinkReport(name, plan.fingerprint, status, atlas.root, [])
-        for place in atlas.places():
-            if place.key not in done:
+        for key in atlas.places_done():
+            if key not in done:  # a place stored before is not read back from its Parquet again
                 lease.check()
+                place = atlas.read_place(key)
                 report.relationships += graph.write_link_place(db, name, plan.a.name, plan.b.name, place)
-                report.places_written.append(place.key)
+                report.places_written.append(key)
         graph.finish_link(db, name)
     report.records = atlas.records()
     report.seconds = time.perf_counter() - started
