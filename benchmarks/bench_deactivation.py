@@ -24,12 +24,12 @@ import numpy as np
 def main() -> None:
     import torch
 
-    from flowdb.database import connect
-    from flowdb.deactivation import BlockReplay
-    from flowdb.hooks import capture, hook_point, intervene
-    from flowdb.models import load_model
-    from flowdb.pack_model import feature_directions, open_pack
-    from flowdb.texts import sample_tokens
+    from flowdb.analysis.deactivation import BlockReplay
+    from flowdb.analysis.pack_model import feature_directions, open_pack
+    from flowdb.lm.hooks import capture, hook_point, intervene
+    from flowdb.lm.loader import load_model
+    from flowdb.lm.texts import sample_tokens
+    from flowdb.store.connection import connect
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--pack", default="smollm2-135m-demo")

@@ -9,8 +9,8 @@ pack and atlas are made here as bench_scale makes them):
   load      the atlas through `flowdb load --bulk` into a private server
   labels    one million synthetic Neuronpedia-format explanations (one per feature, on
             min(1M, features) features; descriptions of 3-7 words from a Zipf-weighted
-            vocabulary of 3,000 made-up words, seed 0) through flowdb.labels.import_labels
-  baseline  lineage (flowdb.queries.run_template) p50/p95 on the sampled residual features
+            vocabulary of 3,000 made-up words, seed 0) through flowdb.store.labels.import_labels
+  baseline  lineage (flowdb.store.templates.run_template) p50/p95 on the sampled residual features
   api       GET /api/features + /api/flow (the feature page's data; target p95 <= 150 ms)
             and GET /api/neighbours (one expansion; target p95 <= 150 ms) over keep-alive HTTP
   search    GET /api/search over the million labels: one and two words, prefixes as typed
@@ -123,7 +123,8 @@ def set_neuronpedia_sources(db) -> int:
 
 
 def load_and_label(server, words: list[str]) -> dict:
-    from flowdb.labels import import_labels
+    from flowdb.store.graph import ensure_schema
+    from flowdb.store.labels import import_labels
 
     bulk = in_child("bulk", atlas_dir=str(atlas()), server_root=str(server.root), port=server.port)
     labels_dir = bench_dir() / f"labels-{LAYERS}x{WIDTH}-{LABELS}"
@@ -132,7 +133,7 @@ def load_and_label(server, words: list[str]) -> dict:
     written = time.perf_counter() - started
     try:
         with connect_to(server) as db:
-            db.ensure_schema()  # the full-text index exists before the labels come, as after any load
+            ensure_schema(db)  # the full-text index exists before the labels come, as after any load
             saes = set_neuronpedia_sources(db)
             started = time.perf_counter()
             report = import_labels(db, labels_dir)
@@ -151,7 +152,7 @@ def load_and_label(server, words: list[str]) -> dict:
 def loaded_server(keep: bool):
     """The private server with the graph and labels: reused when --keep kept one, else made
     (and, without --keep, deleted at the end)."""
-    from flowdb.neo4j_server import ManagedServer
+    from flowdb.store.server import ManagedServer
 
     default = ManagedServer.default()
     default.fetch()
@@ -185,7 +186,7 @@ def serve(server_root: str, port: int, http_port: int) -> None:
     import uvicorn
 
     from flowdb.explorer.app import create_app
-    from flowdb.neo4j_server import ManagedServer
+    from flowdb.store.server import ManagedServer
 
     server = ManagedServer(Path(server_root), port)
     app = create_app(lambda: connect_to(server), host="127.0.0.1", token="bench", require_token=False)
@@ -296,7 +297,7 @@ def render(base: str, keys: list[str]) -> dict:
 def measure(base: str, server, words: list[str], args) -> dict:
     import httpx
 
-    from flowdb.queries import run_template
+    from flowdb.store.templates import run_template
 
     keys = sample_features(args.features)
     out = {}

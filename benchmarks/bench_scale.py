@@ -80,7 +80,7 @@ def free_port() -> int:
 def private_server(name: str, started: bool = True):
     """A fresh managed Neo4j of this run (its own store and port, sharing the jars),
     stopped and deleted when the block ends."""
-    from flowdb.neo4j_server import ManagedServer
+    from flowdb.store.server import ManagedServer
 
     default = ManagedServer.default()
     default.fetch()
@@ -99,15 +99,15 @@ def private_server(name: str, started: bool = True):
 
 
 def connect_to(server):
-    from flowdb.database import connect
     from flowdb.settings import Neo4jSettings
+    from flowdb.store.connection import connect
 
     user, password = server.auth()
     return connect(Neo4jSettings(server.uri, user, password, None))
 
 
 def gemma_pack() -> Path:
-    from flowdb.synth import SynthSpec, synthesize
+    from flowdb.packs.synth import SynthSpec, synthesize
 
     out = bench_dir() / f"gemma-shaped-{LAYERS}x{WIDTH}x{D_MODEL}"
     if not (out / "manifest.toml").exists():
@@ -128,7 +128,7 @@ def step_gemm() -> dict:
     for _ in range(3):
         a @ b
     answer = {"numpy": 3 * 2 * 8192 * WIDTH * D_MODEL / (time.perf_counter() - started) / 1e9}
-    from flowdb.doctor import blas_libraries, cpu_backends, cpu_model
+    from flowdb.flow.doctor import blas_libraries, cpu_backends, cpu_model
 
     answer["cpu"] = cpu_model()
     answer["blas"] = [f"{lib.package}: {lib.describe()}" for lib in blas_libraries(cpu_backends())]
@@ -150,7 +150,7 @@ def step_gemm() -> dict:
 
 
 def step_backend(backend: str) -> dict:
-    from flowdb.matching import Matcher
+    from flowdb.flow.matching import Matcher
 
     rng = np.random.default_rng(1)
     queries = rng.standard_normal((WIDTH, D_MODEL), dtype=np.float32)
@@ -166,9 +166,9 @@ def step_backend(backend: str) -> dict:
 def step_match(manifest: str, out: str, k: int, layers: list[int] | None = None) -> dict:
     import dataclasses
 
-    from flowdb.atlas import match
-    from flowdb.manifest import load_manifest
-    from flowdb.plan import make_plan
+    from flowdb.flow.atlas import match
+    from flowdb.packs.manifest import load_manifest
+    from flowdb.packs.plan import make_plan
 
     parsed = load_manifest(manifest, k=k)
     if layers:
@@ -186,9 +186,9 @@ def step_match(manifest: str, out: str, k: int, layers: list[int] | None = None)
 
 
 def step_bolt_load(atlas_dir: str, server_root: str, port: int) -> dict:
-    from flowdb.atlas import Atlas
-    from flowdb.ingest import load
-    from flowdb.neo4j_server import ManagedServer
+    from flowdb.flow.atlas import Atlas
+    from flowdb.store.ingest import load
+    from flowdb.store.server import ManagedServer
 
     server = ManagedServer(Path(server_root), port)
     with connect_to(server) as db:
@@ -200,19 +200,19 @@ def step_bolt_load(atlas_dir: str, server_root: str, port: int) -> dict:
 
 
 def step_bulk_load(atlas_dir: str, server_root: str, port: int) -> dict:
-    from flowdb.atlas import Atlas
-    from flowdb.bulk import bulk_load
-    from flowdb.neo4j_server import ManagedServer
+    from flowdb.flow.atlas import Atlas
+    from flowdb.store.bulk import BulkPack, bulk_load
+    from flowdb.store.server import ManagedServer
 
-    report = bulk_load(ManagedServer(Path(server_root), port), [Atlas.open(atlas_dir).bulk_pack()])
+    report = bulk_load(ManagedServer(Path(server_root), port), [BulkPack.from_atlas(Atlas.open(atlas_dir))])
     return {"seconds": report.total_seconds, "import_seconds": report.import_seconds,
             "relationships": report.relationships, "nodes": report.nodes, "rate": report.rate}
 
 
 def step_queries(server_root: str, port: int, pack: str, samples: int) -> dict:
     from flowdb.errors import QueryError
-    from flowdb.neo4j_server import ManagedServer
-    from flowdb.queries import run_template
+    from flowdb.store.server import ManagedServer
+    from flowdb.store.templates import run_template
 
     pick = random.Random(0)
     last = LAYERS - 1
@@ -264,7 +264,7 @@ class GeneratedDecoder:
 
 
 def step_million(base_width: int, tiles: int) -> dict:
-    from flowdb.matching import QUERY_TILE, Matcher
+    from flowdb.flow.matching import QUERY_TILE, Matcher
 
     rss_before = peak_rss_gb()
     base = np.random.default_rng(2).standard_normal((base_width, D_MODEL), dtype=np.float32)
@@ -309,7 +309,7 @@ def main() -> None:
 
 
 def run(parts: list[str], args) -> None:
-    from flowdb.matching import BACKENDS, CPU_DEFAULT, choose_backend
+    from flowdb.flow.matching import BACKENDS, CPU_DEFAULT, choose_backend
 
     say = lambda text: print(text, flush=True)  # noqa: E731
     gemm = in_child("gemm")

@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from flowdb.links import LinkPlan, LinkSpec, link_atlas, link_place
-from flowdb.manifest import load_manifest
-from flowdb.matching import Matcher
-from flowdb.plan import make_plan
-from flowdb.synth import SynthSpec, synthesize
+from flowdb.flow.link_atlas import LinkPlan, LinkSpec, link_atlas, link_place
+from flowdb.flow.matching import Matcher
+from flowdb.packs.manifest import load_manifest
+from flowdb.packs.plan import make_plan
+from flowdb.packs.synth import SynthSpec, synthesize
 
 # Reading the split companion as A and the base as B turns each planted category into its mirror.
 REVERSED = {"a": {"kept": "kept", "new": "gone", "shifted": "shifted"},

@@ -25,18 +25,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from flowdb.database import connect
-    from flowdb.graph import drop_pack, read_pack
-    from flowdb.ingest import ingest
-    from flowdb.manifest import load_manifest
-    from flowdb.queries import run_template
-    from flowdb.synth import THRESHOLD, SynthSpec, synthesize
+    from flowdb.packs.manifest import load_manifest
+    from flowdb.packs.synth import THRESHOLD, SynthSpec, synthesize
+    from flowdb.store.connection import connect
+    from flowdb.store.graph import drop_pack, ensure_schema, read_pack
+    from flowdb.store.ingest import ingest
+    from flowdb.store.templates import run_template
 
     name = "eval-planted"
     with tempfile.TemporaryDirectory() as out, connect() as db:
         truth = synthesize(out, SynthSpec(name=name, layers=args.layers, d_model=args.d_model,
                                           width=args.width, seed=args.seed))
-        db.ensure_schema()
+        ensure_schema(db)
         if read_pack(db, name):
             drop_pack(db, name)
         ingest(load_manifest(f"{out}/manifest.toml"), db, show_progress=False)

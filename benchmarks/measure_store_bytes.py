@@ -1,5 +1,5 @@
 """What a build costs the managed Neo4j's disk, per node and per relationship: the
-figures behind flowdb.neo4j_server's BOLT_COST and BULK_COST.
+figures behind flowdb.store.server's BOLT_COST and BULK_COST.
 
     .venv/bin/python benchmarks/measure_store_bytes.py [--layers 4] [--width 1024] [--d-model 128]
 
@@ -9,9 +9,9 @@ relationship. Each is measured as the disk blocks (what df counts) of the databa
 store and transaction-log directories with the server stopped (a clean shutdown
 checkpoints every page to disk), after minus before:
   bolt    a fresh managed Neo4j 5.26 gets flowdb's schema, then both packs, one after
-          the other, over Bolt (flowdb.ingest.load); also the cost of deleting the k=1
+          the other, over Bolt (flowdb.store.ingest.load); also the cost of deleting the k=1
           pack again, which a replacement pays for the build it replaces
-  bulk    a fresh server per pack, loaded by neo4j-admin import (flowdb.bulk); the
+  bulk    a fresh server per pack, loaded by neo4j-admin import (flowdb.store.bulk); the
           import files' own bytes are counted too (they are on disk during the import)
 Servers are private to the run (own store and port, the jars linked in) and deleted after.
 """
@@ -58,10 +58,10 @@ def solve(steps: list[tuple[int, int, int]]) -> tuple[float, float]:
 
 
 def atlases(work: Path, args) -> dict[int, Path]:
-    from flowdb.atlas import match
-    from flowdb.manifest import load_manifest
-    from flowdb.plan import make_plan
-    from flowdb.synth import SynthSpec, synthesize
+    from flowdb.flow.atlas import match
+    from flowdb.packs.manifest import load_manifest
+    from flowdb.packs.plan import make_plan
+    from flowdb.packs.synth import SynthSpec, synthesize
 
     out = {}
     for k in (1, 8):
@@ -74,14 +74,14 @@ def atlases(work: Path, args) -> dict[int, Path]:
 
 
 def measure_bolt(found: dict[int, Path]) -> dict:
-    from flowdb.atlas import Atlas
-    from flowdb.graph import drop_pack
-    from flowdb.ingest import load
+    from flowdb.flow.atlas import Atlas
+    from flowdb.store.graph import drop_pack, ensure_schema
+    from flowdb.store.ingest import load
 
     steps = []
     with private_server("measure-bolt") as server:
         with connect_to(server) as db:
-            db.ensure_schema()
+            ensure_schema(db)
         before, (n0, r0) = stopped_bytes(server)
         for k in (1, 8):
             with connect_to(server) as db:
@@ -99,18 +99,19 @@ def measure_bolt(found: dict[int, Path]) -> dict:
 
 
 def measure_bulk(found: dict[int, Path]) -> dict:
-    from flowdb.atlas import Atlas
-    from flowdb.bulk import bulk_load, write_import_files
+    from flowdb.flow.atlas import Atlas
+    from flowdb.store.bulk import BulkPack, bulk_load, write_import_files
+    from flowdb.store.graph import ensure_schema
 
     steps, files = [], []
     for k in (1, 8):
-        pack = Atlas.open(found[k]).bulk_pack()
+        pack = BulkPack.from_atlas(Atlas.open(found[k]))
         with tempfile.TemporaryDirectory() as directory:
             written = write_import_files(Path(directory) / "files", [pack])
             files.append((written.n_nodes, written.n_relationships, disk_bytes(written.directory)))
         with private_server(f"measure-bulk-k{k}") as server:
             with connect_to(server) as db:
-                db.ensure_schema()
+                ensure_schema(db)
             before, (n0, r0) = stopped_bytes(server)
             bulk_load(server, [pack])
             after, (n1, r1) = stopped_bytes(server)

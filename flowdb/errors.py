@@ -64,3 +64,9 @@ class WriteError(FlowdbError):
 class DiskFullError(WriteError):
     """No room: the device is full, or the write would pass a quota or file-size limit,
     or a build would not fit in the store's free space."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line: what a one-line error quotes."""
+    text = (getattr(exc, "message", None) or str(exc) or type(exc).__name__).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -35,3 +35,11 @@ ATTENTION = Module("att", "Attention", "ATTENTION", "hook_attn_out", "attention"
 MODULES: dict[str, Module] = {m.name: m for m in (RESIDUAL, MLP, ATTENTION)}
 NAMES = tuple(MODULES)  # ("res", "mlp", "att"), also the predecessor places R_{L-1}, M_L, A_L
 BY_KIND: dict[str, Module] = {m.kind: m for m in MODULES.values()}
+
+
+def feature_key(pack: str, layer: int, module: str, index: int) -> str:
+    return f"{pack}/{layer}/{module}/{index}"
+
+
+def sae_key(pack: str, layer: int, module: str) -> str:
+    return f"{pack}/{layer}/{module}"

@@ -3,7 +3,7 @@
 Connection settings come from flags, else from the conventional NEO4J_URI,
 NEO4J_USERNAME, NEO4J_PASSWORD and NEO4J_DATABASE variables. With no URI at all,
 flowdb uses (and starts) its managed local server, which requires the user
-neo4j and the password kept in FLOWDB_HOME/neo4j/password (see flowdb.neo4j_server).
+neo4j and the password kept in FLOWDB_HOME/neo4j/password (see flowdb.store.server).
 """
 
 from __future__ import annotations

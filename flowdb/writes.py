@@ -4,18 +4,20 @@ atomic_write gives a dot-name beside the target (Parquet and CSV readers skip
 dot-names), renamed onto the target only once written whole, removed otherwise.
 write_errors turns an OSError while writing into a WriteError that names the path:
 a full disk (ENOSPC, a quota, a file-size limit) says so and what to do.
+writer_lock keeps one writer per folder (an atlas, a link atlas).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from flowdb.errors import DiskFullError, WriteError
+from flowdb.errors import BusyError, DiskFullError, FlowdbError, WriteError
 from flowdb.settings import private_dirs
 
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
@@ -74,3 +76,23 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()  # once: setting it to read it is a race with other threads creating files
+
+
+@contextmanager
+def writer_lock(root: Path):
+    """One writer per atlas directory (an OS lock: released when its process dies)."""
+    try:
+        private_dirs(root)
+        handle = os.fdopen(os.open(root / ".lock", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600), "a+")
+    except OSError as exc:
+        raise FlowdbError(f"cannot write an atlas in {root} ({exc.strerror}); choose another --out") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BusyError(f"{root} is being written by another flowdb command; "
+                            "wait for it to finish, then run again") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

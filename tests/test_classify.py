@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from flowdb.classify import LayerThresholds, Thresholds, chance_cosine, classify
+from helpers import ROOT
 
 NAN = np.nan
 
@@ -114,9 +115,8 @@ def test_chance_in_three_and_two_dimensions_is_closed_form(q):
 def test_readme_chance_levels():
     """The README's p99.9 chance levels are what the null gives for the SAEs it names."""
     import re
-    from pathlib import Path
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     said = re.search(r"p99\.9 is (0\.\d{3}) for Gemma Scope 16k in\s+d 2304, (0\.\d{3}) for 2,048 features in d 576",
                      readme)
     assert said, "the README no longer states the chance levels this test checks"

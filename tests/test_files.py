@@ -95,9 +95,9 @@ def test_match_refuses_a_fifo_sae_file_without_neo4j(flowdb_home, pack_copy, tmp
 
 @pytest.mark.parametrize("part", ["layers/0.json", "edges/layer=0/part.parquet", "residual/layer=0/part.parquet"])
 def test_load_refuses_a_fifo_atlas_part(db, pack_copy, tmp_path, part):
-    from flowdb.atlas import match
-    from flowdb.manifest import load_manifest
-    from flowdb.plan import make_plan
+    from flowdb.flow.atlas import match
+    from flowdb.packs.manifest import load_manifest
+    from flowdb.packs.plan import make_plan
 
     atlas = match(make_plan(load_manifest(pack_copy / "manifest.toml")), tmp_path / "atlas")
     target = atlas.root / part

@@ -12,7 +12,6 @@ import logging
 import tempfile
 import threading
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 from urllib.parse import quote
 
@@ -35,18 +34,15 @@ from flowdb.errors import (
     QueryTimeout,
 )
 from flowdb.explorer import console, data
+from flowdb.explorer.assets import STATIC, TEMPLATES, plotly_js
 from flowdb.explorer.security import TokenGuard, allowed_hosts
 from flowdb.explorer.steer_jobs import Busy, SteeringRunner
-from flowdb.features import is_reference
+from flowdb.store.features import is_reference
+from flowdb.views import marks
 
 log = logging.getLogger("flowdb.explorer")
-HERE = Path(__file__).parent
 SEARCH_LIMIT = 20
 PLOT_LOCK = threading.Lock()  # pyplot's figure registry is shared by every worker thread
-
-
-def plotly_js() -> Path:
-    return Path(str(resources.files("plotly") / "package_data" / "plotly.min.js"))
 
 
 class Connection:
@@ -90,14 +86,14 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
     the token (any non-loopback bind); POSTs always do."""
     db = Connection(connect, timeout_s)
     steering = SteeringRunner(db)
-    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates = Jinja2Templates(directory=str(TEMPLATES))
     templates.env.autoescape = True
 
     def page(name: str, title: str, **context):
         async def endpoint(request: Request):
             values = {key: value(request) if callable(value) else value for key, value in context.items()}
             return templates.TemplateResponse(request, f"{name}.html", {
-                "title": title.format(**request.path_params), "page": name, "config": json.dumps(data.view_config()),
+                "title": title.format(**request.path_params), "page": name, "config": json.dumps(marks.view_config()),
                 **values})
         return endpoint
 
@@ -122,7 +118,7 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
     def key_of(request: Request) -> str:
         """A stored key as it stands (what it names is checked by the read that uses it),
         any other reference resolved to one."""
-        from flowdb.features import is_key, resolve_feature
+        from flowdb.store.features import is_key, resolve_feature
 
         text = request.path_params["key"].strip()
         return text if is_key(text) else resolve_feature(db(), text)
@@ -134,8 +130,8 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
         return data.pack_detail(db(), request.path_params["name"])
 
     def api_search(request, body):
-        from flowdb.features import resolve_feature
-        from flowdb.search import search_labels
+        from flowdb.store.features import resolve_feature
+        from flowdb.store.search import search_labels
 
         text = request.query_params.get("q", "").strip()
         if not text:
@@ -163,7 +159,7 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
 
     def api_table(template: str):
         def run(request, body):
-            from flowdb.queries import records, run_template
+            from flowdb.store.templates import records, run_template
 
             key = key_of(request)
             flt = data.EdgeFilter.parse(request.query_params)
@@ -174,7 +170,7 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
 
     def api_family(request, body):
         """The family template: the feature's relatives in linked packs (above_only, limit as there)."""
-        from flowdb.queries import records, run_template
+        from flowdb.store.templates import records, run_template
 
         given = {name: request.query_params[name] for name in ("above_only", "limit")
                  if request.query_params.get(name)}
@@ -182,8 +178,8 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
         return {"columns": list(frame.columns), "rows": records(frame), "warning": frame.attrs.get("warning")}
 
     def api_download(request, body):
-        from flowdb.graph_json import flow_graph_json, slug_for
-        from flowdb.queries import csv_text
+        from flowdb.store.templates import csv_text
+        from flowdb.views.graph_json import flow_graph_json, slug_for
 
         key = key_of(request)
         view = data.flow(db(), key, data.EdgeFilter.parse(request.query_params),
@@ -194,7 +190,7 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
         fmt = request.path_params["fmt"]
         name = slug_for(key)
         if fmt == "json":
-            from flowdb.graph import require_pack
+            from flowdb.store.graph import require_pack
 
             document = flow_graph_json(frame, require_pack(db(), view["pack"]).model, slug=name)
             return Response(json.dumps(document, indent=1), media_type="application/json",
@@ -202,7 +198,7 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
         if fmt == "csv":
             return Response(csv_text(frame), media_type="text/csv", headers=_attachment(f"{name}.csv"))
         if fmt in ("png", "svg"):
-            from flowdb.plots import plot_flow
+            from flowdb.views.plots import plot_flow
 
             with PLOT_LOCK, tempfile.TemporaryDirectory(prefix="flowdb-explorer-") as folder:
                 out = plot_flow(frame, Path(folder) / f"{name}.{fmt}", f"{key} (flowdb explorer view)")
@@ -212,7 +208,7 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
         raise QueryError(f"no download format {fmt!r}; use json, csv, png or svg")
 
     def api_templates(request, body):
-        from flowdb.queries import templates as all_templates
+        from flowdb.store.templates import templates as all_templates
 
         return {"templates": [{"name": t.name, "answers": t.answers,
                                "params": [{"name": p.name, "type": p.type, "required": p.required,
@@ -220,7 +216,7 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
                               for t in all_templates().values()]}
 
     def api_template(request, body):
-        from flowdb.queries import records, run_template
+        from flowdb.store.templates import records, run_template
 
         params = {k: v for k, v in request.query_params.items() if v != ""}
         frame = run_template(db(), request.path_params["name"], params)
@@ -236,11 +232,11 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
         return steering.status()
 
     def api_steer(request, body):
-        from flowdb.steering import GenerationSpec, SteeringSpec
+        from flowdb.analysis.steering import GenerationSpec, SteeringSpec
 
         if not isinstance(body, dict):
             raise QueryError("send the steering settings as a JSON object")
-        from flowdb.features import resolve_feature
+        from flowdb.store.features import resolve_feature
 
         feature = resolve_feature(db(), str(body.get("feature", "")))
         spec = SteeringSpec(seed_feature=feature, strategy=_choice(body, "strategy", "cumulative"),
@@ -260,7 +256,7 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
         text = request.query_params.get("q", "").strip()
         if text and is_reference(text):
             try:
-                from flowdb.features import resolve_feature
+                from flowdb.store.features import resolve_feature
 
                 key = resolve_feature(db(), text)
                 return RedirectResponse(f"/feature/{quote(key)}", status_code=303)
@@ -296,7 +292,7 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
         Route("/search", search),
         Route("/console", page("console", "Cypher console")),
         Route("/static/plotly.min.js", plotly),
-        Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
+        Mount("/static", StaticFiles(directory=str(STATIC)), name="static"),
         Route("/api/packs", api(api_packs)),
         Route("/api/packs/{name}", api(api_pack)),
         Route("/api/search", api(api_search)),
@@ -327,7 +323,7 @@ def _attachment(name: str) -> dict:
 
 
 def _choice(body: dict, name: str, default: str) -> str:
-    from flowdb.steering import SCHEDULES, STRATEGIES
+    from flowdb.analysis.steering import SCHEDULES, STRATEGIES
 
     allowed = {"strategy": STRATEGIES, "schedule": SCHEDULES}[name]
     value = body.get(name) or default

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from flowdb import guard
-from flowdb.database import neo4j_errors
 from flowdb.errors import QueryError, QueryTimeout
 from flowdb.settings import query_timeout_s
+from flowdb.store import guard
+from flowdb.store.database import neo4j_errors
 
 MAX_ROWS = 1_000  # rows a console answer shows; the rest are counted, not sent
 MAX_STATEMENT = 20_000  # characters

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from flowdb import graph
 from flowdb.classify import CATEGORIES, PLACES, chance_cdf, edge_status
 from flowdb.errors import NotFound, QueryError
 from flowdb.modules import BY_KIND, MODULES, RESIDUAL
-from flowdb.queries import get_template, json_ready
+from flowdb.store import graph
+from flowdb.store.templates import get_template, json_ready
+from flowdb.views import marks
 
-FLOW_NODE_CAP = 60  # more nodes than this and a flow graph is summarised, not drawn
 EDGE_ROW_CAP = 2_000  # edges one step of a walk reads at most
 NEIGHBOUR_CAP = 40  # edges one expansion returns at most, per direction
 MAX_DEPTH = 64
@@ -36,14 +36,6 @@ _INTO = ("UNWIND $keys AS key MATCH (c:Feature {key: key})<-[e:RESIDUAL|MLP|ATTE
 _OUT_OF = ("UNWIND $keys AS key MATCH (p:Feature {key: key})-[e:RESIDUAL|MLP|ATTENTION]->(c:Feature) "
            f"WHERE {_KEEP} {_RETURN_EDGE}")
 _EDGE_TYPES = [m.edge_type for m in MODULES.values()]
-
-
-def view_config() -> dict:
-    """What flow.js draws with: module colours, names and offsets (those of flowdb.plots) and the cap."""
-    from flowdb.plots import MODULE_COLOUR, MODULE_NAME, MODULE_X_OFFSET
-
-    return {"colours": MODULE_COLOUR, "names": MODULE_NAME, "offsets": MODULE_X_OFFSET,
-            "flow_node_cap": FLOW_NODE_CAP}
 
 
 class TimeLimited:
@@ -65,7 +57,7 @@ class TimeLimited:
     def read_table(self, cypher: str, params: dict, timeout_s: float | None = None):
         from neo4j import Query
 
-        from flowdb.database import neo4j_errors
+        from flowdb.store.database import neo4j_errors
 
         with neo4j_errors(self._db), self._db.driver.session(database=self._db.database,
                                                              default_access_mode="READ") as session:
@@ -240,7 +232,7 @@ def feature_detail(db, key: str) -> dict:
         "          RETURN e {.description, .typeName, .explanationModelName, .score, .id} AS e "
         "          ORDER BY coalesce(e.score, -1e9) DESC, e.id } AS labels", key=key)
     if not rows:
-        from flowdb.features import resolve_feature
+        from flowdb.store.features import resolve_feature
 
         resolve_feature(db, key)  # raises, saying what does exist
         raise NotFound(f"no feature {key!r}")
@@ -305,7 +297,7 @@ class Walk:
                                     keys=missing):
                 self.seen[row["f"]["key"]] = row["f"]
         for key in set(keys) - set(self.seen):
-            from flowdb.features import resolve_feature
+            from flowdb.store.features import resolve_feature
 
             resolve_feature(self.db, key)  # raises, saying what does exist
         out = []
@@ -328,8 +320,8 @@ class Walk:
 
 def flow(db, key: str, flt: EdgeFilter, depth: int = 3) -> dict:
     """The flow graph of one feature (the flow-graph template's graph, cut at `depth` steps
-    back and forward), or a summary of it when it has more than FLOW_NODE_CAP nodes.
-    key: a stored feature key (flowdb.features.resolve_feature gives one)."""
+    back and forward), or a summary of it when it has more than marks.FLOW_NODE_CAP nodes.
+    key: a stored feature key (flowdb.store.features.resolve_feature gives one)."""
     pack = key.split("/", 1)[0]
     walk = Walk(db, pack, flt)
     chain = {key}
@@ -345,7 +337,7 @@ def flow(db, key: str, flt: EdgeFilter, depth: int = 3) -> dict:
              if e["kind"] != "residual" or e["source"] in chain]
     members = chain | {e["source"] for e in links}
     result = {"seed": key, "pack": pack, "depth": depth, "filter": flt.params(), "more": walk.more}
-    if len(members) > FLOW_NODE_CAP:
+    if len(members) > marks.FLOW_NODE_CAP:
         return {**result, "too_big": _summary(walk.nodes(members), len(links)), "nodes": [], "edges": []}
     nodes = walk.nodes(members)
     seed_layer = next(n["layer"] for n in nodes if n["key"] == key)
@@ -360,7 +352,7 @@ def _summary(nodes: list[dict], n_edges: int) -> dict:
     for node in nodes:
         counts[(node["layer"], node["module"])] = counts.get((node["layer"], node["module"]), 0) + 1
     return {"message": f"{len(nodes)} features and {n_edges} edges: too many to draw readably "
-                       f"(at most {FLOW_NODE_CAP}). Lower max_rank or depth, or raise t_res / t_mod.",
+                       f"(at most {marks.FLOW_NODE_CAP}). Lower max_rank or depth, or raise t_res / t_mod.",
             "nodes": len(nodes), "edges": n_edges,
             "counts": [{"layer": layer, "module": module, "features": n}
                        for (layer, module), n in sorted(counts.items())]}

@@ -14,13 +14,13 @@ import uuid
 from functools import lru_cache
 
 from flowdb.explorer import data
+from flowdb.explorer.assets import STATIC, plotly_js
+from flowdb.views import marks
 
 
 @lru_cache(maxsize=1)
 def _assets() -> tuple[str, str]:
-    from flowdb.explorer.app import HERE, plotly_js
-
-    return plotly_js().read_text(encoding="utf-8"), (HERE / "static" / "flow.js").read_text(encoding="utf-8")
+    return plotly_js().read_text(encoding="utf-8"), (STATIC / "flow.js").read_text(encoding="utf-8")
 
 
 def script_json(value) -> str:
@@ -58,7 +58,7 @@ class FlowView:
                 f'its Neuronpedia page)</p><div id="{element}"></div></div>'
                 f"<script>if (!window.Plotly) {{ {plotly} }}</script><script>{flow}</script>"
                 f"<script>(function () {{ var view = {script_json(self.view)}; "
-                f"FlowView.draw(document.getElementById('{element}'), view, {script_json(data.view_config())}, "
+                f"FlowView.draw(document.getElementById('{element}'), view, {script_json(marks.view_config())}, "
                 "function (key) { var n = view.nodes.find(function (x) { return x.key === key; }); "
                 "if (n && n.url) window.open(n.url, '_blank', 'noopener'); }); })();</script>")
 
@@ -70,8 +70,8 @@ def show(feature: str, db=None, *, t_res: float | None = None, t_mod: float | No
     >>> flowdb.show("gemma-2-2b-gemmascope-16k/24/res/14548", depth=4)
 
     Without db, connects as the CLI does (NEO4J_* variables, else the managed server)."""
-    from flowdb.database import connect
-    from flowdb.features import resolve_feature
+    from flowdb.store.connection import connect
+    from flowdb.store.features import resolve_feature
 
     flt = data.EdgeFilter.parse({"t_res": t_res, "t_mod": t_mod, "max_rank": max_rank, "every_edge": every_edge})
     depth = data.parse_depth(depth)

@@ -82,7 +82,7 @@ class SteeringRunner:
         return self.status()
 
     def _run(self, job: Job, spec, generation) -> None:
-        from flowdb.steering import Steerer
+        from flowdb.analysis.steering import Steerer
 
         try:
             pack = spec.seed_feature.split("/", 1)[0]
