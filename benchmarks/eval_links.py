@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from flowdb.flow.link_atlas import LinkPlan, LinkSpec, link_atlas, link_place
+from flowdb.flow.link_atlas import LinkPlan, link_atlas, link_place
+from flowdb.flow.link_spec import LinkSpec
 from flowdb.flow.matching import Matcher
 from flowdb.packs.manifest import load_manifest
 from flowdb.packs.plan import make_plan

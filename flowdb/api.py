@@ -40,41 +40,32 @@ def cypher(statement: str, db=None, timeout_s: float | None = None, **params):
     A write, LOAD CSV, or a procedure other than introspection is refused (ReadOnlyRefused).
     Without db, connects as flowdb.query does; timeout_s as there.
     """
-    import pandas as pd
-
-    from flowdb.errors import QueryError, QueryTimeout
     from flowdb.store import guard
     from flowdb.store.connection import connect
     from flowdb.store.templates import checked_timeout
 
     limit = checked_timeout(timeout_s)
-
-    def run(database):
-        try:
-            return guard.read_table(database, statement, params, limit)
-        except QueryTimeout:
-            raise QueryError(f"the statement ran past its {limit:g} s limit and was stopped") from None
-
     if db is not None:
-        columns, rows = run(db)
-    else:
-        with connect() as database:
-            columns, rows = run(database)
-    return pd.DataFrame(rows, columns=columns)
+        return guard.read_frame(db, statement, params, limit)
+    with connect() as database:
+        return guard.read_frame(database, statement, params, limit)
 
 
 def link(a: str, b: str, db=None, name: str | None = None, replace: bool = False, **spec):
-    """Link two stored packs that read the same space (as `flowdb link A B`); returns the
-    shares of each category per layer and module, as a pandas DataFrame.
+    """Link two packs that read the same space (as `flowdb link A B`; a manifest is ingested
+    first); returns the shares of each category per layer and module, as a pandas DataFrame.
     >>> flowdb.link("gemma-2-2b-gemmascope-res-16k", "gemma-2-2b-gemmascope-res-65k", k=5)
     spec: k, t, rule, q_chance, modules (see flowdb.flow.link_atlas.LinkSpec). Without db, connects
     as flowdb.query does."""
-    from flowdb.flow.link_atlas import LinkSpec, shares_table
+    from flowdb.flow.link_atlas import shares_table
+    from flowdb.flow.link_spec import LinkSpec
     from flowdb.store.connection import connect
+    from flowdb.store.ingest import stored_pack
     from flowdb.store.links import link_packs
 
     def run(database):
-        return shares_table(link_packs(database, a, b, LinkSpec(**spec), name=name, replace=replace).records)
+        packs = [stored_pack(database, side)[0] for side in (a, b)]
+        return shares_table(link_packs(database, *packs, LinkSpec(**spec), name=name, replace=replace).records)
 
     if db is not None:
         return run(db)

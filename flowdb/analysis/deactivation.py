@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from flowdb.analysis.specs import DeactivationSpec
 from flowdb.errors import FlowdbError
 from flowdb.modules import MODULES, RESIDUAL
 from flowdb.progress import disabled
@@ -51,18 +52,7 @@ PAPER = {"top-1": {"success_rate": 0.65, "activation_change": 0.75},
          "exhaustive": {"success_rate": 0.73, "activation_change": 0.83}}
 
 
-@dataclass(frozen=True)
-class DeactivationSpec:
-    layers: tuple[int, ...] | None = None  # None: two layers, at a third and two thirds of the pack
-    texts: str = "mixed"
-    samples: int = 64  # windows
-    tokens_per_sample: int = 4
-    context: int = 64
-    max_targets: int = 200  # active (token, target feature) pairs per layer
-    batch_rows: int = 128  # removals per call of the block
-    exhaustive: bool = True  # costs a replay per active feature: off for dense SAEs when only the matchers matter
-    ceiling: bool = False  # also run the ceiling control at place RES (trials with reading "ceiling")
-    seed: int = 0
+
 
 
 def default_layers(layers: range) -> tuple[int, ...]:
@@ -407,3 +397,47 @@ def pack_facts(db: Database, pack_name: str) -> dict:
         facts.update(train_tokens=spec["train_tokens"], architecture=spec["architecture"],
                      residual_ev=float(residual["explained_variance"].mean()), residual_l0=float(residual["l0"].mean()))
     return facts
+
+
+CEILING_COLUMNS = ["trials", "success_rate", "ceiling_success_rate", "ceiling_success_lo", "ceiling_success_hi",
+                   "fraction_of_ceiling", "activation_change", "ceiling_activation_change", "ceiling_change_lo",
+                   "ceiling_change_hi", "change_fraction_of_ceiling"]
+
+
+@dataclass
+class DeactivationReport:
+    """What `flowdb validate deactivation` shows: titled tables in reading order (a title with no
+    table is a line of its own), and the per-matcher summary its CSV and picture take."""
+
+    sections: list[tuple[str, pd.DataFrame | None]]
+    overall: pd.DataFrame
+
+
+def deactivation_report(trials: pd.DataFrame, ceiling: bool = False) -> DeactivationReport:
+    """The real trials summarised per layer and place, overall beside the paper's Table 1, and
+    by the target's activation group; with ceiling, the ceiling control beside them."""
+    from flowdb.analysis.groups import GROUPS
+
+    real = trials[trials["reading"] == "real"]
+    overall = with_paper(summarise(real, ("matcher",)))
+    named = real[real["matcher"] == "top-1"].assign(group=lambda t: t["group"].map(lambda code: GROUPS[code]))
+    sections = [("per layer, place and matcher (95% bootstrap intervals):",
+                 summarise(real, ("layer", "place", "matcher"))),
+                ("all layers and places, beside the paper (Gemma 2 2B, Gemma Scope; Table 1):", overall),
+                ("by activation group of the target (top-1):", summarise(named, ("group",)))]
+    if not ceiling:
+        return DeactivationReport(sections, overall)
+    if trials[trials["reading"] == "ceiling"].empty:
+        sections.append(("ceiling: no trials (no residual SAE at L-1, or no active target)", None))
+        return DeactivationReport(sections, overall)
+    whole = with_ceiling(trials, ("matcher",))
+    sections += [
+        ("ceiling control: R_{L-1} read by R_L's own SAE (its top-1 is the feature itself); "
+         "M and A as they are. Place RES, per layer:",
+         with_ceiling(trials[trials["place"] == "RES"], ("layer", "matcher"))[["layer", "matcher", *CEILING_COLUMNS]]),
+        ("ceiling, all layers, per place:",
+         with_ceiling(trials, ("place", "matcher"))[["place", "matcher", *CEILING_COLUMNS]]),
+        ("ceiling, all layers and places (control: RES read by R_L's SAE, M and A unchanged):",
+         whole[["matcher", *CEILING_COLUMNS]])]
+    added = [c for c in whole if c.startswith("ceiling_") or c.endswith("fraction_of_ceiling")]
+    return DeactivationReport(sections, overall.merge(whole[["matcher", *added]], on="matcher", how="left"))

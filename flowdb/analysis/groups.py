@@ -9,11 +9,10 @@ ATT"; none active is "From nowhere". "Active" means SAE activation > 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pandas as pd
 
+from flowdb.analysis.specs import GroupsSpec
 from flowdb.modules import MODULES, NAMES
 from flowdb.progress import disabled
 from flowdb.store import graph
@@ -22,16 +21,6 @@ from flowdb.store.database import Database
 # Group code = 1·RES + 2·MLP + 4·ATT; the names in code order.
 GROUPS = ("From nowhere", "From RES", "From MLP", "From RES & MLP", "From ATT",
           "From RES & ATT", "From MLP & ATT", "From RES & MLP & ATT")
-
-
-@dataclass(frozen=True)
-class GroupsSpec:
-    texts: str = "python-stdlib"
-    samples: int = 250
-    tokens_per_sample: int = 5
-    context: int = 128
-    top_k: tuple[int, ...] = (1, 5)
-    seed: int = 0
 
 
 def token_activity(pack, model, tokenizer, spec: GroupsSpec, progress=lambda it: it) -> dict:

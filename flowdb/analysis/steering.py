@@ -21,41 +21,14 @@ from __future__ import annotations
 
 import math
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 
+from flowdb.analysis.specs import METHODS, SCHEDULES, STRATEGIES, GenerationSpec, SteeringSpec
 from flowdb.errors import FlowdbError
 from flowdb.progress import disabled
-
-STRATEGIES = ("initial", "single-layer", "cumulative")
-SCHEDULES = ("constant", "linear", "exponential")
-METHODS = ("activation", "deactivation")
-
-
-@dataclass(frozen=True)
-class SteeringSpec:
-    seed_feature: str
-    strategy: str = "cumulative"
-    schedule: str = "exponential"
-    method: str = "activation"
-    s: float = 3.0
-    alpha: float = 0.25
-    s_end: float = 1.0
-    r: float = 0.0
-    layer: int | None = None
-    t_res: float | None = None  # None: the thresholds stored with the build
-    t_mod: float | None = None
-
-
-@dataclass(frozen=True)
-class GenerationSpec:
-    prompt: str = "I think that the biggest problem of contemporary theoretical physics is "
-    max_new_tokens: int = 36
-    top_p: float = 0.7
-    temperature: float = 1.27
-    seed: int = 0
 
 
 def select_features(steering_set: pd.DataFrame, spec: SteeringSpec) -> pd.DataFrame:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from flowdb.analysis.specs import ContextsSpec
 from flowdb.errors import FlowdbError
 from flowdb.modules import feature_key
 from flowdb.progress import disabled
@@ -22,15 +23,6 @@ from flowdb.store import graph
 from flowdb.store.database import Database
 
 TYPE_NAME = "top-contexts"
-
-
-@dataclass(frozen=True)
-class ContextsSpec:
-    texts: str = "mixed"
-    windows: int = 192
-    context: int = 64
-    top: int = 12  # contexts kept per feature
-    seed: int = 7  # a text order other than the demo SAEs' training order (seed 0)
 
 
 @dataclass
@@ -153,3 +145,12 @@ def pick_seeds(db, pack: str, n: int) -> list[tuple[str, str]]:
         raise FlowdbError(f"no chain of pack {pack} ends in a feature with a clear top-contexts label; "
                           f"run `flowdb labels contexts {pack}` first")
     return seeds
+
+
+def labelled_seeds(db, features: list[str]) -> list[tuple[str, str]]:
+    """(feature key, theme) of each feature named (a key, Neuronpedia URL or MODEL/SOURCE/INDEX);
+    the theme is "" where the feature has no label."""
+    from flowdb.store.features import resolve_feature
+
+    keys = [resolve_feature(db, feature.strip()) for feature in features]
+    return [(key, theme(graph.feature_label(db, key) or "")) for key in keys]

@@ -232,7 +232,7 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
         return steering.status()
 
     def api_steer(request, body):
-        from flowdb.analysis.steering import GenerationSpec, SteeringSpec
+        from flowdb.analysis.specs import GenerationSpec, SteeringSpec
 
         if not isinstance(body, dict):
             raise QueryError("send the steering settings as a JSON object")
@@ -323,7 +323,7 @@ def _attachment(name: str) -> dict:
 
 
 def _choice(body: dict, name: str, default: str) -> str:
-    from flowdb.analysis.steering import SCHEDULES, STRATEGIES
+    from flowdb.analysis.specs import SCHEDULES, STRATEGIES
 
     allowed = {"strategy": STRATEGIES, "schedule": SCHEDULES}[name]
     value = body.get(name) or default

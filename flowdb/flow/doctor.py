@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import platform
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import numpy as np
 
 # A Gemma-Scope-like search, small enough to time in about a second per backend.
 QUERIES, BASE, D_MODEL, K = 2048, 8192, 2304, 5
+SHAPE = f"{QUERIES:,} x {BASE:,}, d {D_MODEL}"
 SLOW_SHARE = 0.5  # below this share of the GEMM rate, a backend is called slow
 
 
@@ -46,6 +48,34 @@ class BackendRate:
     @property
     def slow(self) -> bool:
         return self.share < SLOW_SHARE
+
+    def describe(self, default: str) -> str:
+        """One line: the rate, its share of the GEMM's, and a verdict when it is slow."""
+        role = " (the CPU default)" if self.backend == default else ""
+        verdict = f"; slow: under {SLOW_SHARE:.0%}, its BLAS above may not know this CPU" if self.slow else ""
+        return (f"matching {self.backend}{role}: top-{K} of {SHAPE}: {self.gflops:,.0f} GFLOP/s = "
+                f"{self.share:.0%} of the GEMM rate{verdict}")
+
+
+def report(measure: bool = True) -> Iterator[str]:
+    """`flowdb doctor`'s lines, each as soon as it is known (a measured rate takes about a second)."""
+    import os
+
+    from flowdb._version import __version__
+    from flowdb.flow.matching import CPU_DEFAULT, choose_backend
+
+    backends = cpu_backends()
+    yield (f"flowdb {__version__}, Python {platform.python_version()}, numpy {np.__version__}; "
+           f"CPU: {cpu_model()}, {os.cpu_count()} cores; --device auto searches with {choose_backend('auto')}")
+    for lib in blas_libraries(backends):
+        yield f"loaded by {lib.package}: {lib.describe()}"
+    if not measure:
+        return
+    gemm = gemm_rate()
+    yield f"fp32 GEMM, numpy ({SHAPE}): {gemm:,.0f} GFLOP/s"
+    for backend in backends:
+        gflops = search_rate(backend)
+        yield BackendRate(backend, gflops, gflops / gemm).describe(CPU_DEFAULT)
 
 
 def cpu_model() -> str:

@@ -63,6 +63,7 @@ def mixed(seed: int) -> Iterator[str]:
 
 
 TEXTS = {"python-stdlib": python_stdlib, "python-docs": python_docs, "mixed": mixed}
+TEXT_SOURCES = tuple(sorted(TEXTS))  # the names commands offer
 
 
 def texts(name: str, seed: int = 0) -> Iterator[str]:

@@ -38,6 +38,7 @@ from flowdb.progress import disabled
 from flowdb.settings import flowdb_home, home_dir
 
 ARCHITECTURES = ("jumprelu", "topk")
+MODEL_LAYERS = 30  # SmolLM2-135M's decoder layers: hook points 0-29
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -118,6 +118,15 @@ class Manifest:
 
     def sources(self) -> list[SourceRef]:
         return [self.source(m, layer) for layer in self.layers for m in MODULES if m in self.modules]
+
+    def with_thresholds(self, overrides: dict) -> Manifest:
+        """This manifest with some threshold settings replaced (t_res, t_mlp, t_att, rule),
+        checked as the manifest's own are."""
+        try:
+            thresholds = replace(self.thresholds, **overrides)
+        except ValueError as exc:
+            raise ManifestError(f"threshold option: {exc}") from None
+        return replace(self, thresholds=thresholds)
 
 
 def render(template: str, layer: int, where: str) -> str:

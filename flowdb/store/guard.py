@@ -24,7 +24,7 @@ import re
 import weakref
 from typing import Any
 
-from flowdb.errors import ReadOnlyRefused, StatementRejected
+from flowdb.errors import QueryError, QueryTimeout, ReadOnlyRefused, StatementRejected
 
 # Introspection a reader may call: the graph's labels, types, keys and schema, and
 # the full-text index search. Everything else (dbms.*, db.clearQueryCaches,
@@ -57,6 +57,18 @@ def read_table(db, statement: str, params: dict[str, Any] | None = None,
     """read(), plus the result's column names in RETURN order (there with no rows too)."""
     check_read_only(db, statement, params)
     return db.read_table(statement, params or {}, timeout_s)
+
+
+def read_frame(db, statement: str, params: dict[str, Any] | None = None, timeout_s: float | None = None):
+    """Raw Cypher run read-only, as `flowdb cypher` and flowdb.cypher() run it: a pandas
+    DataFrame whose columns follow RETURN (with no rows too); past timeout_s it is stopped."""
+    import pandas as pd
+
+    try:
+        columns, rows = read_table(db, statement, params, timeout_s)
+    except QueryTimeout:
+        raise QueryError(f"the statement ran past its {timeout_s:g} s limit and was stopped") from None
+    return pd.DataFrame(rows, columns=columns)
 
 
 def check_read_only(db, statement: str, params: dict[str, Any] | None = None) -> None:

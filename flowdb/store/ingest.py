@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -206,3 +207,15 @@ def _require_space(db: Database, atlas: Atlas, layers: list[int], pack_nodes: in
         needed += DELETE_COST.bytes(old_nodes, old_relationships)
         what += f", then deleting the {old_nodes:,} nodes of the build it replaces"
     db.server.require_space(needed, what + ")")
+
+
+def stored_pack(db: Database, pack_or_manifest: str, matcher: Matcher | None = None,
+                show_progress: bool | None = None) -> tuple[str, IngestReport | None]:
+    """A stored pack's name as given; or a manifest's pack, ingested first (a stored build with
+    the same content is left as it is), with its ingest report."""
+    if not pack_or_manifest.endswith(".toml") and not Path(pack_or_manifest).is_file():
+        return pack_or_manifest, None
+    from flowdb.packs.manifest import load_manifest
+
+    report = ingest(load_manifest(pack_or_manifest), db, show_progress=show_progress, matcher=matcher)
+    return report.pack, report

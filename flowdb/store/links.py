@@ -19,15 +19,14 @@ from pathlib import Path
 import pandas as pd
 
 from flowdb.flow.link_atlas import (
-    LinkError,
     LinkPlan,
-    LinkSpec,
     check_link_name,
     default_link_dir,
     link_atlas,
     link_name,
     link_set_properties,
 )
+from flowdb.flow.link_spec import LinkError, LinkSpec
 from flowdb.flow.matching import Matcher
 from flowdb.packs.plan import BuildPlan
 from flowdb.progress import layer_bar

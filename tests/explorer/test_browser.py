@@ -233,7 +233,7 @@ def test_markup_in_a_label_stays_text(live, page):
 
 
 def test_the_family_table_links_relatives_and_keeps_labels_as_text(live, page, explorer_db, planted_pack, tmp_path):
-    from flowdb.flow.link_atlas import LinkSpec
+    from flowdb.flow.link_spec import LinkSpec
     from flowdb.packs.manifest import load_manifest
     from flowdb.store.ingest import delete_pack, ingest
     from flowdb.store.links import link_packs

@@ -264,7 +264,8 @@ def linked(flowdb_home, tmp_path_factory):
     atlases, and the link atlases of base--split and base--drift (where flowdb link keeps
     them, so link_packs reuses them): (pack directories, flow atlases, link atlases)."""
     from flowdb.flow.atlas import match
-    from flowdb.flow.link_atlas import LinkPlan, LinkSpec, default_link_dir, link_atlas, link_name
+    from flowdb.flow.link_atlas import LinkPlan, default_link_dir, link_atlas, link_name
+    from flowdb.flow.link_spec import LinkSpec
     from flowdb.packs.synth import SynthSpec, synthesize
 
     out = tmp_path_factory.mktemp("linked")

@@ -17,7 +17,7 @@ from starlette.testclient import TestClient
 from conftest import XSS_LABEL
 from flowdb.errors import FlowdbError, NotFound
 from flowdb.explorer.app import create_app
-from flowdb.flow.link_atlas import LinkSpec
+from flowdb.flow.link_spec import LinkSpec
 from flowdb.lm.hooks import hook_point
 from flowdb.packs.manifest import load_manifest
 from flowdb.packs.synth import write_sae

@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flowdb.flow.link_atlas import LinkSpec, link_place
+from flowdb.flow.link_atlas import link_place
+from flowdb.flow.link_spec import LinkSpec
 from flowdb.flow.matching import BACKENDS, Matcher
 from flowdb.store.links import link_packs
 from tests.helpers import assert_one_line_error, run_flowdb, unit_decoder
