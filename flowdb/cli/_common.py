@@ -7,6 +7,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import sys
 
 import click
@@ -45,8 +46,29 @@ class FlowdbGroup(click.Group):
 
 
 def fail(message: str, status: int):
-    click.echo(f"Error: {message}", err=True)
+    echo(f"Error: {shown(message, one_line=True)}", err=True)
     sys.exit(status)
+
+
+# Control characters a terminal would act on: C0 (but tab and newline, which lay out lines),
+# DEL and C1 (0x9b is a one-byte CSI). ESC starts every escape sequence (CSI, OSC 52 writing the
+# clipboard, a window title), so escaping it alone defuses the sequence it begins.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_CONTROL_IN_LINE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_NAMED = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def shown(text, one_line: bool = False) -> str:
+    """Text as the terminal gets it: every control character written as an escape (\\x1b, \\n),
+    so a label, name or source read from the database cannot act on the terminal.
+    one_line: newline and tab escaped too (a table cell, a one-line error)."""
+    pattern = _CONTROL_IN_LINE if one_line else _CONTROL
+    return pattern.sub(lambda m: _NAMED.get(m.group(), f"\\x{ord(m.group()):02x}"), str(text))
+
+
+def echo(message="", err: bool = False, nl: bool = True) -> None:
+    """click.echo behind the sanitiser: what every command prints goes through here."""
+    click.echo(shown(message), err=err, nl=nl)
 
 
 def connection_options(command):
@@ -145,34 +167,43 @@ def notes_said_once():
 def echo_notes(frame) -> None:
     for label, key in (("Warning", "warning"), ("Thresholds", "thresholds")):
         if frame.attrs.get(key):
-            click.echo(f"{label}: {frame.attrs[key]}", err=True)
+            echo(f"{label}: {frame.attrs[key]}", err=True)
 
 
 def echo_frame(frame, fmt: str) -> None:
+    """A frame as a table, CSV or JSON. Table and CSV cells are escaped one by one (so a label
+    stays one cell of one row); JSON keeps its own escapes (json.dumps writes control characters
+    as \\u001b, and non-ASCII ones too), DEL added."""
     from flowdb.store.templates import csv_text, records, table_text
 
+    if fmt == "json":
+        text = json.dumps(records(frame), indent=2, default=str, allow_nan=False)
+        echo(text.replace("\x7f", "\\u007f"))  # the one control character JSON leaves raw
+        return
+    frame = frame.rename(columns=lambda name: shown(name, one_line=True))
+    for column in frame.columns:
+        if frame[column].dtype.kind not in "biufcmM":  # object, or pandas' own string dtype
+            frame[column] = frame[column].map(lambda v: shown(v, one_line=True) if isinstance(v, str) else v)
     if fmt == "csv":
-        click.echo(csv_text(frame), nl=False)
-    elif fmt == "json":
-        click.echo(json.dumps(records(frame), indent=2, default=str, allow_nan=False))
+        echo(csv_text(frame), nl=False)
     else:
-        click.echo(table_text(frame) if len(frame) else "(no rows)")
+        echo(table_text(frame) if len(frame) else "(no rows)")
 
 
 def echo_stored(report) -> None:
     from flowdb.packs.plan import layer_ranges
 
     if report.status == "unchanged":
-        click.echo(f"{report.pack}: already stored with these parameters (build {report.fingerprint}); nothing to do")
+        echo(f"{report.pack}: already stored with these parameters (build {report.fingerprint}); nothing to do")
         return
-    click.echo(f"{report.pack}: {report.status} build {report.fingerprint}; "
+    echo(f"{report.pack}: {report.status} build {report.fingerprint}; "
                f"layers {layer_ranges(report.layers_written)}, {report.features} features, "
                f"{report.match_edges} match edges + {report.nowhere_marks} from-nowhere marks "
                f"(match {report.match_seconds:.1f}s, write {report.write_seconds:.1f}s, "
                f"{report.write_rate:,.0f} rel/s)")
-    click.echo("categories: " + ", ".join(f"{k}={v}" for k, v in sorted(report.categories.items())))
+    echo("categories: " + ", ".join(f"{k}={v}" for k, v in sorted(report.categories.items())))
     rules = sorted(set(report.layer_rules.values()))
-    click.echo(f"thresholds: rule {report.threshold_rule} ({'; '.join(rules)}); "
+    echo(f"thresholds: rule {report.threshold_rule} ({'; '.join(rules)}); "
                f"per layer: flowdb query thresholds -p pack={report.pack}")
     if report.chance_summary():
-        click.echo(f"top-1 matches above chance (mean [min-max] over layers): {report.chance_summary()}")
+        echo(f"top-1 matches above chance (mean [min-max] over layers): {report.chance_summary()}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from flowdb.cli._common import build_options, connection_options, echo_stored, open_db
+from flowdb.cli._common import build_options, connection_options, echo, echo_stored, open_db
 from flowdb.lm.texts import TEXT_SOURCES
 
 
@@ -29,12 +29,12 @@ def synth(out_dir, layers, d_model, width, seed, name, companions):
     truth = synthesize(out_dir, SynthSpec(name=name, layers=layers, d_model=d_model,
                                           width=width, seed=seed, companions=companions))
     counts = truth["category"].value_counts().to_dict()
-    click.echo(f"wrote {out_dir}/manifest.toml and truth.csv: {layers} layers x "
+    echo(f"wrote {out_dir}/manifest.toml and truth.csv: {layers} layers x "
                f"{width} features, planted {counts}")
     for kind in COMPANION_NEW if companions else ():
         companion = pd.read_csv(Path(out_dir) / kind / "truth.csv")
         shares = {side: rows["category"].value_counts().to_dict() for side, rows in companion.groupby("side")}
-        click.echo(f"wrote {out_dir}/{kind}/manifest.toml and truth.csv ({name}-{kind}): "
+        echo(f"wrote {out_dir}/{kind}/manifest.toml and truth.csv ({name}-{kind}): "
                    f"planted {shares['a']} of {name}'s features, {shares['b']} of its own")
 
 
@@ -72,14 +72,14 @@ def demo_pack_build(budget, name, layers, architecture, width, l0, tokens, sampl
                        width=width, l0=l0, train_tokens=tokens, samples=samples, texts=texts, device=device,
                        seed=seed)
     out, quality = build_demo_pack(spec, show_progress=progress)
-    click.echo(quality.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    echo(quality.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     residual = quality[quality["module"] == "res"]
-    click.echo(f"explained variance: mean {quality['explained_variance'].mean():.3f}, residual mean "
+    echo(f"explained variance: mean {quality['explained_variance'].mean():.3f}, residual mean "
                f"{residual['explained_variance'].mean():.3f}, lowest {quality['explained_variance'].min():.3f}; "
                f"dead fraction at most {quality['dead_fraction'].max():.3f}")
     seconds = (out / "build_seconds.txt").read_text().strip() if (out / "build_seconds.txt").exists() else "?"
-    click.echo(f"pack: {out} (built in {seconds} s)")
-    click.echo(f"ingest it with: flowdb ingest {pack_dir(spec) / 'manifest.toml'}")
+    echo(f"pack: {out} (built in {seconds} s)")
+    echo(f"ingest it with: flowdb ingest {pack_dir(spec) / 'manifest.toml'}")
 
 
 @click.command()
@@ -101,11 +101,11 @@ def match(manifest, out, device, ray_address, progress):
     atlas = run_match(plan, out, device=device, ray_address=ray_address,
                       progress=layer_bar(len(plan.layers), f"matching {plan.name}", progress))
     rate = atlas.search_rate()
-    click.echo(f"{plan.name}: atlas of build {atlas.fingerprint} in {atlas.root}; layers "
+    echo(f"{plan.name}: atlas of build {atlas.fingerprint} in {atlas.root}; layers "
                f"{layer_ranges(atlas.layers_done())}, {atlas.n_edges()} edges, matched by {atlas.matchers()}"
                + (f" at {rate:,.1f} GFLOP/s" if rate else "")
                + f" ({time.perf_counter() - started:.1f}s this run; flowdb doctor compares it with this CPU's GEMM)")
-    click.echo(f"read it with pandas.read_parquet('{atlas.root}/edges'); load it with flowdb load {atlas.root}")
+    echo(f"read it with pandas.read_parquet('{atlas.root}/edges'); load it with flowdb load {atlas.root}")
 
 
 @click.command()
@@ -147,7 +147,7 @@ def load(atlases, replace, bulk, import_dir, finish_dir, link_atlases, progress,
 
         with open_db(settings) as db:
             nodes, relationships = finish_import(db, ImportFiles.open(finish_dir))
-        click.echo(f"constraints and indexes online; wrote {nodes} Pack, SAE and link set nodes, "
+        echo(f"constraints and indexes online; wrote {nodes} Pack, SAE and link set nodes, "
                    f"{relationships} relationships")
         return
     if not atlases:
@@ -185,18 +185,18 @@ def _bulk_load(atlases, links, import_dir, replace, progress, settings) -> None:
             raise click.UsageError("--bulk into a server of your own: neo4j-admin must run where its store is; "
                                    "give --import-dir DIR to write the files and get the command")
         files = write_import_files(Path(import_dir), packs, links)
-        click.echo(f"wrote {files.n_nodes:,} nodes and {files.n_relationships:,} relationships to {files.directory}")
-        click.echo("stop the server, then on its machine run (--overwrite-destination only if that database is "
+        echo(f"wrote {files.n_nodes:,} nodes and {files.n_relationships:,} relationships to {files.directory}")
+        echo("stop the server, then on its machine run (--overwrite-destination only if that database is "
                    "empty or may go):")
-        click.echo("  " + shlex.join(import_command(files, settings.database or "neo4j")))
-        click.echo(f"start it, then run: flowdb load --finish-import {shlex.quote(str(files.directory))}")
+        echo("  " + shlex.join(import_command(files, settings.database or "neo4j")))
+        echo(f"start it, then run: flowdb load --finish-import {shlex.quote(str(files.directory))}")
         return
     from flowdb.store.server import ManagedServer
 
-    say = (lambda line: click.echo(line, err=True)) if progress is not False else None
+    say = (lambda line: echo(line, err=True)) if progress is not False else None
     report = bulk_load(ManagedServer.default(), packs, progress=say, links=links)
     linked = f" and link set{'s' * (len(report.links) > 1)} {', '.join(report.links)}" if report.links else ""
-    click.echo(f"bulk-loaded {', '.join(report.packs)}{linked}: {report.nodes:,} nodes and {report.relationships:,} "
+    echo(f"bulk-loaded {', '.join(report.packs)}{linked}: {report.nodes:,} nodes and {report.relationships:,} "
                f"relationships in {report.total_seconds:.1f}s (neo4j-admin {report.import_seconds:.1f}s): "
                f"{report.rate:,.0f} relationships/s")
 

@@ -16,7 +16,7 @@ from flowdb.analysis.specs import (
     GroupsSpec,
     SteeringSpec,
 )
-from flowdb.cli._common import connection_options, open_db
+from flowdb.cli._common import connection_options, echo, open_db
 from flowdb.lm.texts import TEXT_SOURCES
 
 
@@ -47,14 +47,14 @@ def groups(pack, texts, samples, tokens_per_sample, top_k, seed, out, progress, 
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--top-k") from None
     for k, part in table.groupby("top_k"):
-        click.echo(f"top-{k}: share of active residual features per group")
+        echo(f"top-{k}: share of active residual features per group")
         wide = part.pivot(index="layer", columns="group", values="share")[list(GROUPS)]
-        click.echo(wide.to_string(float_format=lambda v: f"{v:.3f}"))
+        echo(wide.to_string(float_format=lambda v: f"{v:.3f}"))
     if out:
         from flowdb.views.plots import plot_groups
 
         plot_groups(table, out, pack)
-        click.echo(f"wrote {out}")
+        echo(f"wrote {out}")
 
 
 @click.group()
@@ -106,23 +106,23 @@ def validate_deactivation(pack, layers, texts, samples, max_targets, exhaustive,
         raise click.ClickException("no eligible (target, active predecessor) pairs at these layers")
     report = deactivation_report(trials, ceiling)
     for title, table in report.sections:
-        click.echo(title)
+        echo(title)
         if table is not None:
-            click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-"))
+            echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-"))
     overall = report.overall
     removals = sum(t["removals"] for t in timings)
     seconds = sum(t["seconds"] for t in timings)
-    click.echo(f"{removals} removals in {seconds:.1f} s ({removals / max(seconds, 1e-9):.0f} per second, batched); "
+    echo(f"{removals} removals in {seconds:.1f} s ({removals / max(seconds, 1e-9):.0f} per second, batched); "
                f"{len(trials)} matcher trials; {time.perf_counter() - started:.0f} s in all")
     if csv_path:
         with atomic_write(csv_path) as partial:
             overall.assign(pack=pack, **facts).to_csv(partial, index=False)
-        click.echo(f"wrote {csv_path}")
+        echo(f"wrote {csv_path}")
     if out:
         from flowdb.views.plots import plot_deactivation
 
         plot_deactivation(overall, out, pack)
-        click.echo(f"wrote {out}")
+        echo(f"wrote {out}")
 
 
 @validate.command("curve")
@@ -140,9 +140,9 @@ def validate_curve(tables, out):
     shown = table[table["matcher"].isin(["top-1", "random-active", "exhaustive"])]
     columns = ["pack", "train_tokens", "residual_ev", "residual_l0", "matcher", "trials", "success_rate",
                "success_lo", "success_hi", "activation_change"]
-    click.echo(shown[[c for c in columns if c in shown]].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    echo(shown[[c for c in columns if c in shown]].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     plot_budget_curve(table, out)
-    click.echo(f"wrote {out}")
+    echo(f"wrote {out}")
 
 
 @validate.command("steering")
@@ -180,27 +180,27 @@ def validate_steering(pack, seeds, method, strengths, generations, max_new_token
         chosen = pick_seeds(db, pack, int(seeds)) if seeds.isdigit() else labelled_seeds(db, seeds.split(","))
         if any(not t for _, t in chosen):
             raise click.UsageError("every seed needs a label to take its theme from")
-        click.echo(f"{len(chosen)} seeds: " + "; ".join(f"{key} ({t})" for key, t in chosen))
+        echo(f"{len(chosen)} seeds: " + "; ".join(f"{key} ({t})" for key, t in chosen))
         steerer = Steerer(db, pack)
         base = SteeringSpec(seed_feature=chosen[0][0], method=method)
         generation = replace(COMPARISON, prompt=prompt, max_new_tokens=max_new_tokens)
         table = compare(steerer, chosen, base, generation, grid_values, generations, progress=progress)
     summary = compare_summary(table)
     fmt = lambda v: f"{v:.3f}"  # noqa: E731
-    click.echo("proxy score (behaviour x coherence; a proxy for the paper's LLM judge), 95% bootstrap intervals:")
-    click.echo(summary.to_string(index=False, float_format=fmt))
-    click.echo("best score at mean coherence >= 0.5, and grid points within half of each strategy's peak:")
-    click.echo(compare_verdict(summary).to_string(index=False, float_format=fmt))
+    echo("proxy score (behaviour x coherence; a proxy for the paper's LLM judge), 95% bootstrap intervals:")
+    echo(summary.to_string(index=False, float_format=fmt))
+    echo("best score at mean coherence >= 0.5, and grid points within half of each strategy's peak:")
+    echo(compare_verdict(summary).to_string(index=False, float_format=fmt))
     if csv_path:
         with atomic_write(csv_path) as partial:
             table.to_csv(partial, index=False)
-        click.echo(f"wrote {csv_path}")
+        echo(f"wrote {csv_path}")
     if out:
         from flowdb.views.plots import plot_steering_comparison
 
         plot_steering_comparison(summary, out, f"{pack}: {method} steering, {len(chosen)} seeds x {generations} "
                                                "generations (proxy judge)")
-        click.echo(f"wrote {out}")
+        echo(f"wrote {out}")
 
 
 @click.command()
@@ -256,26 +256,26 @@ def steer(pack, seed_feature, strategy, schedule, method, strength, alpha, s_end
                 raise click.UsageError("--grid needs --theme (the seed feature has no label)")
             strengths = [float(x) for x in grid_strengths.split(",")]
             table = grid(steerer, spec, generation, theme, strengths)
-            click.echo(table.drop(columns="text").to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+            echo(table.drop(columns="text").to_string(index=False, float_format=lambda v: f"{v:.3f}"))
             if out:
                 from flowdb.views.plots import plot_steering_grid
 
                 plot_steering_grid(table, out, f"{seed_feature}: proxy score vs strength ({schedule})")
-                click.echo(f"wrote {out}")
+                echo(f"wrote {out}")
             return
         result = steerer.steer(spec, generation)
-    click.echo(f"steering with {len(result['features'])} feature(s) on layers "
+    echo(f"steering with {len(result['features'])} feature(s) on layers "
                f"{sorted(set(result['features']['layer']))} ({strategy}, {schedule}, {method})")
     left, right = textwrap.wrap(result["default"], 44), textwrap.wrap(result["steered"], 44)
-    click.echo(f"{'default':44} | steered")
+    echo(f"{'default':44} | steered")
     for i in range(max(len(left), len(right))):
-        click.echo(f"{left[i] if i < len(left) else '':44} | {right[i] if i < len(right) else ''}")
+        echo(f"{left[i] if i < len(left) else '':44} | {right[i] if i < len(right) else ''}")
     if theme:
         judge = ProxyJudge(steerer)
         reference = judge.perplexity(prompt, result["default"])
         for name in ("default", "steered"):
             scores = judge.score(prompt, result[name], theme, reference)
-            click.echo(f"proxy score {name}: behaviour {scores['behaviour']:.3f} x coherence "
+            echo(f"proxy score {name}: behaviour {scores['behaviour']:.3f} x coherence "
                        f"{scores['coherence']:.3f} = {scores['score']:.3f} (perplexity {scores['perplexity']:.1f})")
 
 

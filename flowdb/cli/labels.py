@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from flowdb.analysis.specs import ContextsSpec
-from flowdb.cli._common import connection_options, open_db
+from flowdb.cli._common import connection_options, echo, open_db
 from flowdb.lm.texts import TEXT_SOURCES
 
 
@@ -26,7 +26,7 @@ def labels_import(path, pack, settings):
     with open_db(settings) as db:
         ensure_schema(db)
         report = import_labels(db, path, pack)
-    click.echo(report.summary())
+    echo(report.summary())
 
 
 @labels.command("contexts")
@@ -45,7 +45,7 @@ def labels_contexts(pack, texts, windows, top, progress, settings):
     with open_db(settings) as db:
         report = label_with_contexts(db, pack, ContextsSpec(texts=texts, windows=windows, top=top),
                                      progress=progress)
-    click.echo(f"{report.explanations} top-contexts explanations over {report.saes} SAEs of {pack}; "
+    echo(f"{report.explanations} top-contexts explanations over {report.saes} SAEs of {pack}; "
                f"{report.silent} features never fired on the {windows} windows")
 
 
@@ -71,7 +71,7 @@ def labels_fetch(pack, limit, module, rate, api_url, deadline, retries, progress
         report = fetch_labels(db, pack, limit=limit, module=module, api_url=api_url,
                               requests_per_second=rate, progress=progress,
                               request_deadline_s=deadline, retries=retries)
-    click.echo(report.summary())
+    echo(report.summary())
 
 
 COMMANDS = (labels,)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from flowdb.cli._common import connection_options, echo_stored, open_db
+from flowdb.cli._common import connection_options, echo, echo_stored, open_db
 from flowdb.flow.link_spec import LINK_RULES, LinkSpec
 
 
@@ -46,18 +46,18 @@ def link(a, b, name, k, t, rule, modules, device, replace, progress, settings):
         a, b = names
         report = link_packs(db, a, b, spec, name=name, replace=replace, matcher=matcher, show_progress=progress)
     if report.status == "unchanged":
-        click.echo(f"{report.name}: already stored with these builds and parameters ({report.fingerprint}); "
+        echo(f"{report.name}: already stored with these builds and parameters ({report.fingerprint}); "
                    "nothing to do")
     else:
         rate = link_rate(report.records)
-        click.echo(f"{report.name}: {report.status} link set {report.fingerprint} of {a} and {b}; "
+        echo(f"{report.name}: {report.status} link set {report.fingerprint} of {a} and {b}; "
                    f"{len(report.places_written)} places, {report.relationships:,} ALIGNS relationships "
                    f"({report.seconds:.1f}s" + (f"; searched at {rate:,.1f} GFLOP/s" if rate else "") + ")")
-        click.echo(f"atlas: {report.atlas} (pandas.read_parquet('{report.atlas}/matches'))")
+        echo(f"atlas: {report.atlas} (pandas.read_parquet('{report.atlas}/matches'))")
     table = shares_table(report.records)
-    click.echo("shares per layer and module (t: threshold, chance: p99.9 of a top-1 at that width and d_in):")
-    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    click.echo(f"rule: {CATEGORY_RULE}")
+    echo("shares per layer and module (t: threshold, chance: p99.9 of a top-1 at that width and d_in):")
+    echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    echo(f"rule: {CATEGORY_RULE}")
 
 
 @click.command("links")
@@ -69,9 +69,9 @@ def links_command(settings):
     with open_db(settings) as db:
         rows = graph.list_links(db)
     if not rows:
-        click.echo("(no link sets)")
+        echo("(no link sets)")
     for row in rows:
-        click.echo(f"{row['name']}\t{row['a']} -> {row['b']}\tk={row['k']}\tt={row['t']:g} ({row['rule']})\t"
+        echo(f"{row['name']}\t{row['a']} -> {row['b']}\tk={row['k']}\tt={row['t']:g} ({row['rule']})\t"
                    f"{len(row['places'] or [])} places\t{row['status']}")
 
 

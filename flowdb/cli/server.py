@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from flowdb.cli._common import echo
+
 
 @click.group()
 def neo4j():
@@ -19,7 +21,7 @@ def neo4j_start():
 
     server = ManagedServer.default()
     server.start()  # refuses unless the default database takes queries
-    click.echo(f"running: Neo4j answers on {server.uri}, its default database online (home {server.root})")
+    echo(f"running: Neo4j answers on {server.uri}, its default database online (home {server.root})")
 
 
 @neo4j.command("stop")
@@ -28,7 +30,7 @@ def neo4j_stop():
     from flowdb.store.server import ManagedServer
 
     server = ManagedServer.default()
-    click.echo("stopped" if server.stop() else "not running")
+    echo("stopped" if server.stop() else "not running")
 
 
 @neo4j.command("status")
@@ -38,10 +40,10 @@ def neo4j_status():
 
     server = ManagedServer.default()
     if not server.answers():
-        click.echo(f"not answering on {server.uri} ({server.logs})")
+        echo(f"not answering on {server.uri} ({server.logs})")
         sys.exit(1)
     server.require_online()  # else one line: what is wrong, and where the logs are
-    click.echo(f"running: {server.uri}, default database online (pid {server.pid()}, home {server.root})")
+    echo(f"running: {server.uri}, default database online (pid {server.pid()}, home {server.root})")
 
 
 @click.command()
@@ -53,7 +55,7 @@ def doctor(measure):
     from flowdb.flow.doctor import report
 
     for line in report(measure):
-        click.echo(line)
+        echo(line)
 
 
 COMMANDS = (neo4j, doctor)

@@ -6,6 +6,7 @@ import click
 
 from flowdb.cli._common import (
     connection_options,
+    echo,
     echo_frame,
     echo_notes,
     notes_said_once,
@@ -24,10 +25,10 @@ def packs(settings):
     with open_db(settings) as db:
         rows = graph.list_packs(db)
     if not rows:
-        click.echo("(no packs)")
+        echo("(no packs)")
     for row in rows:
         note = f"\treplacement {row['replacing_with']} in progress" if row["replacing_with"] else ""
-        click.echo(f"{row['name']}\t{row['model']}\tlayers {row['first']}-{row['last']}\t"
+        echo(f"{row['name']}\t{row['model']}\tlayers {row['first']}-{row['last']}\t"
                    f"k={row['k']}\tthresholds {row['rule']}\t{row['status']}\tbuild {row['build']}{note}")
 
 
@@ -48,7 +49,7 @@ def delete(pack, yes, settings):
             raise FlowdbError(f"this deletes pack {pack!r} ({graph.count_features(db, pack):,} features) from "
                               f"{db.where} for good; run again with --yes to do it")
         features = delete_pack(db, pack)
-    click.echo(f"deleted pack {pack!r}: {features:,} features and their edges")
+    echo(f"deleted pack {pack!r}: {features:,} features and their edges")
 
 
 @click.command()
@@ -62,7 +63,7 @@ def export(pack, out, settings):
     with open_db(settings) as db, notes_said_once():
         edges = export_edges(db, pack, out)
     echo_notes(edges)
-    click.echo(f"wrote {len(edges)} edges of {pack} to {out}")
+    echo(f"wrote {len(edges)} edges of {pack} to {out}")
 
 
 @click.command()
@@ -80,13 +81,13 @@ def query(name, pairs, fmt, list_templates, explain, timeout, settings):
 
     if list_templates:
         for template in templates().values():
-            click.echo(f"{template.name:14} {template.answers}")
+            echo(f"{template.name:14} {template.answers}")
         return
     if not name:
         raise click.UsageError("give a template NAME, or --list")
     template = get_template(name)
     if explain:
-        click.echo(template.cypher.rstrip())
+        echo(template.cypher.rstrip())
         return
     params = parse_params(pairs)
     template.bind(params)  # bad parameters fail before any connection is made

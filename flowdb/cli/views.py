@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from flowdb.cli._common import connection_options, flow_graph_options, open_db, template_frame
+from flowdb.cli._common import connection_options, echo, flow_graph_options, open_db, template_frame
 
 
 @click.command("export-graph")
@@ -29,7 +29,7 @@ def export_graph(feature, out, params, slug, settings):
     settings_used = {**params, "thresholds": graph.attrs.get("thresholds")}
     document = flow_graph_json(graph, model, slug=slug, settings=settings_used, created_ms=int(time.time() * 1000))
     write_graph_json(document, out)
-    click.echo(f"wrote {out}: {len(document['nodes'])} nodes, {len(document['links'])} links "
+    echo(f"wrote {out}: {len(document['nodes'])} nodes, {len(document['links'])} links "
                f"(scan {model}, slug {document['metadata']['slug']})")
 
 
@@ -60,7 +60,7 @@ def serve(host, port, feature, open_browser, allow_hosts, settings):
         return db
 
     run(connect, host=host, port=port, feature=feature, open_browser=open_browser,
-        allow_hosts=tuple(allow_hosts), echo=click.echo)
+        allow_hosts=tuple(allow_hosts), echo=echo)
 
 
 @click.group()
@@ -88,7 +88,7 @@ def plot_flow_command(feature, out, params, settings):
 
     title = f"flow graph of {feature}: {graph.attrs.get('thresholds')}, max_rank {params['max_rank']}"
     plot_flow(graph, out, "\n".join(textwrap.wrap(title, 64)))  # narrow graphs must not cut the title
-    click.echo(f"wrote {out}")
+    echo(f"wrote {out}")
 
 
 @plot.command("origins")
@@ -102,7 +102,7 @@ def plot_origins_command(pack, out, settings):
     with open_db(settings) as db:
         origins = template_frame(db, "origins", {"pack": pack})
     plot_origins(origins, out, pack)
-    click.echo(f"wrote {out}")
+    echo(f"wrote {out}")
 
 
 @plot.command("family")
@@ -123,7 +123,7 @@ def plot_family_command(feature, out, limit, settings):
         feature = resolve_feature(db, feature)
         nodes, edges = family_tree(db, feature, limit)
     plot_family(nodes, edges, out, f"family of {feature} across linked packs (relatives at or above threshold)")
-    click.echo(f"wrote {out}: {len(nodes)} features, {len(edges)} links")
+    echo(f"wrote {out}: {len(nodes)} features, {len(edges)} links")
 
 
 @plot.command("link")
@@ -144,9 +144,9 @@ def plot_link_command(link, out, module, settings):
         note = check_link(db, link)
         places = pd.DataFrame(graph_link_records(db, link))
     if note:
-        click.echo(f"Warning: {note}", err=True)
+        echo(f"Warning: {note}", err=True)
     plot_link(places, out, link, module)
-    click.echo(f"wrote {out}")
+    echo(f"wrote {out}")
 
 
 COMMANDS = (export_graph, serve, plot)

@@ -1,0 +1,49 @@
+"""What the CLI prints of stored text cannot act on the terminal, and interrupts end
+each command as it should."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from flowdb.cli import cli
+
+EVIL = ("evil \x1b]52;c;ZXZpbA==\x07 \x1b]0;title\x07 \x1b[2J\x1b[31mred \x9b2J del\x7f "
+        "nul\x00 cr\r line\nbreak")
+RAW = ("\x1b", "\x07", "\x9b", "\x7f", "\x00", "\r")
+
+
+@pytest.fixture
+def evil_labels(labelled_pack, tmp_path):
+    from flowdb.store.labels import import_labels
+
+    row = {"id": "evil0", "modelId": "planted-model", "layer": "1-planted-res", "index": "404", "authorId": "auto",
+           "description": EVIL, "embedding": [0.1], "typeName": "oai_token-act-pair",
+           "explanationModelName": "gpt-4o-mini"}
+    (tmp_path / "evil.jsonl").write_text(json.dumps(row) + "\n")
+    import_labels(labelled_pack, tmp_path / "evil.jsonl", pack="planted")
+    return labelled_pack
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json"])
+@pytest.mark.parametrize("template, param", [("label-search", "text=evil"), ("lineage", "feature=planted/2/res/5")])
+def test_stored_labels_reach_the_terminal_escaped(evil_labels, template, param, fmt):
+    # color=True: as on a terminal, where click strips nothing
+    result = CliRunner().invoke(cli, ["query", template, "-p", param, "--format", fmt], color=True,
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    for raw in RAW:
+        assert raw not in result.stdout, (raw, result.stdout)
+    if fmt == "json":
+        rows = json.loads(result.stdout)
+        assert EVIL in {row.get(column) for row in rows for column in ("label", "step_label")}
+    else:
+        assert "\\x1b]52;c;ZXZpbA==\\x07" in result.stdout and "\\x9b2J" in result.stdout
+        assert "\\x7f" in result.stdout and "line\\nbreak" in result.stdout
+
+
+def test_error_messages_escape_control_characters(db):
+    result = CliRunner().invoke(cli, ["delete", "no\x1b]0;pwned\x07pack"], color=True)
+    assert result.exit_code == 1
+    assert "\x1b" not in result.output and "\x07" not in result.output
+    assert "no\\x1b]0;pwned\\x07pack" in result.output and result.output.count("\n") == 1
