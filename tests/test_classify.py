@@ -112,14 +112,14 @@ def test_chance_in_three_and_two_dimensions_is_closed_form(q):
     assert chance_cosine(q, n, 2) == pytest.approx(np.sin(np.pi * (q ** (1 / n) - 0.5)), abs=1e-9)
 
 
-def test_readme_chance_levels():
-    """The README's p99.9 chance levels are what the null gives for the SAEs it names."""
+def test_docs_chance_levels():
+    """The docs' p99.9 chance levels (explanation/chance.md) are what the null gives for the SAEs it names."""
     import re
 
-    readme = (ROOT / "README.md").read_text()
+    page = (ROOT / "docs" / "explanation" / "chance.md").read_text()
     said = re.search(r"p99\.9 is (0\.\d{3}) for Gemma Scope 16k in\s+d 2304, (0\.\d{3}) for 2,048 features in d 576",
-                     readme)
-    assert said, "the README no longer states the chance levels this test checks"
+                     page)
+    assert said, "docs/explanation/chance.md no longer states the chance levels this test checks"
     gemma, small = float(said[1]), float(said[2])
     assert round(quadrature_chance(0.999, 16384, 2304), 3) == gemma == 0.110
     assert round(quadrature_chance(0.999, 2048, 576), 3) == small == 0.202
