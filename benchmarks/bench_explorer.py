@@ -114,7 +114,7 @@ def write_labels(out: Path, words: list[str], rng: np.random.Generator) -> None:
 
 def set_neuronpedia_sources(db) -> int:
     """What a pack whose manifest names Neuronpedia sources ([modules.*] neuronpedia = ...)
-    stores on its SAE nodes (flowdb/build.py _provenance); the bench pack names none."""
+    stores on its SAE nodes (flowdb/flow/build.py _provenance); the bench pack names none."""
     return db.write(
         "MATCH (p:Pack {name: $pack})-[:HAS_SAE]->(s:SAE) "
         "SET s.neuronpedia = toString(s.layer) + '-planted-' + s.module + $suffix, "

@@ -55,7 +55,7 @@ def link(a: str, b: str, db=None, name: str | None = None, replace: bool = False
     """Link two packs that read the same space (as `flowdb link A B`; a manifest is ingested
     first); returns the shares of each category per layer and module, as a pandas DataFrame.
     >>> flowdb.link("gemma-2-2b-gemmascope-res-16k", "gemma-2-2b-gemmascope-res-65k", k=5)
-    spec: k, t, rule, q_chance, modules (see flowdb.flow.link_atlas.LinkSpec). Without db, connects
+    spec: k, t, rule, q_chance, modules (see flowdb.flow.link_spec.LinkSpec). Without db, connects
     as flowdb.query does."""
     from flowdb.flow.link_atlas import shares_table
     from flowdb.flow.link_spec import LinkSpec

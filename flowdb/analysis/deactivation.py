@@ -1,4 +1,4 @@
-"""The deactivation experiment (Laptev et al., section 4 and Table 1; method.md).
+"""The deactivation experiment (Laptev et al., section 4 and Table 1; docs/explanation/method.md).
 
 For a residual feature f at layer L active on a token, and a place P in
 {R_{L-1}, M_L, A_L}, remove a predecessor chosen by a matcher at that token only

@@ -1,4 +1,4 @@
-"""Activation-based groups (Laptev et al., experiments; method.md).
+"""Activation-based groups (Laptev et al., experiments; docs/explanation/method.md).
 
 On real text, at randomly chosen non-first tokens, every active residual feature f
 at layer L is put in a group by which of its matched predecessors (top-1, or any

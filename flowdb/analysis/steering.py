@@ -1,4 +1,4 @@
-"""Multi-layer steering driven by the flow graph (Laptev et al., section 3.5; method.md).
+"""Multi-layer steering driven by the flow graph (Laptev et al., section 3.5; docs/explanation/method.md).
 
 Feature sets come from the `steering-set` query around a seed feature:
   initial       the seed alone

@@ -34,7 +34,7 @@
     return cut;
   }
 
-  // Rows chosen to keep edges from crossing, as flowdb.plots.flow_layout does.
+  // Rows chosen to keep edges from crossing, as flowdb.views.plots.flow_layout does.
   function layout(nodes, edges, offsets) {
     const sources = {}, targets = {}, pos = {};
     for (const e of edges) {
