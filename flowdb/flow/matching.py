@@ -7,7 +7,7 @@ read once, and every query keeps a running top-k merged over the base tiles.
 Memory is bounded by query_tile x d + base_tile x d + query_tile x base_tile
 plus the [n_queries, k] results, whatever the widths.
 
-Backends (`--device auto|cpu|cuda`):
+Backends:
   numpy-cpu   one fp32 GEMM per tile pair through numpy's own BLAS, then an exact
               partial top-k (the CPU default: it runs at the rate numpy's current
               BLAS reaches on this CPU, with no CPU-type guess, see top_k_rows);
@@ -18,8 +18,13 @@ Backends (`--device auto|cpu|cuda`):
               certified when no non-candidate can beat its k-th exact score given
               the TF32 error bound, and rows that are not are searched again in fp32;
   torch-cpu   one fp32 GEMM on the CPU (a baseline);
-  torch-cpu-bf16  candidates from inputs rounded to bfloat16, then the same exact
-              re-scoring and certificate as torch-cuda: that path, testable on a CPU.
+  torch-bf16  candidates from a real bf16 GEMM (on CUDA when torch sees a GPU, else on
+              the CPU), exact fp32 re-scoring, and a per-row certificate from the
+              rounding residuals' norms (see flowdb.flow.bf16, which proves it).
+
+Devices: `--device cpu` is numpy-cpu; `--device cuda` is faiss-gpu where installed,
+else torch-cuda; `--device auto` is the fastest exact backend here, measured once and
+cached (see flowdb.flow.calibration): numpy-cpu on a CPU without bf16 instructions.
 """
 
 from __future__ import annotations
@@ -29,19 +34,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from flowdb.errors import FlowdbError
+from flowdb.flow import calibration
+from flowdb.flow.calibration import Calibration, cpu_flags, has_bf16
 from flowdb.flow.ranking import merge_top_k, normalise, top_k_rows
+
+if TYPE_CHECKING:
+    from flowdb.flow.bf16 import CertifiedSearch
 
 QUERY_TILE = 8192
 BASE_TILE = 65536
 SCORE_BLOCK_QUERY_TILE = 2048  # numpy and torch materialise the score block: 2048 x 65536 fp32 is 512 MB
 DEVICES = ("auto", "cpu", "cuda")
-BACKENDS = ("numpy-cpu", "faiss-cpu", "faiss-gpu", "torch-cpu", "torch-cuda", "torch-cpu-bf16")
+BACKENDS = ("numpy-cpu", "faiss-cpu", "faiss-gpu", "torch-cpu", "torch-cuda", "torch-bf16")
 CPU_DEFAULT = "numpy-cpu"
-EXTRA_CANDIDATES = 16  # candidates beyond k taken from the rounded GEMM
+EXTRA_CANDIDATES = 16  # candidates beyond k taken from a rounded (TF32 or bf16) GEMM
 
 
 @lru_cache(maxsize=1)
@@ -75,11 +86,13 @@ def _torch_cuda() -> bool:
 
 
 def choose_backend(device: str = "auto") -> str:
-    """The backend for a device: numpy's BLAS on the CPU; on CUDA faiss-gpu when installed, else torch."""
+    """The backend for a device: numpy's BLAS on the CPU; on CUDA faiss-gpu when installed,
+    else torch; auto: the fastest exact one here, measured once (flowdb.flow.calibration)."""
     if device not in DEVICES:
         raise FlowdbError(f"device {device!r}: choose one of {', '.join(DEVICES)}")
     if device == "auto":
-        device = "cuda" if _faiss_gpus() or _torch_cuda() else "cpu"
+        found = auto_calibration()
+        return found.chosen if found else auto_candidates()[0]
     if device == "cpu":
         return CPU_DEFAULT
     if _faiss_gpus():
@@ -89,6 +102,39 @@ def choose_backend(device: str = "auto") -> str:
     raise FlowdbError("--device cuda: no CUDA GPU is visible to faiss-gpu or torch")
 
 
+def auto_candidates() -> list[str]:
+    """The backends --device auto measures, its default first: the fp32 one of the GPU or
+    the CPU, and torch-bf16 where the hardware has bf16 (on the CPU, the flags say so:
+    elsewhere torch emulates bf16 far below the fp32 rate, so it is not even measured)."""
+    if _faiss_gpus() or _torch_cuda():
+        return [choose_backend("cuda"), *(["torch-bf16"] if _torch_cuda() and _cuda_bf16() else [])]
+    bf16 = has_bf16(cpu_flags()) and importlib.util.find_spec("torch") is not None
+    return [CPU_DEFAULT, *(["torch-bf16"] if bf16 else [])]
+
+
+def auto_calibration() -> Calibration | None:
+    """--device auto's measurement (from the cache when it fits this machine), or None
+    where there is only one candidate and nothing is measured."""
+    candidates = auto_candidates()
+    if len(candidates) == 1:
+        return None
+    return calibration.auto(candidates, lambda backend: Matcher(backend).search, gpu=_gpu_name())
+
+
+def _cuda_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_bf16_supported()
+
+
+def _gpu_name() -> str | None:
+    if not _torch_cuda():
+        return None
+    import torch
+
+    return torch.cuda.get_device_name()
+
+
 @dataclass(frozen=True)
 class Matcher:
     """One backend with its tile sizes; search() is the exact top-k."""
@@ -96,6 +142,7 @@ class Matcher:
     backend: str = CPU_DEFAULT
     query_tile: int = QUERY_TILE
     base_tile: int = BASE_TILE
+    extra_candidates: int = EXTRA_CANDIDATES  # torch-cuda and torch-bf16: beyond k, from the rounded GEMM
 
     @classmethod
     def for_device(cls, device: str = "auto", **tiles) -> Matcher:
@@ -106,6 +153,8 @@ class Matcher:
             raise FlowdbError(f"matcher backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
         if self.query_tile < 1 or self.base_tile < 1:
             raise FlowdbError("matcher tiles must hold at least one row")
+        if self.extra_candidates < 0:
+            raise FlowdbError("matcher extra_candidates must be 0 or more")
 
     def search(self, queries: np.ndarray, base: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """For each query row, the k base rows of highest cosine, best first.
@@ -116,7 +165,7 @@ class Matcher:
         n_base = base.shape[0]
         if k > n_base:
             raise FlowdbError(f"k={k} exceeds the {n_base} features it would search")
-        tile_search = _TILE_SEARCHES[self.backend]()  # per search: it may keep a buffer
+        tile_search = _TILE_SEARCHES[self.backend](self)  # per search: it may keep a buffer
         query_tile = self.query_tile if self.backend.startswith("faiss") \
             else min(self.query_tile, SCORE_BLOCK_QUERY_TILE)
         n_queries = queries.shape[0]
@@ -176,15 +225,15 @@ def _faiss_gpu(block: np.ndarray, tile: np.ndarray, k: int):
 
 def _rounding_error(unit_roundoff: float, d: int) -> float:
     """Worst-case |approximate - exact| cosine of unit vectors whose components were
-    rounded with this unit roundoff and whose products were summed in fp32."""
+    rounded with this unit roundoff and whose products were summed in fp32 (torch-cuda's
+    TF32 certificate; torch-bf16 has a tighter per-row one, see flowdb.flow.bf16)."""
     return 2 * unit_roundoff + unit_roundoff ** 2 + d * 2.0 ** -24
 
 
-def _torch_search(device: str, rounding: str | None) -> Callable:
-    """rounding None: one fp32 search. "tf32" (CUDA tensor cores) or "bf16" (inputs
-    rounded to bfloat16, which exercises the same path on a CPU): candidates from the
-    rounded GEMM, exact fp32 re-scoring, and a certificate per row."""
-    unit_roundoff = {"tf32": 2.0 ** -11, "bf16": 2.0 ** -8}.get(rounding)
+def _torch_search(device: str, rounding: str | None, extra: int = EXTRA_CANDIDATES) -> Callable:
+    """rounding None: one fp32 search. "tf32" (CUDA tensor cores): candidates from the
+    TF32 GEMM, exact fp32 re-scoring, and a certificate per row."""
+    unit_roundoff = {"tf32": 2.0 ** -11}.get(rounding)
 
     def search(block: np.ndarray, tile: np.ndarray, k: int):
         import torch
@@ -195,12 +244,9 @@ def _torch_search(device: str, rounding: str | None) -> Callable:
             with _exact_fp32(torch):
                 found = torch.topk(q @ b.T, k, dim=1)
             return found.values.cpu().numpy(), found.indices.cpu().numpy()
-        m = min(tile.shape[0], k + EXTRA_CANDIDATES)
-        if rounding == "tf32":
-            with _tf32(torch):
-                approx, candidates = torch.topk(q @ b.T, m, dim=1)
-        else:
-            approx, candidates = torch.topk(q.bfloat16().float() @ b.bfloat16().float().T, m, dim=1)
+        m = min(tile.shape[0], k + extra)
+        with _tf32(torch):
+            approx, candidates = torch.topk(q @ b.T, m, dim=1)
         with _exact_fp32(torch):
             exact = torch.einsum("nd,nmd->nm", q, b[candidates])
             exact, order = torch.sort(exact, dim=1, descending=True)
@@ -216,6 +262,12 @@ def _torch_search(device: str, rounding: str | None) -> Callable:
         return exact[:, :k].cpu().numpy(), chosen[:, :k].cpu().numpy()
 
     return search
+
+
+def _bf16_search(matcher: Matcher) -> CertifiedSearch:
+    from flowdb.flow.bf16 import CertifiedSearch
+
+    return CertifiedSearch("cuda" if _torch_cuda() else "cpu", matcher.extra_candidates)
 
 
 class _matmul_precision:
@@ -240,7 +292,8 @@ def _exact_fp32(torch):
     return _matmul_precision(torch, False)
 
 
-_TILE_SEARCHES = {"numpy-cpu": _BlasSearch, "faiss-cpu": lambda: _faiss_cpu, "faiss-gpu": lambda: _faiss_gpu,
-                  "torch-cpu": lambda: _torch_search("cpu", None),
-                  "torch-cuda": lambda: _torch_search("cuda", "tf32"),
-                  "torch-cpu-bf16": lambda: _torch_search("cpu", "bf16")}
+_TILE_SEARCHES = {"numpy-cpu": lambda _: _BlasSearch(), "faiss-cpu": lambda _: _faiss_cpu,
+                  "faiss-gpu": lambda _: _faiss_gpu,
+                  "torch-cpu": lambda _: _torch_search("cpu", None),
+                  "torch-cuda": lambda matcher: _torch_search("cuda", "tf32", matcher.extra_candidates),
+                  "torch-bf16": _bf16_search}

@@ -90,7 +90,7 @@ def test_certified_path_recovers_rows_whose_rounded_candidates_miss():
     naive = np.sort(np.argsort(-(rounded[0] @ rounded[1].T), axis=1)[:, :5], axis=1)
     truth = np.sort(brute_force(queries, base, 5)[1], axis=1)
     assert (naive != truth).any(axis=1).mean() > 0.2
-    assert_exact(Matcher("torch-cpu-bf16").search(queries, base, 5), queries, base, 5)
+    assert_exact(Matcher("torch-bf16").search(queries, base, 5), queries, base, 5)
 
 
 def test_merge_keeps_the_best_and_the_lower_index_on_ties():
