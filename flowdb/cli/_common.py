@@ -18,9 +18,9 @@ from flowdb.errors import FlowdbError
 class FlowdbGroup(click.Group):
     """The one place where errors meet the user: one line on stderr, never a traceback.
 
-    flowdb's own errors exit 1; an interrupt exits 130; a closed output pipe exits 141
-    quietly; anything unforeseen is named
-    in one line too (FLOWDB_DEBUG=1 shows its traceback)."""
+    flowdb's own errors exit 1; an interrupt says what the command marked with on_interrupt
+    says (else "interrupted") and exits 130, or 0 for serve; a closed output pipe exits 141
+    quietly; anything unforeseen is named in one line too (FLOWDB_DEBUG=1 shows its traceback)."""
 
     def invoke(self, ctx):
         try:
@@ -30,7 +30,12 @@ class FlowdbGroup(click.Group):
         except FlowdbError as exc:
             fail(str(exc), 1)
         except KeyboardInterrupt:
-            fail("interrupted; a stopped ingest resumes where it ended when run again", 130)
+            command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+            note, status = getattr(command, "interrupted", INTERRUPTED)
+            if status:
+                fail(note, status)
+            echo(note)
+            sys.exit(0)
         except BrokenPipeError:
             # The reader went away (`flowdb ... | head`): stop quietly, as Unix tools do, and
             # point stdout at /dev/null so the interpreter's last flush has nowhere to fail.
@@ -43,6 +48,25 @@ class FlowdbGroup(click.Group):
                 raise
             message = (str(exc).strip().splitlines() or [""])[0]
             fail(f"unexpected {type(exc).__name__}: {message} (FLOWDB_DEBUG=1 shows the traceback)", 1)
+
+
+INTERRUPTED = ("interrupted", 130)
+
+
+def on_interrupt(note: str, status: int = 130):
+    """What Ctrl-C makes a command say: a build how to resume; serve that it stopped (status 0,
+    said as a plain line, as uvicorn does). Commands without one say "interrupted" and exit 130."""
+
+    def mark(command: click.Command) -> click.Command:
+        command.interrupted = (note, status)
+        return command
+
+    return mark
+
+
+def resumes(build: str):
+    """on_interrupt for a build that picks up where it stopped."""
+    return on_interrupt(f"interrupted; a stopped {build} resumes where it ended when run again")
 
 
 def fail(message: str, status: int):

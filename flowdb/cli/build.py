@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from flowdb.cli._common import build_options, connection_options, echo, echo_stored, open_db
+from flowdb.cli._common import build_options, connection_options, echo, echo_stored, open_db, resumes
 from flowdb.lm.texts import TEXT_SOURCES
 
 
@@ -82,6 +82,7 @@ def demo_pack_build(budget, name, layers, architecture, width, l0, tokens, sampl
     echo(f"ingest it with: flowdb ingest {pack_dir(spec) / 'manifest.toml'}")
 
 
+@resumes("match")
 @click.command()
 @click.argument("manifest", type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="The atlas directory.")
@@ -108,6 +109,7 @@ def match(manifest, out, device, ray_address, progress):
     echo(f"read it with pandas.read_parquet('{atlas.root}/edges'); load it with flowdb load {atlas.root}")
 
 
+@resumes("ingest")
 @click.command()
 @click.argument("manifest", type=click.Path(dir_okay=False))
 @build_options
@@ -125,6 +127,7 @@ def ingest(manifest, device, replace, progress, settings):
     echo_stored(report)
 
 
+@resumes("load")
 @click.command()
 @click.argument("atlases", nargs=-1, type=click.Path(file_okay=False))
 @click.option("--replace", is_flag=True, help="Swap a stored build that has other parameters for this one.")

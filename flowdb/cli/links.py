@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import click
 
-from flowdb.cli._common import connection_options, echo, echo_stored, open_db
+from flowdb.cli._common import connection_options, echo, echo_stored, open_db, resumes
 from flowdb.flow.link_spec import LINK_RULES, LinkSpec
 
 
+@resumes("link")
 @click.command()
 @click.argument("a")
 @click.argument("b")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from flowdb.cli._common import connection_options, echo, flow_graph_options, open_db, template_frame
+from flowdb.cli._common import connection_options, echo, flow_graph_options, on_interrupt, open_db, template_frame
 
 
 @click.command("export-graph")
@@ -33,6 +33,7 @@ def export_graph(feature, out, params, slug, settings):
                f"(scan {model}, slug {document['metadata']['slug']})")
 
 
+@on_interrupt("flowdb explorer stopped", status=0)
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; any other than loopback requires the printed token for every request.")

@@ -47,3 +47,31 @@ def test_error_messages_escape_control_characters(db):
     assert result.exit_code == 1
     assert "\x1b" not in result.output and "\x07" not in result.output
     assert "no\\x1b]0;pwned\\x07pack" in result.output and result.output.count("\n") == 1
+
+
+def _interrupt(*args):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("args, message", [
+    (["link", "planted", "other"], "Error: interrupted; a stopped link resumes where it ended when run again"),
+    (["ingest", "manifest.toml"], "Error: interrupted; a stopped ingest resumes where it ended when run again"),
+])
+def test_an_interrupted_build_says_how_to_resume(monkeypatch, tmp_path, planted_pack, args, message):
+    from flowdb.flow.matching import Matcher
+
+    monkeypatch.setattr(Matcher, "for_device", staticmethod(_interrupt))  # Ctrl-C as the work starts
+    if args[0] == "ingest":
+        args = ["ingest", str(planted_pack[0] / "manifest.toml")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 130
+    assert result.output.splitlines() == [message]
+
+
+def test_other_commands_say_plainly_they_were_interrupted(monkeypatch, db):
+    from flowdb.store import graph
+
+    monkeypatch.setattr(graph, "list_packs", _interrupt)
+    result = CliRunner().invoke(cli, ["packs"])
+    assert result.exit_code == 130 and result.output.splitlines() == ["Error: interrupted"]
+
