@@ -7,6 +7,8 @@ plotly wheel flowdb already depends on; nothing is fetched from a CDN.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import tempfile
@@ -312,10 +314,38 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
     ]
     # The database is the caller's: connect() made it, and whoever called create_app closes it.
     app = Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: server_error})
+    app.add_middleware(StopsCleanly)
     app.add_middleware(TokenGuard, token=token, require_for_reads=require_token, port=port)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host, allow_hosts))
     app.state.connection = db
     return app
+
+
+class StopsCleanly:
+    """ASGI middleware: a request still running when the server stops (Ctrl-C on flowdb serve
+    cancels it) answers 503 in JSON, if it has not begun answering, and ends there: no
+    CancelledError traceback in the server's terminal."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def sending(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except asyncio.CancelledError:
+            if not started:
+                response = JSONResponse({"error": "the explorer stopped while this request ran"}, status_code=503)
+                with contextlib.suppress(Exception):
+                    await response(scope, receive, send)
 
 
 def _attachment(name: str) -> dict:

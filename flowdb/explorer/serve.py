@@ -4,6 +4,7 @@ stop cleanly on Ctrl-C."""
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 import threading
 import time
@@ -37,6 +38,14 @@ def check_address(host: str, port: int) -> None:
             raise FlowdbError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
 
 
+class _QuietStop(logging.Filter):
+    """Requests still running at Ctrl-C are cancelled and answered 503 (app.StopsCleanly); uvicorn's
+    own ERROR line about cancelling them is not news to the user who pressed Ctrl-C."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Cancel %s running task(s)")
+
+
 def serve(connect, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, feature: str | None = None,
           open_browser: bool = False, allow_hosts: tuple[str, ...] = (), echo=print) -> None:
     import uvicorn
@@ -67,6 +76,7 @@ def serve(connect, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, feature: 
                 webbrowser.open(url)
 
     threading.Thread(target=announce, daemon=True).start()
+    logging.getLogger("uvicorn.error").addFilter(_QuietStop())
     try:
         server.run()
     finally:

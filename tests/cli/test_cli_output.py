@@ -75,3 +75,60 @@ def test_other_commands_say_plainly_they_were_interrupted(monkeypatch, db):
     result = CliRunner().invoke(cli, ["packs"])
     assert result.exit_code == 130 and result.output.splitlines() == ["Error: interrupted"]
 
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ctrl_c_stops_serve_in_one_line_with_a_query_in_flight(db):
+    """Ctrl-C on flowdb serve, while a console statement runs: one line that it stopped, exit 0,
+    no traceback; the statement's client gets a JSON answer, not a plain-text 500."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+    import urllib.error
+    import urllib.request
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "flowdb.cli", "serve", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith("flowdb explorer on"), first + proc.stderr.read()
+        token = first.strip().rsplit("?token=", 1)[1]
+        answer = {}
+
+        def slow_query():
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/api/cypher", method="POST",
+                data=json.dumps({"statement": "UNWIND range(1, 2000000000) AS x RETURN count(x)"}).encode(),
+                headers={"x-flowdb-token": token, "content-type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    answer["status"], answer["body"] = response.status, response.read()
+            except urllib.error.HTTPError as exc:
+                answer["status"], answer["body"], answer["type"] = exc.code, exc.read(), exc.headers["content-type"]
+            except (urllib.error.URLError, ConnectionError) as exc:
+                answer["error"] = exc
+
+        client = threading.Thread(target=slow_query)
+        client.start()
+        time.sleep(2.0)  # the statement is running
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        client.join(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, (out, err)
+    assert err == "", err  # no traceback, no CancelledError, no uvicorn ERROR line
+    assert out.splitlines()[-1] == "flowdb explorer stopped" and "Traceback" not in out, out
+    assert answer["status"] == 503 and answer["type"] == "application/json", answer
+    assert "stopped" in json.loads(answer["body"])["error"]
