@@ -4,8 +4,12 @@
 
 Parts (all by default, in this order):
   gemm      this machine's fp32 GEMM rate (numpy/BLAS; torch too on a GPU), the baseline
-  backends  one 16,384 x 16,384 x 2,304 top-5 search per matching backend on this
-            machine, GFLOP/s = 2 n m d / s, and its ratio to the GEMM rate
+  backends  one 8,192 x 16,384 x 2,304 top-5 search per matching backend on this
+            machine (torch-bf16 included) and one through --device auto, GFLOP/s =
+            2 n m d / s, and its ratio to numpy's fp32 GEMM rate on the same shape; each
+            answer also checked against float64 brute force on a set with exact ties
+            planted at the k-th place (copied base rows) and near ties (the check is
+            untimed). Targets for auto: >= 200% on a CPU with bf16, >= 90% elsewhere
   gemma     a Gemma-2-2B-shaped pack (26 layers x res/mlp/att x 16,384 features,
             d 2,304; planted lineage, flowdb synth) end to end at k=5: match into an
             atlas, then load over Bolt into a fresh managed Neo4j. Wall time (target
@@ -42,8 +46,11 @@ from pathlib import Path
 
 import numpy as np
 
-# Gemma 2 2B with Gemma Scope 16k; FLOWDB_BENCH_SHAPE=LAYERS,WIDTH,D shrinks it for a smoke run.
+# Gemma 2 2B with Gemma Scope 16k; FLOWDB_BENCH_SHAPE=LAYERS,WIDTH,D shrinks it for a smoke run,
+# FLOWDB_BENCH_QUERIES the query rows of the GEMM baseline and the backends' searches.
 LAYERS, WIDTH, D_MODEL = (int(v) for v in os.environ.get("FLOWDB_BENCH_SHAPE", "26,16384,2304").split(","))
+QUERIES = int(os.environ.get("FLOWDB_BENCH_QUERIES", 8192))
+TIED_QUERIES = 512  # rows of the exactness check
 K = 5
 PARTS = ("gemm", "backends", "gemma", "bulk", "bolt-k1", "queries", "million")
 MILLION = int(os.environ.get("FLOWDB_BENCH_MILLION", 1 << 20))
@@ -121,18 +128,28 @@ def gemma_pack() -> Path:
 
 def step_gemm() -> dict:
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((8192, D_MODEL), dtype=np.float32)
+    a = rng.standard_normal((QUERIES, D_MODEL), dtype=np.float32)
     b = rng.standard_normal((D_MODEL, WIDTH), dtype=np.float32)
     a @ b
     started = time.perf_counter()
     for _ in range(3):
         a @ b
-    answer = {"numpy": 3 * 2 * 8192 * WIDTH * D_MODEL / (time.perf_counter() - started) / 1e9}
+    answer = {"numpy": 3 * 2 * QUERIES * WIDTH * D_MODEL / (time.perf_counter() - started) / 1e9}
+    from flowdb.flow.calibration import cpu_flags, has_bf16
     from flowdb.flow.doctor import blas_libraries, cpu_backends, cpu_model
 
     answer["cpu"] = cpu_model()
+    answer["bf16"] = has_bf16(cpu_flags())
     answer["blas"] = [f"{lib.package}: {lib.describe()}" for lib in blas_libraries(cpu_backends())]
     import torch
+
+    if answer["bf16"]:  # torch's bf16 GEMM, bf16 out (what torch-bf16 runs); emulated and slow without bf16
+        x, y = torch.from_numpy(a).bfloat16(), torch.from_numpy(b).bfloat16()
+        x @ y
+        started = time.perf_counter()
+        for _ in range(3):
+            x @ y
+        answer["torch bf16"] = 3 * 2 * QUERIES * WIDTH * D_MODEL / (time.perf_counter() - started) / 1e9
 
     if torch.cuda.is_available():
         x, y = torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda()
@@ -144,23 +161,54 @@ def step_gemm() -> dict:
             for _ in range(10):
                 x @ y
             torch.cuda.synchronize()
-            answer[f"cuda {precision}"] = 10 * 2 * 8192 * WIDTH * D_MODEL / (time.perf_counter() - started) / 1e9
+            answer[f"cuda {precision}"] = 10 * 2 * QUERIES * WIDTH * D_MODEL / (time.perf_counter() - started) / 1e9
         answer["gpu"] = torch.cuda.get_device_name()
     return answer
 
 
 def step_backend(backend: str) -> dict:
+    """backend "auto": whatever --device auto picks here (its calibration runs first, untimed)."""
+    from flowdb.flow.calibration import agrees, brute_force, planted_problem
     from flowdb.flow.matching import Matcher
 
+    matcher = Matcher.for_device("auto") if backend == "auto" else Matcher(backend)
     rng = np.random.default_rng(1)
-    queries = rng.standard_normal((WIDTH, D_MODEL), dtype=np.float32)
+    queries = rng.standard_normal((QUERIES, D_MODEL), dtype=np.float32)
     base = rng.standard_normal((WIDTH, D_MODEL), dtype=np.float32)
-    matcher = Matcher(backend)
     matcher.search(queries[:512], base, K)  # warm up (GPU context, thread pools)
+    # numpy's GEMM on the same arrays just before and after the search: on a shared machine
+    # the load changes from one child to the next, so the share compares like with like.
+    gemm_seconds = time_gemm(queries, base)
     started = time.perf_counter()
     matcher.search(queries, base, K)
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "gflops": 2 * WIDTH * WIDTH * D_MODEL / seconds / 1e9}
+    gemm_seconds = (gemm_seconds + time_gemm(queries, base)) / 2
+    # Exactness, untimed: exact ties at the k-th place (copied base rows), near ties, random rows.
+    tied_q, tied_b = planted_problem(TIED_QUERIES, WIDTH, D_MODEL, K)
+    reference = brute_force(tied_q, tied_b, K)
+    found = matcher.search(tied_q, tied_b, K)
+    answer = {"seconds": seconds, "gflops": 2 * QUERIES * WIDTH * D_MODEL / seconds / 1e9,
+              "gemm_gflops": 2 * QUERIES * WIDTH * D_MODEL / gemm_seconds / 1e9,
+              "backend": matcher.backend, "exact": agrees(found, reference),
+              "max_error": float(np.abs(found[0] - reference[0]).max())}
+    if matcher.backend == "torch-bf16":  # how often the certificate sent rows back to fp32
+        from flowdb.flow.bf16 import CertifiedSearch
+        from flowdb.flow.matching import _torch_cuda
+        from flowdb.flow.ranking import normalise
+
+        for name, (q, b) in (("random", (queries[:2048], base)), ("tied", (tied_q, tied_b))):
+            search = CertifiedSearch("cuda" if _torch_cuda() else "cpu")
+            search(normalise(q), normalise(b[:65536]), K)
+            answer[f"redone {name}"] = search.rows_redone / search.rows
+    return answer
+
+
+def time_gemm(queries: np.ndarray, base: np.ndarray) -> float:
+    """Seconds of numpy's fp32 GEMM queries @ base.T (its output written into one buffer)."""
+    out = np.empty((queries.shape[0], base.shape[0]), dtype=np.float32)
+    started = time.perf_counter()
+    np.matmul(queries, base.T, out=out)
+    return time.perf_counter() - started
 
 
 def step_match(manifest: str, out: str, k: int, layers: list[int] | None = None) -> dict:
@@ -313,22 +361,35 @@ def run(parts: list[str], args) -> None:
 
     say = lambda text: print(text, flush=True)  # noqa: E731
     gemm = in_child("gemm")
-    say(f"fp32 GEMM, numpy (8192x{D_MODEL} @ {D_MODEL}x{WIDTH}): {gemm['numpy']:,.0f} GFLOP/s"
-        + "".join(f"; {name} {value:,.0f} GFLOP/s" for name, value in gemm.items() if name.startswith("cuda"))
+    say(f"fp32 GEMM, numpy ({QUERIES}x{D_MODEL} @ {D_MODEL}x{WIDTH}): {gemm['numpy']:,.0f} GFLOP/s"
+        + "".join(f"; {name} {value:,.0f} GFLOP/s" for name, value in gemm.items()
+                  if name.startswith(("cuda", "torch")))
         + (f" on {gemm['gpu']}" if "gpu" in gemm else "; no GPU on this machine"))
-    say(f"CPU: {gemm['cpu']}; BLAS and thread pools loaded: {'; '.join(gemm['blas'])}")
+    say(f"CPU: {gemm['cpu']} ({'with' if gemm['bf16'] else 'no'} bf16 instructions); "
+        f"BLAS and thread pools loaded: {'; '.join(gemm['blas'])}")
     if "backends" in parts:
         gpu = "gpu" in gemm
-        for backend in BACKENDS:
-            if backend == "torch-cpu-bf16" or (("cuda" in backend or "gpu" in backend) and not gpu):
+        for backend in [*BACKENDS, "auto"]:
+            if ("cuda" in backend or "gpu" in backend) and not gpu:
                 continue
             if backend == "faiss-gpu" and choose_backend("cuda") != "faiss-gpu":
                 continue  # faiss-gpu not installed
             r = in_child("backend", backend=backend)
-            baseline = gemm["cuda fp32"] if "cuda" in backend or "gpu" in backend else gemm["numpy"]
+            on_gpu = "cuda" in r["backend"] or "gpu" in r["backend"] or (r["backend"] == "torch-bf16" and gpu)
+            baseline = gemm["cuda fp32"] if on_gpu else r["gemm_gflops"]
             role = " (the CPU default)" if backend == CPU_DEFAULT else ""
-            say(f"matching {backend}{role}: top-{K} of {WIDTH:,} x {WIDTH:,}, d {D_MODEL}: {r['seconds']:.2f} s, "
-                f"{r['gflops']:,.0f} GFLOP/s = {r['gflops'] / baseline:.0%} of the fp32 GEMM rate")
+            name = f"--device auto (= {r['backend']})" if backend == "auto" else f"matching {backend}{role}"
+            target = ""
+            if backend == "auto" and not gpu:
+                target = f" (target >= {'200' if gemm['bf16'] else '90'}% on this CPU)"
+            redone = ("; rows searched again in fp32: " + ", ".join(
+                f"{r[key]:.1%} of {key.split()[1]} rows" for key in ("redone random", "redone tied"))
+                if "redone tied" in r else "")
+            say(f"{name}: top-{K} of {QUERIES:,} x {WIDTH:,}, d {D_MODEL}: {r['seconds']:.2f} s, "
+                f"{r['gflops']:,.0f} GFLOP/s = {r['gflops'] / baseline:.0%} of the {'CUDA' if on_gpu else 'numpy'} "
+                f"fp32 GEMM rate ({baseline:,.0f} GFLOP/s, timed beside it){target}; "
+                f"exact on {TIED_QUERIES} rows with planted ties: "
+                f"{'yes' if r['exact'] else 'NO'} (max |score - float64| {r['max_error']:.1e}){redone}")
     work = bench_dir()
     atlas_dir = work / f"atlas-{LAYERS}x{WIDTH}x{D_MODEL}-k5"
     bolt = None
