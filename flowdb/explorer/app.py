@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import tempfile
 import threading
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from flowdb.errors import (
 )
 from flowdb.explorer import console, data
 from flowdb.explorer.assets import STATIC, TEMPLATES, plotly_js
+from flowdb.explorer.body import BodyRefused, read_json
 from flowdb.explorer.security import TokenGuard, allowed_hosts
 from flowdb.explorer.steer_jobs import Busy, SteeringRunner
 from flowdb.store.features import is_reference
@@ -104,10 +106,9 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
         one-line {"error": ...} with its HTTP status, never a traceback."""
         async def endpoint(request: Request):
             try:
-                raw = await request.body() if request.method == "POST" else b""
-                body = json.loads(raw) if raw.strip() else None
-            except ValueError:
-                return JSONResponse({"error": "the request body is not JSON"}, status_code=400)
+                body = await read_json(request) if request.method == "POST" else None
+            except BodyRefused as exc:
+                return JSONResponse({"error": one_line(exc)}, status_code=400)
             try:
                 result = await run_in_threadpool(function, request, body)
             except (FlowdbError, ValueError) as exc:
@@ -277,6 +278,10 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
                             headers={"Cache-Control": "max-age=86400"})
 
     async def not_found(request: Request, exc: HTTPException):
+        if exc.status_code == 405:  # a route that exists, asked with another method: JSON, as the API's errors
+            allowed = (exc.headers or {}).get("Allow", "")
+            return JSONResponse({"error": f"{request.method} is not allowed at {request.url.path}; "
+                                          f"it takes {allowed}"}, status_code=405, headers={"Allow": allowed})
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": f"no such address: {request.url.path}"}, status_code=exc.status_code)
         return templates.TemplateResponse(request, "error.html", {
@@ -314,11 +319,30 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
     ]
     # The database is the caller's: connect() made it, and whoever called create_app closes it.
     app = Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: server_error})
+    app.add_middleware(RefusesControlCharacters)
     app.add_middleware(StopsCleanly)
     app.add_middleware(TokenGuard, token=token, require_for_reads=require_token, port=port)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host, allow_hosts))
     app.state.connection = db
     return app
+
+
+class RefusesControlCharacters:
+    """ASGI middleware: an address holding a control character (%0A, %1B, ...) is refused, naming
+    it escaped, before any route reads it (a stripped key would name another feature, an error
+    quoting it raw would name an address that exists)."""
+
+    CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.CONTROL.search(scope["path"]):
+            response = JSONResponse({"error": f"the address {scope['path']!r} holds a control character"},
+                                    status_code=400)
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 class StopsCleanly:

@@ -1,0 +1,67 @@
+"""The explorer against careless and hostile requests: every refusal a one-line JSON error
+with the right status, never a traceback, a Java message or a raw control character."""
+
+from __future__ import annotations
+
+import pytest
+from starlette.testclient import TestClient
+
+from flowdb.explorer.app import create_app
+
+TOKEN = "test-token"
+POST = {"x-flowdb-token": TOKEN}
+
+
+@pytest.fixture(scope="module")
+def client(explorer_db):
+    db, _ = explorer_db
+    app = create_app(lambda: db, token=TOKEN)
+    with TestClient(app, base_url="http://127.0.0.1:8047", raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def error_of(response, status: int) -> str:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json", response.text
+    message = response.json()["error"]
+    assert "\n" not in message and "Traceback" not in message and "internal error" not in message
+    return message
+
+
+@pytest.mark.parametrize("path", ["/api/cypher", "/api/steer/start", "/api/steer/cancel"])
+def test_a_deeply_nested_body_is_a_400(client, path):
+    deep = "[" * 100_000 + "]" * 100_000
+    message = error_of(client.post(path, headers={**POST, "content-type": "application/json"}, content=deep), 400)
+    assert "more than 32 deep" in message
+
+
+def test_a_huge_body_is_a_400(client):
+    body = '{"statement": "RETURN 1", "pad": "' + "x" * (2 << 20) + '"}'
+    message = error_of(client.post("/api/cypher", headers=POST, content=body), 400)
+    assert "larger than" in message
+
+
+def test_a_body_of_ordinary_depth_still_runs(client):
+    nested = {"a": [[[{"b": [1, 2, {"c": "[[[[ not brackets ]]]]"}]}]]]}
+    answer = client.post("/api/cypher", headers=POST, json={"statement": "RETURN $p AS p", "params": {"p": nested}})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["rows"] == [[nested]]
+
+
+@pytest.mark.parametrize("method, path, allowed", [
+    ("GET", "/api/cypher", "POST"),
+    ("DELETE", "/api/packs", "GET"),
+    ("PUT", "/", "GET"),
+])
+def test_a_wrong_method_is_a_json_405_naming_the_allowed_ones(client, method, path, allowed):
+    response = client.request(method, path, headers=POST)
+    message = error_of(response, 405)
+    assert message.startswith(f"{method} is not allowed at {path}") and allowed in message
+    assert allowed in response.headers["allow"]
+
+
+@pytest.mark.parametrize("path", ["/api/packs%0A", "/api/features/planted/3/res/0%0A", "/feature/planted%1B[2J"])
+def test_an_address_with_a_control_character_is_refused_escaped(client, path):
+    message = error_of(client.get(path), 400)
+    assert "control character" in message and "\\n" in message or "\\x1b" in message
+    assert "\x1b" not in message
