@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-from flowdb.errors import DatabaseError, Neo4jUnavailable, QueryTimeout, first_line
+from flowdb.errors import DatabaseError, Neo4jUnavailable, QueryError, QueryTimeout, first_line
 
 
 class ServerDisk(Protocol):
@@ -115,6 +115,9 @@ def neo4j_errors(db: Database | None = None, uri: str | None = None,
             raise DatabaseError(
                 f"{where} has no database {database!r}; set NEO4J_DATABASE (or --database) "
                 "to one that exists, or leave it unset for the server's default") from None
+        if code.endswith("ParameterMissing"):  # the user's statement, not the server, is at fault
+            raise QueryError(f"the statement uses a parameter it was not given ({first_line(exc)}); "
+                             "pass it with the statement's parameters") from None
         if "TransactionTimedOutClientConfiguration" in code:
             raise QueryTimeout(f"{where} stopped a query at the time limit it was given") from None
         if code.startswith("Neo.TransientError") or code.endswith(("Terminated", "TransactionTimedOut")):

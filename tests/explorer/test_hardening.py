@@ -65,3 +65,8 @@ def test_an_address_with_a_control_character_is_refused_escaped(client, path):
     message = error_of(client.get(path), 400)
     assert "control character" in message and "\\n" in message or "\\x1b" in message
     assert "\x1b" not in message
+
+
+def test_a_missing_console_parameter_is_a_400(client):
+    message = error_of(client.post("/api/cypher", headers=POST, json={"statement": "RETURN $missing AS x"}), 400)
+    assert "missing" in message and "parameter" in message
