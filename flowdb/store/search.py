@@ -9,15 +9,22 @@ operators) and each word escaped. Every word must match; the last one as a prefi
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 
-from flowdb.errors import QueryError, QueryTimeout
+from flowdb.errors import DatabaseError, QueryError, QueryTimeout
 from flowdb.store import graph
 from flowdb.store.templates import checked_timeout
 
+log = logging.getLogger("flowdb.search")
 MAX_LIMIT = 200
 MAX_WORDS = 32  # a type-ahead box holds a phrase, not a document
+MAX_TEXT = 1_000  # characters of search text
+# Letters in one word. The index's standard analyzer cuts a token at 255 characters (so a
+# longer word would search for its pieces: 256 a's for "a"), and Lucene refuses a prefix
+# query of some thousand letters ("input automaton is too large"); no label word comes near.
+MAX_WORD = 100
 # Lucene's best hits first: a short prefix matches half a million labels, and sorting and
 # grouping them all took seconds (benchmarks/bench_explorer.py). A window of hits is read
 # instead, widened when it yields fewer features than asked for (a pack filter, several
@@ -53,11 +60,17 @@ RETURN size(hits) AS hits, rows
 def lucene_query(text: str) -> str | None:
     """The full-text query for `text`: every word required, the last a prefix; None when
     the text holds no word."""
+    if len(text) > MAX_TEXT:
+        raise QueryError(f"label search takes at most {MAX_TEXT} characters; got {len(text)}")
     words = WORD.findall(text.lower())
     if not words:
         return None
     if len(words) > MAX_WORDS:
         raise QueryError(f"label search takes at most {MAX_WORDS} words; got {len(words)}")
+    longest = max(words, key=len)
+    if len(longest) > MAX_WORD:
+        raise QueryError(f"label search takes words of at most {MAX_WORD} characters; "
+                         f"one has {len(longest)}")
     escaped = [LUCENE_SPECIAL.sub(r"\\\1", word) for word in words]
     # A prefix query scores every match alike; the whole word beside it ranks labels that
     # hold the word itself (more often, in shorter text) above those it only begins.
@@ -94,6 +107,10 @@ def search_labels(db, text: str, pack: str | None = None, limit: int = 20,
             if len(answer["rows"]) >= limit or answer["hits"] < window:  # enough, or every hit read
                 return answer["rows"]
             window = min(window * WIDEN, ALL_HITS)
-    except QueryTimeout:
-        raise QueryError(f"label search for {text!r} ran past its {seconds:g} s limit and was stopped; "
-                         "type more of a word, or name a pack") from None
+    except DatabaseError as exc:
+        if isinstance(exc, QueryTimeout):
+            raise QueryError(f"label search for {text!r} ran past its {seconds:g} s limit and was stopped; "
+                             "type more of a word, or name a pack") from None
+        # The index's own (Java) message says nothing a user can act on, and is not theirs to read.
+        log.warning("label search for %r failed: %s", text[:200], exc)
+        raise QueryError("the label index could not run this search; use fewer or shorter words") from None

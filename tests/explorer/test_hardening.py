@@ -70,3 +70,13 @@ def test_an_address_with_a_control_character_is_refused_escaped(client, path):
 def test_a_missing_console_parameter_is_a_400(client):
     message = error_of(client.post("/api/cypher", headers=POST, json={"statement": "RETURN $missing AS x"}), 400)
     assert "missing" in message and "parameter" in message
+
+
+@pytest.mark.parametrize("q, fragment", [
+    ("a" * 1_000, "words of at most 100 characters"),
+    ("capital " * 1_300, "at most 1000 characters"),
+    ("a" * 256, "words of at most 100 characters"),
+])
+def test_search_input_is_bounded(client, q, fragment):
+    message = error_of(client.get("/api/search", params={"q": q}), 400)
+    assert fragment in message and "automaton" not in message and "java" not in message.lower()
