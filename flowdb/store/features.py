@@ -17,13 +17,41 @@ from flowdb.errors import NotFound, QueryError
 from flowdb.modules import feature_key
 from flowdb.store import graph
 
+# The forms as a reader recognises them: numbers are any run of digits (\d takes "٣" and "３"
+# too), so that a number written wrongly (a leading zero, a non-ASCII digit) is read as one and
+# refused by number() with what is wrong, not looked up as a feature that is not there.
 _KEY = re.compile(r"^([^/\s]+)/(\d+)/([a-z]+)/(\d+)$")
 _NEURONPEDIA = re.compile(r"^([^/\s]+)/([^/\s]+)/(\d+)$")
+_CANONICAL = re.compile(r"(0|[1-9][0-9]*)")
+
+
+def number(text: str, part: str, name: str) -> int:
+    """One number of a reference (a layer, an index) as a stored key writes it: ASCII digits,
+    no leading zero. QueryError naming the fault otherwise."""
+    if not (part.isascii() and part.isdigit()):
+        raise QueryError(f"{text!r}: the {name} {part!r} is not written in ASCII digits 0-9")
+    if not _CANONICAL.fullmatch(part):
+        raise QueryError(f"{text!r}: the {name} {part!r} has a leading zero; write {int(part)}")
+    return int(part)
+
+
+def parse_key(text: str) -> tuple[str, int, str, int]:
+    """PACK/LAYER/MODULE/INDEX as (pack, layer, module, index): the one reader of flowdb's key;
+    QueryError naming the fault in a key-shaped text that is not one."""
+    match = _KEY.match(text)
+    if not match:
+        raise QueryError(f"{text!r} is not a feature key PACK/LAYER/MODULE/INDEX (e.g. planted/3/res/0)")
+    pack, layer, module, index = match.groups()
+    return pack, number(text, layer, "layer"), module, number(text, index, "index")
 
 
 def is_key(text: str) -> bool:
-    """Whether text has the form of flowdb's own key, PACK/LAYER/MODULE/INDEX."""
-    return bool(_KEY.match(text))
+    """Whether text is flowdb's own key, PACK/LAYER/MODULE/INDEX, written as stored."""
+    try:
+        parse_key(text)
+    except QueryError:
+        return False
+    return True
 
 
 def is_reference(text: str) -> bool:
@@ -40,11 +68,11 @@ def resolve_feature(db, reference: str) -> str:
         if not _NEURONPEDIA.match(path):
             raise QueryError(f"{text!r} is not a Neuronpedia feature URL (…/MODEL/SOURCE/INDEX)")
         return _from_neuronpedia(db, text, *_NEURONPEDIA.match(path).groups())
-    key = _KEY.match(text)
-    if key:
+    if _KEY.match(text):
+        pack, layer, module, index = parse_key(text)
         if graph.feature_exists(db, text):
             return text
-        raise NotFound(_missing(db, text, *key.groups()))
+        raise NotFound(_missing(db, text, pack, str(layer), module, str(index)))
     neuronpedia = _NEURONPEDIA.match(text)
     if neuronpedia:
         return _from_neuronpedia(db, text, *neuronpedia.groups())
@@ -53,6 +81,7 @@ def resolve_feature(db, reference: str) -> str:
 
 
 def _from_neuronpedia(db, text: str, model: str, source: str, index: str) -> str:
+    index = str(number(text, index, "index"))
     matches = graph.saes_with_neuronpedia_source(db, model, source)
     if not matches:
         raise NotFound(f"{text!r}: no stored pack has Neuronpedia source {model}/{source}")

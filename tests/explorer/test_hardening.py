@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from starlette.testclient import TestClient
 
+from flowdb.errors import QueryError
 from flowdb.explorer.app import create_app
 
 TOKEN = "test-token"
@@ -80,3 +81,20 @@ def test_a_missing_console_parameter_is_a_400(client):
 def test_search_input_is_bounded(client, q, fragment):
     message = error_of(client.get("/api/search", params={"q": q}), 400)
     assert fragment in message and "automaton" not in message and "java" not in message.lower()
+
+
+@pytest.mark.parametrize("reference, fragment", [
+    ("planted/03/res/0", "the layer '03' has a leading zero; write 3"),
+    ("planted/3/res/00", "the index '00' has a leading zero; write 0"),
+    ("planted/\u0663/res/0", "the layer '\u0663' is not written in ASCII digits 0-9"),
+    ("planted/3/res/\uff15", "the index '\uff15' is not written in ASCII digits 0-9"),
+    ("planted-model/3-planted-res/007", "the index '007' has a leading zero; write 7"),
+])
+def test_a_misspelt_number_in_a_reference_is_named(client, explorer_db, reference, fragment):
+    from flowdb.store.features import resolve_feature
+
+    db, _ = explorer_db
+    with pytest.raises(QueryError) as refused:
+        resolve_feature(db, reference)
+    assert fragment in str(refused.value) and "has indexes" not in str(refused.value)
+    assert fragment in error_of(client.get(f"/api/features/{reference}"), 400)
