@@ -70,3 +70,16 @@ def first_line(exc: BaseException) -> str:
     """An exception's message cut to its first line: what a one-line error quotes."""
     text = (getattr(exc, "message", None) or str(exc) or type(exc).__name__).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def number_text(value) -> str:
+    """A number as an error message writes it: a whole number in full (999999999, not 1e+09),
+    any other as %g."""
+    if isinstance(value, int):
+        return str(value)
+    try:
+        if float(value).is_integer() and abs(value) < 1e18:
+            return str(int(value))
+    except (TypeError, ValueError, OverflowError):
+        return str(value)
+    return f"{value:g}"

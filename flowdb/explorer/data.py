@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 
 from flowdb.classify import CATEGORIES, PLACES, chance_cdf, edge_status
-from flowdb.errors import NotFound, QueryError
+from flowdb.errors import NotFound, QueryError, number_text
 from flowdb.modules import BY_KIND, MODULES, RESIDUAL
 from flowdb.store import graph
 from flowdb.store.templates import get_template, json_ready
@@ -109,7 +109,8 @@ def bounded(value, name: str, default, low, high, kind=int):
     except (TypeError, ValueError):
         raise QueryError(f"parameter {name} must be {kind.__name__}, got {value!r}") from None
     if not low <= number <= high:
-        raise QueryError(f"parameter {name} must be from {low:g} to {high:g}, got {number:g}")
+        raise QueryError(f"parameter {name} must be from {number_text(low)} to {number_text(high)}, "
+                         f"got {number_text(number)}")
     return number
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from flowdb.errors import NotFound, QueryError, QueryTimeout
+from flowdb.errors import NotFound, QueryError, QueryTimeout, number_text
 from flowdb.packs.manifest import MAX_K  # no build stores more matches per module
 from flowdb.settings import QUERY_TIMEOUT_RANGE_S, query_timeout_s
 
@@ -71,7 +71,8 @@ class Param:
             raise QueryError(f"parameter {self.name} must be a finite number, got {value!r}")
         low, high = PARAM_RANGES.get(self.name, INT64 if self.type == "int" else (-math.inf, math.inf))
         if self.type in ("int", "float") and not low <= value <= high:
-            raise QueryError(f"parameter {self.name} must be from {low:g} to {high:g}, got {value!r}")
+            raise QueryError(f"parameter {self.name} must be from {number_text(low)} to {number_text(high)}, "
+                             f"got {number_text(value)}")
         return value
 
     def _parse(self, value: str) -> Any:
@@ -257,7 +258,8 @@ def checked_timeout(timeout_s: float | None) -> float:
     if timeout_s is None:
         return query_timeout_s()
     if isinstance(timeout_s, bool) or not (isinstance(timeout_s, numbers.Real) and low <= timeout_s <= high):
-        raise QueryError(f"timeout_s must be a number of seconds from {low:g} to {high:g}, got {timeout_s!r}")
+        raise QueryError(f"timeout_s must be a number of seconds from {number_text(low)} to {number_text(high)}, "
+                         f"got {timeout_s!r}")
     return float(timeout_s)
 
 

@@ -98,3 +98,8 @@ def test_a_misspelt_number_in_a_reference_is_named(client, explorer_db, referenc
         resolve_feature(db, reference)
     assert fragment in str(refused.value) and "has indexes" not in str(refused.value)
     assert fragment in error_of(client.get(f"/api/features/{reference}"), 400)
+
+
+def test_range_errors_write_whole_numbers_whole(client):
+    message = error_of(client.get("/api/neighbours/planted/3/res/0", params={"cap": 999999999}), 400)
+    assert "got 999999999" in message and "e+" not in message

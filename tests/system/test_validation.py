@@ -211,10 +211,10 @@ def test_threshold_options_must_be_finite_cosines(pack_copy, tmp_path, flag, val
     ("lineage", ("t_res=nan",), "parameter t_res must be a finite number"),
     ("lineage", ("t_mod=-inf",), "parameter t_mod must be a finite number"),
     ("lineage", ("t_res=-1.5",), "parameter t_res must be from -1 to 1, got -1.5"),
-    ("flow-graph", ("t_mod=2",), "parameter t_mod must be from -1 to 1, got 2.0"),
-    ("chains", ("limit=0",), "parameter limit must be from 1 to 1e+06, got 0"),
-    ("newborn", ("layer=-1",), "parameter layer must be from 0 to 1e+06, got -1"),
-    ("circuit", ("last_layer=99999999999999999999",), "parameter last_layer must be from 0 to 1e+06"),
+    ("flow-graph", ("t_mod=2",), "parameter t_mod must be from -1 to 1, got 2"),
+    ("chains", ("limit=0",), "parameter limit must be from 1 to 1000000, got 0"),
+    ("newborn", ("layer=-1",), "parameter layer must be from 0 to 1000000, got -1"),
+    ("circuit", ("last_layer=99999999999999999999",), "parameter last_layer must be from 0 to 1000000"),
 ])
 def test_query_parameters_out_of_range_are_refused_before_connecting(template, params, message):
     required = {"lineage": "feature=x", "flow-graph": "feature=x", "chains": "pack=x",
