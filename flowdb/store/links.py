@@ -66,9 +66,10 @@ def link_packs(db, a: str, b: str, spec: LinkSpec = LinkSpec(), name: str | None
 
     if a == b:
         raise LinkError(f"link needs two different packs, got {a!r} twice")
+    plans = stored_plan(db, a), stored_plan(db, b)  # a pack that is not there is named before any name is made of it
     name = check_link_name(name or link_name(a, b))
     matcher = matcher or Matcher()
-    plan = LinkPlan(name, stored_plan(db, a), stored_plan(db, b), spec)
+    plan = LinkPlan(name, *plans, spec)
     places = plan.places()
     ensure_schema(db)
     started = time.perf_counter()
