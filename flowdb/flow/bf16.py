@@ -65,7 +65,7 @@ from flowdb.flow.ranking import top_k_rows
 EXTRA_CANDIDATES = 16  # candidates beyond k taken from the bf16 GEMM
 RESCORE_ROWS = 32  # query rows per gathered block in the exact re-scoring (numpy, CPU)
 RESCORE_ROWS_CUDA = 1024
-NORM_CHUNK = 8192  # rows per pass when measuring rounding residuals (bounds the fp32 temporary)
+NORM_CHUNK = 256  # rows per pass when measuring rounding residuals: the fp32 scratch stays in cache
 U_BF16 = 2.0 ** -8  # bf16 unit roundoff (8-bit significand, round to nearest)
 U_SUM = 2.0 ** -23  # per addition in fp32 sums: twice fp32's unit roundoff, see the module docstring
 RHO = U_BF16 / (1 - U_BF16)  # output rounding, relative to the stored bf16 value
@@ -85,28 +85,42 @@ class Rounded:
     exact: object  # torch fp32 [n, d]
     rounded: object  # torch bf16 [n, d]
     norm: np.ndarray  # |x|, float64 [n]
-    norm_rounded: np.ndarray  # |x^|
+    norm_rounded: np.ndarray  # |x^| (bounded by |x| + |x - x^|)
     norm_residual: np.ndarray  # |x - x^|
 
     @classmethod
-    def of(cls, rows: np.ndarray, device: str = "cpu") -> Rounded:
+    def of(cls, rows: np.ndarray, device: str = "cpu", buffers: dict | None = None, role: str = "rows") -> Rounded:
+        """buffers: tensors kept from an earlier call (by role) and reused, since fresh
+        ones pay their page faults on every tile (several times the arithmetic here)."""
         import torch
 
         if not np.isfinite(rows).all():
             raise FlowdbError(NAN_MESSAGE)
+        buffers = {} if buffers is None else buffers
+        n, d = rows.shape
         exact = torch.from_numpy(rows).to(device)
-        rounded = exact.bfloat16()
-        norms = [[], [], []]
-        for start in range(0, rows.shape[0], NORM_CHUNK):
-            x = exact[start:start + NORM_CHUNK]
-            x_hat = rounded[start:start + NORM_CHUNK].float()
-            for found, vectors in zip(norms, (x, x_hat, x - x_hat)):
-                found.append(torch.linalg.vector_norm(vectors, dim=1).cpu().numpy())
-        slack = 1 + (rows.shape[1] + 4) * 2.0 ** -22
-        norm, norm_rounded, norm_residual = (
-            np.concatenate(found).astype(np.float64) * slack + 2.0 ** -60 if found else np.zeros(0)
-            for found in norms)
-        return cls(exact, rounded, norm, norm_rounded, norm_residual)
+        rounded = _buffer(buffers, role, n * d, torch.bfloat16, device).view(n, d)
+        scratch = _buffer(buffers, "scratch", NORM_CHUNK * d, torch.float32, device)
+        norm, residual = (torch.empty(n, device=device) for _ in range(2))
+        for start in range(0, n, NORM_CHUNK):
+            part = slice(start, start + NORM_CHUNK)
+            rounded[part].copy_(exact[part])
+            delta = scratch[:rounded[part].numel()].view(-1, d)
+            delta.copy_(rounded[part]).sub_(exact[part])  # x^ - x, exact in fp32
+            torch.linalg.vector_norm(delta, dim=1, out=residual[part])
+            torch.linalg.vector_norm(exact[part], dim=1, out=norm[part])
+        slack = 1 + (d + 4) * 2.0 ** -22
+        norm, residual = (x.cpu().numpy().astype(np.float64) * slack + 2.0 ** -60 for x in (norm, residual))
+        return cls(exact, rounded, norm, norm + residual, residual)  # |x^| <= |x| + |x - x^|
+
+
+def _buffer(buffers: dict, name: str, numel: int, dtype, device):
+    import torch
+
+    found = buffers.get(name)
+    if found is None or found.numel() < numel:
+        found = buffers[name] = torch.empty(numel, dtype=dtype, device=device)
+    return found[:numel]
 
 
 def error_bound(queries: Rounded, base: Rounded) -> tuple[np.ndarray, np.ndarray]:
@@ -129,15 +143,15 @@ class CertifiedSearch:
     def __init__(self, device: str = "cpu", extra: int = EXTRA_CANDIDATES):
         self.device, self.extra = device, extra
         self.tile = self.base = None
-        self.buffer = None  # the bf16 score block, reused across blocks on the CPU
+        self.buffers = {}  # bf16 copies, scratch and the score block, reused across blocks
         self.rows = self.rows_redone = 0  # rows searched, and rows searched again in fp32
 
     def __call__(self, block: np.ndarray, tile: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
         if tile is not self.tile:
-            self.base, self.tile = Rounded.of(tile, self.device), tile
-        queries = Rounded.of(block, self.device)
+            self.base, self.tile = Rounded.of(tile, self.device, self.buffers, "tile"), tile
+        queries = Rounded.of(block, self.device, self.buffers, "block")
         n, m = block.shape[0], tile.shape[0]
         width = min(m, k + self.extra)
         with _exact_sums(torch):
@@ -165,14 +179,11 @@ class CertifiedSearch:
         return scores, indices
 
     def _scores(self, torch, q_hat, b_hat):
-        """The bf16 GEMM, into a reused buffer on the CPU (a fresh block per call would
-        pay its page faults every time)."""
+        """The bf16 GEMM, into a reused buffer on the CPU."""
         if self.device != "cpu":
             return q_hat @ b_hat.T
-        size = q_hat.shape[0] * b_hat.shape[0]
-        if self.buffer is None or self.buffer.numel() < size:
-            self.buffer = torch.empty(size, dtype=torch.bfloat16)
-        out = self.buffer[:size].view(q_hat.shape[0], b_hat.shape[0])
+        n, m = q_hat.shape[0], b_hat.shape[0]
+        out = _buffer(self.buffers, "scores", n * m, torch.bfloat16, "cpu").view(n, m)
         return torch.matmul(q_hat, b_hat.T, out=out)
 
     def _fp32(self, torch, block: np.ndarray, rows, k: int):
