@@ -11,8 +11,8 @@ fp32 paths from one build to the next.
 
 With one candidate nothing is measured. With several, each searches one problem
 (QUERIES x BASE, d D_MODEL, with exact ties planted at the k-th place), its answer is
-checked against float64 brute force (a candidate that errs is never chosen), and its
-rate is timed beside numpy's fp32 GEMM on the same shape: a few hundred ms on a CPU
+checked against float64 brute force (a candidate that errs or fails is never chosen),
+and its rate is timed beside numpy's fp32 GEMM on the same shape: a few hundred ms on a CPU
 with bf16. The fastest wins, if it beats the first candidate by MARGIN (noise must not
 flip the choice). The result is cached in FLOWDB_HOME/cache/backend.json under a key
 of the CPU model and flags, the core count, the numpy/torch/faiss versions, the GPU
@@ -49,7 +49,7 @@ _memo: dict[str, Calibration] = {}  # per process: a file that cannot be written
 class Calibration:
     chosen: str
     gemm: float  # numpy's fp32 GEMM on the same shape, GFLOP/s
-    rates: dict[str, float | None]  # GFLOP/s per candidate; None: its answer was not exact
+    rates: dict[str, float | None]  # GFLOP/s per candidate; None: its answer was not exact (or it failed)
     key: dict
     measured_at: str
 
@@ -146,10 +146,14 @@ def calibrate(candidates: list[str], search: Callable[[str], Search], key: dict)
     rates: dict[str, float | None] = {}
     for backend in candidates:
         run = search(backend)
-        run(queries[:64], base, K)  # warm up thread pools, caches, a GPU context
-        started = time.perf_counter()
-        found = run(queries, base, K)
-        seconds = time.perf_counter() - started
+        try:
+            run(queries[:64], base, K)  # warm up thread pools, caches, a GPU context
+            started = time.perf_counter()
+            found = run(queries, base, K)
+            seconds = time.perf_counter() - started
+        except Exception:  # a backend that fails here (no kernel, no memory) is simply not chosen
+            rates[backend] = None
+            continue
         exact = agrees((found[0][:CHECKED], found[1][:CHECKED]), reference)
         rates[backend] = flops / seconds / 1e9 if exact else None
     return Calibration(choose(rates), gemm, rates, key, time.strftime("%Y-%m-%d %H:%M:%S"))

@@ -88,6 +88,18 @@ def test_a_candidate_that_is_not_exact_is_never_chosen(home):
     assert "torch-bf16 not exact" in found.describe()
 
 
+def test_a_candidate_that_fails_is_never_chosen(home):
+    def search(backend):
+        if backend == "torch-bf16":
+            def broken(*args):
+                raise RuntimeError("no kernel for this device")
+            return broken
+        return Matcher(backend).search
+
+    found = calibration.auto(["numpy-cpu", "torch-bf16"], search)
+    assert found.chosen == "numpy-cpu" and found.rates["torch-bf16"] is None
+
+
 def test_the_fastest_wins_only_by_the_margin():
     assert calibration.choose({"numpy-cpu": 100.0, "torch-bf16": 300.0}) == "torch-bf16"
     assert calibration.choose({"numpy-cpu": 100.0, "torch-bf16": 105.0}) == "numpy-cpu"
