@@ -21,7 +21,6 @@ from urllib.parse import quote
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
@@ -39,7 +38,7 @@ from flowdb.errors import (
 from flowdb.explorer import console, data
 from flowdb.explorer.assets import STATIC, TEMPLATES, plotly_js
 from flowdb.explorer.body import BodyRefused, read_json
-from flowdb.explorer.security import TokenGuard, allowed_hosts
+from flowdb.explorer.security import HostCheck, TokenGuard, allowed_hosts
 from flowdb.explorer.steer_jobs import Busy, SteeringRunner
 from flowdb.store.features import is_reference
 from flowdb.views import marks
@@ -322,7 +321,8 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
     app.add_middleware(RefusesControlCharacters)
     app.add_middleware(StopsCleanly)
     app.add_middleware(TokenGuard, token=token, require_for_reads=require_token, port=port)
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host, allow_hosts))
+    app.state.allowed_hosts = allowed_hosts(host, allow_hosts)
+    app.add_middleware(HostCheck, allowed=app.state.allowed_hosts)
     app.state.connection = db
     return app
 

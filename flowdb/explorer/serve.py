@@ -12,7 +12,7 @@ import webbrowser
 from urllib.parse import quote
 
 from flowdb.errors import FlowdbError
-from flowdb.explorer.security import check_host_patterns, is_loopback, new_token
+from flowdb.explorer.security import allowed_note, check_host_patterns, is_loopback, new_token
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8047
@@ -70,6 +70,8 @@ def serve(connect, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, feature: 
             time.sleep(0.05)
         if server.started:
             echo(f"flowdb explorer on {db.where}: {url}")
+            if not is_loopback(host):  # reached by other machines: by which names, and how to add one
+                echo(allowed_note(app.state.allowed_hosts))
             echo("(the token in the URL is needed " + ("for every request" if not loopback else "to steer")
                  + "; Ctrl-C stops the explorer)")
             if open_browser:

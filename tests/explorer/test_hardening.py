@@ -103,3 +103,43 @@ def test_a_misspelt_number_in_a_reference_is_named(client, explorer_db, referenc
 def test_range_errors_write_whole_numbers_whole(client):
     message = error_of(client.get("/api/neighbours/planted/3/res/0", params={"cap": 999999999}), 400)
     assert "got 999999999" in message and "e+" not in message
+
+
+@pytest.mark.parametrize("accept, kind", [("application/json", "application/json"), ("text/html", "text/plain")])
+def test_a_refused_host_names_itself_the_allowed_names_and_allow_host(explorer_db, accept, kind):
+    db, _ = explorer_db
+    app = create_app(lambda: db, host="0.0.0.0", token=TOKEN, require_token=True, allow_hosts=("proxy.example",))
+    with TestClient(app, base_url="http://127.0.0.1:8047") as web:
+        response = web.get("/", headers={"Host": "10.1.2.3:8047", "accept": accept})
+        assert response.status_code == 400 and response.headers["content-type"].startswith(kind), response.text
+        text = response.json()["error"] if kind == "application/json" else response.text
+        assert "\n" not in text.strip() and "'10.1.2.3'" in text, text
+        assert "localhost" in text and "proxy.example" in text and "--allow-host 10.1.2.3" in text, text
+        assert web.get("/api/packs", headers={"Host": "proxy.example:8047", **POST}).status_code == 200
+
+
+def test_serve_off_loopback_names_the_hosts_it_answers_to(db):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "flowdb.cli", "serve", "--host", "0.0.0.0", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    lines = []
+    try:
+        while not lines or "Ctrl-C" not in lines[-1]:  # the announcement's last line
+            line = proc.stdout.readline()
+            assert line, "".join(lines) + proc.stderr.read()
+            lines.append(line)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    hosts = [line for line in lines if "--allow-host NAME" in line]
+    assert len(hosts) == 1 and "localhost" in hosts[0] and socket.gethostname() in hosts[0], lines
