@@ -143,3 +143,38 @@ def test_serve_off_loopback_names_the_hosts_it_answers_to(db):
             proc.kill()
     hosts = [line for line in lines if "--allow-host NAME" in line]
     assert len(hosts) == 1 and "localhost" in hosts[0] and socket.gethostname() in hosts[0], lines
+
+
+@pytest.mark.parametrize("statement", [
+    "RETURN range(1, 3000000) AS numbers",  # one cell larger than the bound
+    "UNWIND range(1, 900) AS i RETURN i, reduce(s = '', x IN range(1, 400) | s + '0123456789abcdefghijklmnopqrstuv')"
+    " AS text",  # rows under the row cap, 11 MB together
+])
+def test_a_console_answer_is_bounded_in_bytes(client, statement):
+    from flowdb.explorer import console
+
+    answer = client.post("/api/cypher", headers=POST, json={"statement": statement})
+    assert answer.status_code == 200, answer.text[:300]
+    assert len(answer.content) <= console.MAX_BYTES + 64 * 1024, len(answer.content)
+    body = answer.json()
+    assert body["truncated"] is True and f"{console.MAX_BYTES:,} bytes" in body["note"], body.get("note")
+    assert "LIMIT" in body["note"] and body["total"] is None
+
+
+def test_a_console_answer_over_the_bound_stops_reading(explorer_db):
+    """Memory stays bounded too: the records past the bound are never read into the answer."""
+    import tracemalloc
+
+    from flowdb.explorer import console
+
+    db, _ = explorer_db
+    statement = ("UNWIND range(1, 900) AS i RETURN reduce(s = '', x IN range(1, 1600) "
+                 "| s + '0123456789abcdefghijklmnopqrstuv') AS text")  # 50 kB a row, 46 MB in all
+    tracemalloc.start()
+    try:
+        answer = console.run(db, statement)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert answer["truncated"] and len(answer["rows"]) < 900
+    assert peak < 3 * console.MAX_BYTES, f"{peak:,} bytes at peak"

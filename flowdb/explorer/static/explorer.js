@@ -355,8 +355,8 @@
 
   async function consolePage() {
     const show = (answer) => {
-      $("console-note").textContent = answer.total != null ? answer.total + " row(s)" + (answer.truncated ? ", first " + answer.rows.length + " shown" : "")
-        : (answer.note ? "Thresholds: " + answer.note : "");
+      $("console-note").textContent = answer.truncated && answer.note ? answer.note
+        : answer.total != null ? answer.total + " row(s)" : (answer.note ? "Thresholds: " + answer.note : "");
       fillTable($("console-table"), answer.columns, answer.rows);
       const graphDiv = $("console-graph");
       const g = answer.graph;
