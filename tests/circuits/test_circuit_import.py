@@ -1,0 +1,197 @@
+"""flowdb circuits import / list / delete / export against a real Neo4j, checked against the files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+from circuit_graphs import make_graph, write_graphs
+from click.testing import CliRunner
+
+from flowdb.circuits.schema import check_graph
+from flowdb.circuits.store import import_graphs
+from flowdb.cli import cli
+from helpers import ROOT
+
+SCHEMA = json.loads((ROOT / "tests" / "data" / "neuronpedia-graph-schema.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("graphs")
+    return folder, write_graphs(folder, 6, seed=1)
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, ["circuits", *map(str, args)])
+
+
+def stored_counts(db) -> dict:
+    return db.read("OPTIONAL MATCH (g:AttributionGraph) WITH count(g) AS graphs "
+                   "OPTIONAL MATCH (n:GraphNode) WITH graphs, count(n) AS nodes "
+                   "OPTIONAL MATCH (:GraphNode)-[r]->() RETURN graphs, nodes, count(r) AS rels")[0]
+
+
+def stored_state(db) -> dict:
+    """Everything the graphs stored: each node's and relationship's properties."""
+    nodes = db.read("MATCH (n:GraphNode) RETURN n.graph AS g, n.node_id AS id, properties(n) AS p")
+    links = db.read("MATCH (s:GraphNode)-[r:ATTRIBUTES]->(t:GraphNode) "
+                    "RETURN s.graph AS g, s.node_id AS s, t.node_id AS t, r.weight AS w, r.ord AS o")
+    graphs = db.read("MATCH (g:AttributionGraph) RETURN properties(g) AS p")
+    return {"nodes": {(r["g"], r["id"]): r["p"] for r in nodes},
+            "links": {(r["g"], r["s"], r["t"]): (r["w"], r["o"]) for r in links},
+            "graphs": {r["p"]["slug"]: r["p"] for r in graphs}}
+
+
+def test_import_stores_every_node_and_exact_weight(db, folder):
+    path, graphs = folder
+    result = invoke("import", path)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("stored from") == len(graphs)
+    state = stored_state(db)
+    assert stored_counts(db) == {"graphs": len(graphs), "nodes": sum(len(g["nodes"]) for g in graphs.values()),
+                                 "rels": sum(len(g["links"]) for g in graphs.values())}
+    expected = {(slug, link["source"], link["target"]): link["weight"]
+                for slug, g in graphs.items() for link in g["links"]}
+    assert {key: w for key, (w, _) in state["links"].items()} == expected  # exactly equal floats
+    kinds = {"cross layer transcoder": "feature", "mlp reconstruction error": "error",
+             "embedding": "embedding", "logit": "logit"}
+    for slug, g in graphs.items():
+        for node in g["nodes"]:
+            props = state["nodes"][(slug, node["node_id"])]
+            assert props["kind"] == kinds[node["feature_type"]]
+            assert props["layer"] == str(node["layer"]) and props["ctx_idx"] == node["ctx_idx"]
+            for field in ("feature", "influence", "activation", "clerp"):
+                if node.get(field) is not None:
+                    assert props[field] == node[field], field
+            assert props["is_target_logit"] == node.get("is_target_logit", False)
+        meta = state["graphs"][slug]
+        assert (meta["scan"], meta["prompt"], meta["prompt_tokens"], meta["node_threshold"]) == (
+            g["metadata"]["scan"], g["metadata"]["prompt"], g["metadata"]["prompt_tokens"], 0.8)
+
+        assert meta["digest"] == hashlib.sha256((path / f"{slug}.json").read_bytes()).hexdigest()
+
+
+def test_reimport_changes_nothing(db, folder):
+    path, graphs = folder
+    assert invoke("import", path).exit_code == 0
+    before = stored_state(db)
+    result = invoke("import", *sorted(path.glob("g*.json")))
+    assert result.exit_code == 0, result.output
+    assert result.output.count("nothing to do") == len(graphs)
+    assert stored_state(db) == before
+
+
+def test_changed_file_needs_replace(db, folder, tmp_path):
+    path, graphs = folder
+    assert invoke("import", path).exit_code == 0
+    before = stored_state(db)
+    changed = make_graph("g02", seed=99)
+    changed_file = tmp_path / "changed.json"
+    changed_file.write_text(json.dumps(changed))
+    result = invoke("import", changed_file)
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "changed.json" in lines[0] and "metadata.slug" in lines[0] and "--replace" in lines[0]
+    assert stored_state(db) == before
+    result = invoke("import", changed_file, "--replace")
+    assert result.exit_code == 0 and "g02: replaced" in result.output
+    after = stored_state(db)
+    assert {k: w for k, (w, _) in after["links"].items() if k[0] == "g02"} == {
+        ("g02", link["source"], link["target"]): link["weight"] for link in changed["links"]}
+    assert {k for k in after["nodes"] if k[0] == "g02"} == {("g02", n["node_id"]) for n in changed["nodes"]}
+    others = {k: v for k, v in before["links"].items() if k[0] != "g02"}
+    assert {k: v for k, v in after["links"].items() if k[0] != "g02"} == others
+
+
+def _bad_files(tmp_path: Path) -> list[tuple[Path, str]]:
+    good = make_graph("bad", seed=5)
+    cases = []
+
+    def write(name, text, field):
+        path = tmp_path / name
+        path.write_text(text)
+        cases.append((path, field))
+
+    write("not-json.json", json.dumps(good)[:-20], "not JSON")
+    missing = json.loads(json.dumps(good))
+    del missing["nodes"][3]["ctx_idx"]
+    write("missing.json", json.dumps(missing), "nodes[3].ctx_idx")
+    wrong = json.loads(json.dumps(good))
+    wrong["links"][2]["weight"] = "0.5"
+    write("wrong-type.json", json.dumps(wrong), "links[2].weight")
+    unknown = json.loads(json.dumps(good))
+    unknown["links"][4]["target"] = "9_9_9"
+    write("unknown-node.json", json.dumps(unknown), "links[4].target")
+    no_meta = json.loads(json.dumps(good))
+    del no_meta["metadata"]["slug"]
+    write("no-slug.json", json.dumps(no_meta), "metadata.slug")
+    return cases
+
+
+def test_each_bad_file_is_one_line_and_nothing_is_stored(db, folder, tmp_path):
+    path, _ = folder
+    for bad, field in _bad_files(tmp_path):
+        result = invoke("import", path, bad)  # good files first: still nothing stored
+        assert result.exit_code == 1, (bad, result.output)
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1, result.output
+        assert lines[0].startswith("Error: ") and str(bad) in lines[0] and field in lines[0], lines[0]
+        assert stored_counts(db) == {"graphs": 0, "nodes": 0, "rels": 0}
+
+
+def test_export_round_trip(db, folder, tmp_path):
+    path, graphs = folder
+    assert invoke("import", path).exit_code == 0
+    before = stored_state(db)
+    for slug, g in graphs.items():
+        out = tmp_path / f"out-{slug}.json"
+        result = invoke("export", slug, "--out", out)
+        assert result.exit_code == 0, result.output
+        exported = json.loads(out.read_text())
+        jsonschema.Draft7Validator(SCHEMA).validate(exported)
+        original = check_graph(g, "original")
+        again = check_graph(exported, "exported")
+        assert again.document == original.document and again.content_digest == original.content_digest
+        assert exported["links"] == g["links"] and exported["metadata"] == g["metadata"]
+        assert [n["layer"] for n in exported["nodes"]] == [n["layer"] for n in g["nodes"]]
+        result = invoke("import", out)
+        assert result.exit_code == 0 and "nothing to do" in result.output
+    assert stored_state(db) == before
+
+
+def test_list_and_delete(db, folder):
+    path, graphs = folder
+    assert invoke("list").output.strip() == "(no attribution graphs)"
+    assert invoke("import", path).exit_code == 0
+    listed = invoke("list").output.strip().splitlines()
+    assert [line.split("\t")[0] for line in listed] == sorted(graphs)
+    result = invoke("delete", "g03")
+    assert result.exit_code == 1 and "--yes" in result.output
+    assert stored_counts(db)["graphs"] == len(graphs)
+    result = invoke("delete", "g03", "--yes")
+    assert result.exit_code == 0, result.output
+    assert not db.read("MATCH (n:GraphNode {graph: 'g03'}) RETURN n LIMIT 1")
+    assert stored_counts(db)["graphs"] == len(graphs) - 1
+    missing = invoke("delete", "g03", "--yes")
+    assert missing.exit_code == 1 and "no attribution graph 'g03'" in missing.output
+    assert invoke("export", "nope", "--out", "x.json").exit_code == 1
+
+
+def test_two_files_one_slug_other_content_refused(db, tmp_path):
+    for i, seed in enumerate((1, 2)):
+        (tmp_path / f"{i}.json").write_text(json.dumps(make_graph("same", seed)))
+    result = invoke("import", tmp_path / "0.json", tmp_path / "1.json")
+    assert result.exit_code == 1 and "metadata.slug" in result.output
+    assert stored_counts(db)["graphs"] == 0
+
+
+def test_unsupported_node_type_is_refused(db, tmp_path):
+    graph = make_graph("lorsa", 3)
+    graph["nodes"][-1]["feature_type"] = "lorsa"
+    (tmp_path / "l.json").write_text(json.dumps(graph))
+    with pytest.raises(Exception, match=r"nodes\[\d+\]\.feature_type: 'lorsa' is not supported"):
+        import_graphs(db, [tmp_path / "l.json"])
