@@ -27,6 +27,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from flowdb.analysis.specs import SCHEDULES, STRATEGIES, GenerationSpec, SteeringSpec
 from flowdb.errors import (
     DatabaseError,
     FlowdbError,
@@ -37,7 +38,7 @@ from flowdb.errors import (
 )
 from flowdb.explorer import console, data
 from flowdb.explorer.assets import STATIC, TEMPLATES, plotly_js
-from flowdb.explorer.body import BodyRefused, read_json
+from flowdb.explorer.body import BodyRefused, Setting, read_json, settings
 from flowdb.explorer.security import HostCheck, TokenGuard, allowed_hosts
 from flowdb.explorer.steer_jobs import Busy, SteeringRunner
 from flowdb.store.features import is_reference
@@ -46,6 +47,15 @@ from flowdb.views import marks
 log = logging.getLogger("flowdb.explorer")
 SEARCH_LIMIT = 20
 PLOT_LOCK = threading.Lock()  # pyplot's figure registry is shared by every worker thread
+STEERING_SETTINGS = (  # what POST /api/steer/start takes; the defaults are the panel's
+    Setting("feature", str, "", max_chars=2000),
+    Setting("prompt", str, "", max_chars=2000),
+    Setting("strategy", str, "cumulative", choices=STRATEGIES),
+    Setting("schedule", str, "exponential", choices=SCHEDULES),
+    Setting("s", float, 3.0, -100, 100),
+    Setting("alpha", float, 0.25, 0, 10),
+    Setting("max_new_tokens", int, 36, 1, 256),
+)
 
 
 class Connection:
@@ -234,21 +244,13 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
         return steering.status()
 
     def api_steer(request, body):
-        from flowdb.analysis.specs import GenerationSpec, SteeringSpec
-
-        if not isinstance(body, dict):
-            raise QueryError("send the steering settings as a JSON object")
         from flowdb.store.features import resolve_feature
 
-        feature = resolve_feature(db(), str(body.get("feature", "")))
-        spec = SteeringSpec(seed_feature=feature, strategy=_choice(body, "strategy", "cumulative"),
-                            schedule=_choice(body, "schedule", "exponential"),
-                            s=data.bounded(body.get("s"), "s", 3.0, -100, 100, float),
-                            alpha=data.bounded(body.get("alpha"), "alpha", 0.25, 0, 10, float))
-        tokens = data.bounded(body.get("max_new_tokens"), "max_new_tokens", 36, 1, 256)
-        generation = GenerationSpec(prompt=str(body.get("prompt") or GenerationSpec.prompt)[:2000],
-                                    max_new_tokens=tokens)
-        return {"job": steering.start(spec, generation)}
+        given = settings(body, STEERING_SETTINGS, "steering settings")
+        feature = resolve_feature(db(), given.pop("feature"))
+        prompt, tokens = given.pop("prompt") or GenerationSpec.prompt, given.pop("max_new_tokens")
+        spec = SteeringSpec(seed_feature=feature, **given)
+        return {"job": steering.start(spec, GenerationSpec(prompt=prompt, max_new_tokens=tokens))}
 
     def api_steer_cancel(request, body):
         return steering.cancel()
@@ -374,13 +376,3 @@ class StopsCleanly:
 
 def _attachment(name: str) -> dict:
     return {"Content-Disposition": f'attachment; filename="{name}"'}
-
-
-def _choice(body: dict, name: str, default: str) -> str:
-    from flowdb.analysis.specs import SCHEDULES, STRATEGIES
-
-    allowed = {"strategy": STRATEGIES, "schedule": SCHEDULES}[name]
-    value = body.get(name) or default
-    if value not in allowed:
-        raise QueryError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-    return value

@@ -60,7 +60,7 @@ def test_a_steering_run_shows_both_generations(client, ingested):
 def test_a_run_can_be_cancelled_and_bad_settings_are_refused(client, ingested):
     key = a_feature(ingested)
     for bad, fragment in [({"strategy": "sideways"}, "strategy must be one of"),
-                          ({"s": "x"}, "parameter s must be float"),
+                          ({"s": "x"}, "s must be a number, got 'x'"),
                           ({"max_new_tokens": 100000}, "max_new_tokens must be from 1 to 256")]:
         refused = client.post("/api/steer/start", json={"feature": key, **bad}, headers=HEADERS)
         assert refused.status_code == 400 and fragment in refused.json()["error"]

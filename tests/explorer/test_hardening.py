@@ -178,3 +178,29 @@ def test_a_console_answer_over_the_bound_stops_reading(explorer_db):
         tracemalloc.stop()
     assert answer["truncated"] and len(answer["rows"]) < 900
     assert peak < 3 * console.MAX_BYTES, f"{peak:,} bytes at peak"
+
+
+@pytest.mark.parametrize("settings, fragment", [
+    ({"s": True}, "s must be a number, got true"),
+    ({"alpha": False}, "alpha must be a number, got false"),
+    ({"s": "3"}, "s must be a number, got '3'"),
+    ({"s": 1000}, "s must be from -100 to 100, got 1000"),
+    ({"max_new_tokens": 6.5}, "max_new_tokens must be a whole number, got 6.5"),
+    ({"max_new_tokens": True}, "max_new_tokens must be a whole number, got true"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be from 1 to 256, got 0"),
+    ({"prompt": {"text": "hi"}}, "prompt must be a string, got an object"),
+    ({"prompt": ["hi"]}, "prompt must be a string, got an array"),
+    ({"prompt": "x" * 2001}, "prompt must be at most 2000 characters"),
+    ({"strategy": 1}, "strategy must be a string, got 1"),
+    ({"feature": 17}, "feature must be a string, got 17"),
+    ({"temprature": 2}, "unknown setting 'temprature'; the settings are"),
+])
+def test_steering_settings_are_typed(client, settings, fragment):
+    body = {"feature": "planted/3/res/0", **settings}
+    message = error_of(client.post("/api/steer/start", headers=POST, json=body), 400)
+    assert fragment in message, message
+
+
+def test_steering_settings_come_as_an_object(client):
+    message = error_of(client.post("/api/steer/start", headers=POST, json=["planted/3/res/0"]), 400)
+    assert "JSON object" in message

@@ -331,7 +331,11 @@
     form.addEventListener("submit", async (event) => {
       event.preventDefault();
       const settings = {feature: key};
-      for (const name of ["prompt", "strategy", "schedule", "s", "max_new_tokens"]) settings[name] = form.elements[name].value;
+      for (const name of ["prompt", "strategy", "schedule"]) settings[name] = form.elements[name].value;
+      for (const name of ["s", "max_new_tokens"]) {  // numbers as JSON numbers; an empty box takes the default
+        const value = form.elements[name].value;
+        if (value !== "") settings[name] = Number(value);
+      }
       try {
         await api("/api/steer/start", {method: "POST", body: JSON.stringify(settings),
                                        headers: {"Content-Type": "application/json", Accept: "application/json"}});
