@@ -71,7 +71,6 @@ def test_import_stores_every_node_and_exact_weight(db, folder):
         meta = state["graphs"][slug]
         assert (meta["scan"], meta["prompt"], meta["prompt_tokens"], meta["node_threshold"]) == (
             g["metadata"]["scan"], g["metadata"]["prompt"], g["metadata"]["prompt_tokens"], 0.8)
-
         assert meta["digest"] == hashlib.sha256((path / f"{slug}.json").read_bytes()).hexdigest()
 
 

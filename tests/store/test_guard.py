@@ -212,6 +212,8 @@ TEMPLATES = {
     "hubs": {"pack": "planted", "kind": "chain-end"},
     "family": {"feature": "planted/2/res/1"}, "splits": {"link": "planted--wide"},
     "new-features": {"link": "planted--wide"}, "lineage-across": {"feature": "planted/3/res/0"},
+    "recurring-features": {}, "recurring-edges": {"scan": "gemma-2-2b"},
+    "graphs-with": {"layer": "3", "feature_id": 42}, "strongest-paths": {"graph": "a-graph"},
 }
 
 
