@@ -109,8 +109,14 @@ def import_graphs(db: Database, paths: Iterable[str | Path], replace: bool = Fal
     for slug, graph_file in by_slug.items():
         row = stored.get(slug)
         if row and not _same(row, graph_file, pack, module) and not replace:
-            raise GraphConflict(f"{graph_file.path}: metadata.slug: graph {slug!r} is stored from other content "
-                                f"(from {row['file']}); pass --replace to replace it")
+            if row["content"] != graph_file.content_digest:
+                why = f"from other content (from {row['file']})"
+            else:
+                def tie(p, m):
+                    return f"tied to pack {p!r} ({m})" if p else "tied to no pack"
+                why = f"{tie(row['pack'], row['module'])}, not {tie(pack, module)}"
+            raise GraphConflict(f"{graph_file.path}: metadata.slug: graph {slug!r} is stored {why}; "
+                                "pass --replace to replace it")
     reports = []
     for slug, graph_file in by_slug.items():
         row = stored.get(slug)

@@ -194,3 +194,28 @@ def test_unsupported_node_type_is_refused(db, tmp_path):
     (tmp_path / "l.json").write_text(json.dumps(graph))
     with pytest.raises(Exception, match=r"nodes\[\d+\]\.feature_type: 'lorsa' is not supported"):
         import_graphs(db, [tmp_path / "l.json"])
+
+
+def test_pack_ties_feature_nodes_to_its_features(db, folder, tmp_path):
+    from flowdb.packs.manifest import load_manifest
+    from flowdb.packs.synth import SynthSpec, synthesize
+    from flowdb.store.ingest import ingest
+
+    path, graphs = folder
+    synthesize(tmp_path / "pack", SynthSpec(name="tiny", layers=4, d_model=64, width=64, seed=3))
+    ingest(load_manifest(tmp_path / "pack" / "manifest.toml"), db)
+    unknown = invoke("import", path, "--pack", "nope")
+    assert unknown.exit_code == 1 and "no pack named 'nope'" in unknown.output
+    assert stored_counts(db)["graphs"] == 0
+    result = invoke("import", path, "--pack", "tiny")
+    assert result.exit_code == 0, result.output
+    ties = {(r["g"], r["n"]): r["f"] for r in db.read(
+        "MATCH (n:GraphNode)-[:IS]->(f:Feature) RETURN n.graph AS g, n.node_id AS n, f.key AS f")}
+    expected = {(slug, n["node_id"]): "tiny/{}/mlp/{}".format(*n["node_id"].split("_")[:2])
+                for slug, g in graphs.items() for n in g["nodes"] if n["feature_type"] == "cross layer transcoder"}
+    assert ties == expected
+    assert invoke("import", path, "--pack", "tiny").output.count("nothing to do") == len(graphs)
+    untied = invoke("import", path)
+    assert untied.exit_code == 1 and "tied to pack 'tiny' (mlp), not tied to no pack" in untied.output
+    assert invoke("import", path, "--replace").exit_code == 0
+    assert not db.read("MATCH (:GraphNode)-[r:IS]->() RETURN r LIMIT 1")
