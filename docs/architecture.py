@@ -29,6 +29,7 @@ STAGES = [
     ("packs", "manifests, SAE sources, build plans, planted and demo packs"),
     ("flow", "matching and classification into a flow atlas on disk (no Neo4j)"),
     ("store", "Neo4j: the managed server, the graph, templates, labels, bulk, links"),
+    ("circuits", "attribution graphs (circuit-tracer JSON): checked, stored, exported"),
     ("analysis", "experiments on a model: groups, deactivation, steering, contexts"),
     ("views", "pictures and Neuronpedia graph JSON"),
     ("explorer", "flowdb serve: the web app, its JSON API, flowdb.show"),
@@ -37,7 +38,7 @@ STAGES = [
 ]
 FACE = {"flowdb", "flowdb.api"}  # the package's __init__ and what it re-exports
 # One colour per stage: its box is a light tint, its imports are drawn in the full colour.
-COLOURS = ["#606060", "#3f7fbf", "#1f4e9a", "#1a9850", "#e08214",
+COLOURS = ["#606060", "#3f7fbf", "#1f4e9a", "#1a9850", "#e08214", "#8c510a",
            "#d6404d", "#9e6bb8", "#5e4fa2", "#808080", "#b8860b"]
 
 
