@@ -37,8 +37,9 @@ def packs(settings):
 @click.option("--yes", is_flag=True, help="Really delete: there is no undo.")
 @connection_options
 def delete(pack, yes, settings):
-    """Delete PACK from the database: its features, edges, SAE and Pack nodes, and labels no
-    other pack uses (its atlas under FLOWDB_HOME/atlas stays, for a later ingest)."""
+    """Delete PACK from the database: its features, edges, SAE and Pack nodes, labels no other
+    pack uses, and its link sets with their ALIGNS (on the other pack too); without --yes, say
+    what would go (its atlas under FLOWDB_HOME/atlas stays, for a later ingest)."""
     from flowdb.errors import FlowdbError
     from flowdb.store import graph
     from flowdb.store.ingest import delete_pack
@@ -46,10 +47,14 @@ def delete(pack, yes, settings):
     with open_db(settings) as db:
         graph.require_pack(db, pack)
         if not yes:
-            raise FlowdbError(f"this deletes pack {pack!r} ({graph.count_features(db, pack):,} features) from "
-                              f"{db.where} for good; run again with --yes to do it")
-        features = delete_pack(db, pack)
-    echo(f"deleted pack {pack!r}: {features:,} features and their edges")
+            going = graph.deletion(db, pack)
+            links = "".join(f"; {line}" for line in going.link_lines())
+            raise FlowdbError(f"this deletes pack {pack!r} ({going.summary()}{links}) from {db.where} for good; "
+                              "run again with --yes to do it")
+        deleted = delete_pack(db, pack)
+    echo(f"deleted pack {pack!r}: {deleted.summary()}")
+    for line in deleted.link_lines():
+        echo(f"deleted {line}")
 
 
 @click.command()

@@ -196,6 +196,57 @@ def finish_pack(db: Database, name: str) -> None:
              "p.completed_at = datetime()", name=name)
 
 
+@dataclass(frozen=True)
+class Deletion:
+    """What deleting a pack (and any build of it staged or retired beside it) takes with it:
+    its features, the match edges into them, the labels (Explanation nodes) no other pack's
+    feature has, and each link set it is a side of, with its ALIGNS (on the other pack too)."""
+
+    pack: str
+    features: int
+    edges: int
+    labels: int
+    links: tuple[dict, ...]  # {name, a, b, aligns}
+
+    def summary(self) -> str:
+        """'N features, N edges, N labels no other pack uses'."""
+        label = "label" if self.labels == 1 else "labels"
+        return f"{self.features:,} features, {self.edges:,} edges, {self.labels:,} {label} no other pack uses"
+
+    def link_lines(self) -> list[str]:
+        """One phrase per link set: its name, the packs it links, its ALIGNS and where they are."""
+        lines = []
+        for link in self.links:
+            others = [side for side in (link["a"], link["b"]) if _base_name(side) != self.pack]
+            where = f", on pack {others[0]!r} too" if others else ""
+            lines.append(f"link set {link['name']!r} (linking {link['a']} and {link['b']}) and its "
+                         f"{link['aligns']:,} ALIGNS relationships{where}")
+        return lines
+
+
+def _base_name(name: str) -> str:
+    for suffix in (STAGED_SUFFIX, RETIRED_SUFFIX):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def deletion(db: Database, pack: str) -> Deletion:
+    """What delete_pack(pack) would delete, counted now (read before the delete, under its lock)."""
+    names = [pack + STAGED_SUFFIX, pack + RETIRED_SUFFIX, pack]
+    row = db.read(
+        "MATCH (f:Feature) WHERE f.pack IN $names "
+        "RETURN count(f) AS features, sum(COUNT { (f)<-[:RESIDUAL|MLP|ATTENTION]-() }) AS edges", names=names)[0]
+    labels = db.read(
+        "MATCH (e:Explanation)-[:EXPLAINS]->(f:Feature) WHERE f.pack IN $names WITH DISTINCT e "
+        "WHERE NOT EXISTS { (e)-[:EXPLAINS]->(g:Feature) WHERE NOT g.pack IN $names } "
+        "RETURN count(e) AS n", names=names)[0]["n"]
+    links = db.read(
+        "MATCH (l:LinkSet) WHERE l.a IN $names OR l.b IN $names "
+        "RETURN l.name AS name, l.a AS a, l.b AS b, COUNT { ()-[r:ALIGNS {link: l.name}]->() } AS aligns "
+        "ORDER BY name", names=names)
+    return Deletion(pack, row["features"], row["edges"] or 0, labels, tuple(links))
+
+
 def drop_pack(db: Database, name: str) -> None:
     """Delete a pack and everything of it, in batches (a huge pack never fills one tx)."""
     db.write("MATCH (p:Pack {name: $name}) SET p.status = 'dropping'", name=name)

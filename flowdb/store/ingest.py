@@ -174,19 +174,19 @@ def _write(db: Database, plan: BuildPlan, atlas: Atlas, target: str, report: Ing
     report.write_seconds = time.perf_counter() - started
 
 
-def delete_pack(db: Database, pack: str) -> int:
-    """Delete a stored pack and any replacement of it staged or retired beside it, under the
-    pack's lock (no ingest of it runs meanwhile); returns the features deleted. A delete
-    that stops part way leaves the pack "dropping": running it again (or an ingest) finishes it."""
+def delete_pack(db: Database, pack: str) -> graph.Deletion:
+    """Delete a stored pack and any replacement of it staged or retired beside it, with its link
+    sets (their ALIGNS on the other pack too), under the pack's lock (no ingest of it runs
+    meanwhile); returns what it deleted (graph.deletion, counted under the lock). A delete that
+    stops part way leaves the pack "dropping": running it again (or an ingest) finishes it."""
     graph.require_pack(db, pack)
     with pack_lock(db, pack) as lease:
-        features = 0
+        deleted = graph.deletion(db, pack)
         for name in (pack + graph.STAGED_SUFFIX, pack + graph.RETIRED_SUFFIX, pack):
             if graph.read_pack(db, name) is not None:
                 lease.check()
-                features += graph.count_features(db, name)
                 graph.drop_pack(db, name)
-    return features
+    return deleted
 
 
 def _require_space(db: Database, atlas: Atlas, layers: list[int], pack_nodes: int, pack: str,

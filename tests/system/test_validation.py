@@ -329,7 +329,7 @@ def test_delete_needs_yes_and_removes_one_pack_whole(stored, planted_pack, pack_
     ingest(load_manifest(_renamed(pack_copy, "other")), stored, show_progress=False)
     kept = graph_dump(stored, "planted")
     features = stored.read("MATCH (f:Feature {pack: 'other'}) RETURN count(f) AS n")[0]["n"]
-    refused(run("delete", "other"), f"this deletes pack 'other' ({features:,} features)", "--yes")
+    refused(run("delete", "other"), f"this deletes pack 'other' ({features:,} features, ", "--yes")
     assert graph.read_pack(stored, "other") is not None
     refused(run("delete", "nope", "--yes"), "no pack named 'nope'", "stored packs: other, planted")
     deleted = run("delete", "other", "--yes")
