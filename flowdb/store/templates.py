@@ -36,7 +36,9 @@ MAX_LIMIT = 1_000_000
 # would give an empty or meaningless answer, or overflow Neo4j's 64-bit integers.
 PARAM_RANGES = {"max_rank": (1, MAX_K), "limit": (1, MAX_LIMIT), "layer": (0, MAX_LAYER),
                 "first_layer": (0, MAX_LAYER), "last_layer": (0, MAX_LAYER),
-                "t_res": (-1.0, 1.0), "t_mod": (-1.0, 1.0)}
+                "t_res": (-1.0, 1.0), "t_mod": (-1.0, 1.0),
+                # attribution graphs (flowdb.circuits): strongest-paths follows at most 8 links
+                "min_graphs": (1, MAX_LIMIT), "max_length": (1, 8), "min_weight": (0.0, math.inf)}
 INT64 = (-(1 << 63), (1 << 63) - 1)
 _HEADER = re.compile(r"^//\s*(\w+):\s*(.*)$")
 _PARAM_USE = re.compile(r"\$([A-Za-z_]\w*)")

@@ -173,3 +173,16 @@ def test_templates_from_the_command_line(store):
     assert rows and all(row["graphs"] >= 2 for row in rows)
     result = CliRunner().invoke(cli, ["query", "strongest-paths", "-p", "graph=g00", "-p", "limit=3"])
     assert result.exit_code == 0 and "path_weight" in result.output
+
+
+@pytest.mark.parametrize("name, params, message", [
+    ("strongest-paths", {"graph": "g00", "max_length": 9}, "max_length must be from 1 to 8"),
+    ("strongest-paths", {"graph": "g00", "min_weight": -0.5}, "min_weight must be from 0"),
+    ("recurring-features", {"min_graphs": 0}, "min_graphs must be from 1"),
+    ("graphs-with", {"layer": 3, "feature_id": 1}, "layer must be string"),
+])
+def test_bad_parameters_are_refused(store, name, params, message):
+    from flowdb.errors import QueryError
+
+    with pytest.raises(QueryError, match=message):
+        run_template(store[0], name, params)
