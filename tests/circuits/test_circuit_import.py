@@ -219,3 +219,21 @@ def test_pack_ties_feature_nodes_to_its_features(db, folder, tmp_path):
     assert untied.exit_code == 1 and "tied to pack 'tiny' (mlp), not tied to no pack" in untied.output
     assert invoke("import", path, "--replace").exit_code == 0
     assert not db.read("MATCH (:GraphNode)-[r:IS]->() RETURN r LIMIT 1")
+
+
+def test_a_write_that_fails_midway_leaves_nothing_of_that_graph(db, folder, monkeypatch):
+    from flowdb.circuits import store
+
+    path, graphs = folder
+    monkeypatch.setattr(store, "BATCH", 5)  # many batches in the one transaction
+    last = graphs["g04"]["nodes"][-1]["node_id"]
+    db.write("CREATE (:GraphNode {graph: 'g04', node_id: $id, planted: true})", id=last)  # the last batch fails
+    result = invoke("import", path)
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    stored = {r["slug"] for r in db.read("MATCH (g:AttributionGraph) RETURN g.slug AS slug")}
+    assert stored == {"g00", "g01", "g02", "g03"}  # each graph is its own transaction, in slug order
+    assert db.read("MATCH (n:GraphNode {graph: 'g04'}) RETURN count(n) AS n, collect(n.planted) AS p") == [
+        {"n": 1, "p": [True]}]
+    db.write("MATCH (n:GraphNode {planted: true}) DELETE n")
+    assert invoke("import", path).exit_code == 0
+    assert stored_counts(db)["graphs"] == len(graphs)
