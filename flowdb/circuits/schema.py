@@ -57,17 +57,19 @@ class Metadata(BaseModel):
     scan: str
     prompt_tokens: list[str]
     prompt: str
-    transcoder_list: list[str] | None = None
+    transcoder_list: list[str] = []
     node_threshold: Number | None = None
     schema_version: int | None = None
 
 
 class QParams(_Strict):
+    # What is not given reads as circuit-tracer's create_graph_files writes it, so an export
+    # carries every field its server's model requires.
     pinnedIds: list[str] = []
     supernodes: list[list[str]] = []
-    linkType: str | None = None
-    clickedId: str | None = None
-    sg_pos: str | None = None
+    linkType: str = "both"
+    clickedId: str = ""
+    sg_pos: str = ""
 
 
 class Node(_Strict):

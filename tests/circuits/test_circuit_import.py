@@ -237,3 +237,30 @@ def test_a_write_that_fails_midway_leaves_nothing_of_that_graph(db, folder, monk
     db.write("MATCH (n:GraphNode {planted: true}) DELETE n")
     assert invoke("import", path).exit_code == 0
     assert stored_counts(db)["graphs"] == len(graphs)
+
+
+def test_a_minimal_file_exports_with_every_field_circuit_tracer_requires(db, tmp_path):
+    minimal = {"metadata": {"slug": "mini", "scan": "m", "prompt_tokens": ["a", "b"], "prompt": "ab"},
+               "qParams": {},
+               "nodes": [{"node_id": "E_1_0", "feature": 0, "layer": "E", "ctx_idx": 0, "feature_type": "embedding"},
+                         {"node_id": "0_3_1", "feature": 6, "layer": "0", "ctx_idx": 1,
+                          "feature_type": "cross layer transcoder", "influence": 0.5, "activation": 2.0},
+                         {"node_id": "2_9_1", "feature": 9, "layer": "2", "ctx_idx": 1, "feature_type": "logit",
+                          "is_target_logit": True, "token_prob": 0.25}],
+               "links": [{"source": "E_1_0", "target": "0_3_1", "weight": 1},
+                         {"source": "0_3_1", "target": "2_9_1", "weight": -0.125}]}
+    (tmp_path / "mini.json").write_text(json.dumps(minimal))
+    assert invoke("import", tmp_path / "mini.json").exit_code == 0
+    assert invoke("export", "mini", "--out", tmp_path / "out" / "mini.json").exit_code == 0
+    exported = json.loads((tmp_path / "out" / "mini.json").read_text())
+    jsonschema.Draft7Validator(SCHEMA).validate(exported)
+    assert exported["qParams"] == {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "",
+                                   "sg_pos": ""}
+    assert {"slug", "scan", "transcoder_list", "prompt_tokens", "prompt"} <= set(exported["metadata"])
+    for node in exported["nodes"]:  # circuit-tracer's Node model: every field present
+        assert set(node) == {"node_id", "feature", "layer", "ctx_idx", "feature_type", "token_prob",
+                             "is_target_logit", "run_idx", "reverse_ctx_idx", "jsNodeId", "clerp",
+                             "influence", "activation"}
+    assert exported["nodes"][0]["jsNodeId"] == "E_1_0"
+    assert [link["weight"] for link in exported["links"]] == [1.0, -0.125]
+    assert "nothing to do" in invoke("import", tmp_path / "out" / "mini.json").output
