@@ -120,14 +120,13 @@ def import_graphs(db: Database, paths: Iterable[str | Path], replace: bool = Fal
     reports = []
     for slug, graph_file in by_slug.items():
         row = stored.get(slug)
-        document = graph_file.document
         if row and _same(row, graph_file, pack, module):
-            reports.append(ImportReport(slug, graph_file.path, "unchanged", len(document.nodes),
-                                        len(document.links), 0))
+            reports.append(ImportReport(slug, graph_file.path, "unchanged", graph_file.n_nodes,
+                                        graph_file.n_links, 0))
             continue
         ties = _write_graph(db, graph_file, pack, module, replace=row is not None)
         reports.append(ImportReport(slug, graph_file.path, "replaced" if row else "stored",
-                                    len(document.nodes), len(document.links), ties))
+                                    graph_file.n_nodes, graph_file.n_links, ties))
     return reports
 
 
@@ -148,7 +147,7 @@ def _batches(rows: Iterable[dict], size: int = BATCH) -> Iterator[list[dict]]:
 
 
 def _node_rows(graph_file: GraphFile) -> Iterator[dict]:
-    for ord_, node in enumerate(graph_file.document.nodes):
+    for ord_, node in enumerate(graph_file.nodes()):
         row = node.model_dump()
         row.update(graph=graph_file.slug, ord=ord_, kind=kind_of(node), layer=str(node.layer),
                    layer_int=isinstance(node.layer, int), index=transcoder_index(node))
@@ -156,16 +155,16 @@ def _node_rows(graph_file: GraphFile) -> Iterator[dict]:
 
 
 def _graph_properties(graph_file: GraphFile, pack: str | None, module: str) -> dict:
-    metadata = graph_file.document.metadata
+    metadata = graph_file.metadata
     return {
         "slug": metadata.slug, "scan": metadata.scan, "prompt": metadata.prompt,
         "prompt_tokens": metadata.prompt_tokens, "transcoder_list": metadata.transcoder_list,
         "node_threshold": metadata.node_threshold, "schema_version": metadata.schema_version,
         "metadata": json.dumps(metadata.model_dump(mode="json", exclude_none=True)),
-        "qparams": json.dumps(graph_file.document.qParams.model_dump(mode="json", exclude_none=True)),
+        "qparams": json.dumps(graph_file.qparams.model_dump(mode="json", exclude_none=True)),
         "digest": graph_file.file_digest, "content_digest": graph_file.content_digest,
-        "file": Path(graph_file.path).name, "nodes": len(graph_file.document.nodes),
-        "links": len(graph_file.document.links), "pack": pack, "module": module if pack else None,
+        "file": Path(graph_file.path).name, "nodes": graph_file.n_nodes,
+        "links": graph_file.n_links, "pack": pack, "module": module if pack else None,
         "imported": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
@@ -181,7 +180,7 @@ def _write_graph(db: Database, graph_file: GraphFile, pack: str | None, module: 
         for rows in _batches(_node_rows(graph_file)):
             tx.run("UNWIND $rows AS row CREATE (n:GraphNode) SET n = row", rows=rows).consume()
         links = ({"s": link.source, "t": link.target, "w": link.weight, "o": i}
-                 for i, link in enumerate(graph_file.document.links))
+                 for i, link in enumerate(graph_file.links()))
         for rows in _batches(links):
             tx.run("UNWIND $rows AS row "
                    "MATCH (s:GraphNode {graph: $slug, node_id: row.s}), (t:GraphNode {graph: $slug, node_id: row.t}) "

@@ -125,6 +125,12 @@ def _bad_files(tmp_path: Path) -> list[tuple[Path, str]]:
     unknown = json.loads(json.dumps(good))
     unknown["links"][4]["target"] = "9_9_9"
     write("unknown-node.json", json.dumps(unknown), "links[4].target")
+    write("top-level-list.json", json.dumps([good]), "top level must be a JSON object")
+    nodes_object = json.loads(json.dumps(good))
+    nodes_object["nodes"] = {"a": 1}
+    write("nodes-object.json", json.dumps(nodes_object), "nodes: input should be a valid list")
+    (tmp_path / "latin1.json").write_bytes(json.dumps(good).replace("t", "\u00e9").encode("latin-1"))
+    cases.append((tmp_path / "latin1.json", "not JSON"))
     no_meta = json.loads(json.dumps(good))
     del no_meta["metadata"]["slug"]
     write("no-slug.json", json.dumps(no_meta), "metadata.slug")
@@ -264,3 +270,16 @@ def test_a_minimal_file_exports_with_every_field_circuit_tracer_requires(db, tmp
     assert exported["nodes"][0]["jsNodeId"] == "E_1_0"
     assert [link["weight"] for link in exported["links"]] == [1.0, -0.125]
     assert "nothing to do" in invoke("import", tmp_path / "out" / "mini.json").output
+
+
+def test_links_before_nodes_and_any_key_order_read_the_same(db, tmp_path):
+    graph = make_graph("order", 8)
+    shuffled = {key: graph[key] for key in ("links", "qParams", "nodes", "metadata")}
+    (tmp_path / "a.json").write_text(json.dumps(graph))
+    (tmp_path / "b.json").write_text(json.dumps(shuffled, indent=1))
+    assert "order: stored" in invoke("import", tmp_path / "a.json").output
+    assert "nothing to do" in invoke("import", tmp_path / "b.json").output  # same content, other bytes
+    shuffled["links"][-1]["source"] = "nowhere"
+    (tmp_path / "c.json").write_text(json.dumps(shuffled))
+    result = invoke("import", tmp_path / "c.json", "--replace")
+    assert result.exit_code == 1 and f"links[{len(graph['links']) - 1}].source: no node 'nowhere'" in result.output
