@@ -120,9 +120,15 @@ def test_ctrl_c_stops_serve_in_one_line_with_a_query_in_flight(db):
 
         client = threading.Thread(target=slow_query)
         client.start()
-        time.sleep(2.0)  # the statement is running
+        deadline = time.monotonic() + 120
+        while not db.read("SHOW TRANSACTIONS YIELD currentQuery WHERE currentQuery STARTS WITH 'UNWIND range' "
+                          "RETURN count(*) AS n")[0]["n"]:  # until the statement runs on the server
+            assert time.monotonic() < deadline and client.is_alive(), answer
+            time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        # Through the same buffered readers as the first line: lines that came with it are in them.
+        out, err = proc.stdout.read(), proc.stderr.read()
+        proc.wait(60)
         client.join(60)
     finally:
         if proc.poll() is None:
