@@ -31,6 +31,16 @@ from flowdb.errors import FlowdbError
 from flowdb.progress import disabled
 
 
+def steering_unavailable(db, pack: str) -> str | None:
+    """One line saying why PACK cannot be steered on this machine, or None: known from the
+    pack's model name and this machine (flowdb.lm.loader.model_unavailable), before any load."""
+    from flowdb.lm.loader import model_unavailable
+    from flowdb.store.graph import require_pack
+
+    problem = model_unavailable(require_pack(db, pack).model)
+    return f"pack {pack!r} cannot be steered: {problem}" if problem else None
+
+
 def select_features(steering_set: pd.DataFrame, spec: SteeringSpec) -> pd.DataFrame:
     if spec.strategy not in STRATEGIES:
         raise FlowdbError(f"strategy must be one of {', '.join(STRATEGIES)}")
@@ -67,6 +77,10 @@ class Steerer:
         from flowdb.analysis.pack_model import open_pack
         from flowdb.lm.loader import load_model
 
+        if model_and_tokenizer is None:
+            problem = steering_unavailable(db, pack_name)
+            if problem:
+                raise FlowdbError(problem)
         self.db = db
         self.pack = open_pack(db, pack_name)
         self.model, self.tokenizer = model_and_tokenizer or load_model(self.pack.model)

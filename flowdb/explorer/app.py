@@ -104,7 +104,8 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
 
     def page(name: str, title: str, **context):
         async def endpoint(request: Request):
-            values = {key: value(request) if callable(value) else value for key, value in context.items()}
+            values = {key: await run_in_threadpool(value, request) if callable(value) else value
+                      for key, value in context.items()}
             return templates.TemplateResponse(request, f"{name}.html", {
                 "title": title.format(**request.path_params), "page": name, "config": json.dumps(marks.view_config()),
                 **values})
@@ -240,8 +241,31 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
             raise QueryError("send {\"statement\": ..., \"params\": {...}}")
         return console.run(db(), body.get("statement"), body.get("params"))
 
+    def steering_pack(request) -> str | None:
+        """The pack a steering question is about: ?pack=NAME, or ?feature= any feature reference."""
+        from flowdb.store.features import is_key, resolve_feature
+
+        params = request.query_params
+        if params.get("pack"):
+            return params["pack"]
+        text = (params.get("feature") or "").strip()
+        if not text:
+            return None
+        return (text if is_key(text) else resolve_feature(db(), text)).split("/", 1)[0]
+
     def api_steer_status(request, body):
-        return steering.status()
+        """Whether steering can run (for a pack or a feature's pack, when one is named), and the latest run."""
+        return steering.status(steering_pack(request))
+
+    def feature_steering_message(request) -> str | None:
+        """The feature page's steering panel: disabled with this reason, when there is one."""
+        from flowdb.store.features import is_key
+
+        text = request.path_params["key"].strip()
+        try:
+            return steering.unavailable(text.split("/", 1)[0] if is_key(text) else key_of(request).split("/", 1)[0])
+        except FlowdbError:
+            return steering.unavailable()  # the page itself says what is wrong with the feature
 
     def api_steer(request, body):
         from flowdb.store.features import resolve_feature
@@ -296,7 +320,7 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
     routes = [
         Route("/", page("packs", "Packs")),
         Route("/pack/{name}", page("pack", "Pack {name}")),
-        Route("/feature/{key:path}", page("feature", "{key}", steering_message=lambda r: steering.status()["message"])),
+        Route("/feature/{key:path}", page("feature", "{key}", steering_message=feature_steering_message)),
         Route("/search", search),
         Route("/console", page("console", "Cypher console")),
         Route("/static/plotly.min.js", plotly),
