@@ -28,18 +28,13 @@ from typing import TYPE_CHECKING
 from flowdb.circuits.schema import NODE_FIELDS, GraphFile, GraphFileError, kind_of, read_graph_file, transcoder_index
 from flowdb.errors import FlowdbError, NotFound
 from flowdb.modules import MODULES
+from flowdb.store import graph
 
 if TYPE_CHECKING:
     from flowdb.store.database import Database
 
 BATCH = 2_000
 INDEX_FILE = "graph-metadata.json"  # circuit-tracer's list of the graphs in a directory, not a graph
-SCHEMA = (
-    "CREATE CONSTRAINT attribution_graph_slug IF NOT EXISTS FOR (g:AttributionGraph) REQUIRE g.slug IS UNIQUE",
-    "CREATE CONSTRAINT graph_node_id IF NOT EXISTS FOR (n:GraphNode) REQUIRE (n.graph, n.node_id) IS UNIQUE",
-    "CREATE INDEX graph_node_feature IF NOT EXISTS FOR (n:GraphNode) ON (n.kind, n.layer, n.feature)",
-    "CREATE INDEX graph_node_graph IF NOT EXISTS FOR (n:GraphNode) ON (n.graph)",
-)
 
 
 class GraphConflict(FlowdbError):
@@ -54,11 +49,6 @@ class ImportReport:
     nodes: int
     links: int
     ties: int  # (:GraphNode)-[:IS]->(:Feature) written
-
-
-def ensure_schema(db: Database) -> None:
-    for statement in SCHEMA:
-        db.write(statement)
 
 
 def graph_files(paths: Iterable[str | Path]) -> list[Path]:
@@ -101,7 +91,7 @@ def import_graphs(db: Database, paths: Iterable[str | Path], replace: bool = Fal
         if module not in MODULES:
             raise FlowdbError(f"module {module!r} is not one of {', '.join(MODULES)}")
         require_pack(db, pack)
-    ensure_schema(db)
+    graph.ensure_schema(db)  # the store's one schema, attribution graphs included
     stored = {row["slug"]: row for row in db.read(
         "UNWIND $slugs AS slug MATCH (g:AttributionGraph {slug: slug}) "
         "RETURN g.slug AS slug, g.content_digest AS content, g.pack AS pack, g.module AS module, g.file AS file",

@@ -221,13 +221,13 @@ def echo_stored(report) -> None:
         echo(f"{report.pack}: already stored with these parameters (build {report.fingerprint}); nothing to do")
         return
     echo(f"{report.pack}: {report.status} build {report.fingerprint}; "
-               f"layers {layer_ranges(report.layers_written)}, {report.features} features, "
-               f"{report.match_edges} match edges + {report.nowhere_marks} from-nowhere marks "
-               f"(match {report.match_seconds:.1f}s, write {report.write_seconds:.1f}s, "
-               f"{report.write_rate:,.0f} rel/s)")
+         f"layers {layer_ranges(report.layers_written)}, {report.features} features, "
+         f"{report.match_edges} match edges + {report.nowhere_marks} from-nowhere marks "
+         f"(match {report.match_seconds:.1f}s, write {report.write_seconds:.1f}s, "
+         f"{report.write_rate:,.0f} rel/s)")
     echo("categories: " + ", ".join(f"{k}={v}" for k, v in sorted(report.categories.items())))
     rules = sorted(set(report.layer_rules.values()))
     echo(f"thresholds: rule {report.threshold_rule} ({'; '.join(rules)}); "
-               f"per layer: flowdb query thresholds -p pack={report.pack}")
+         f"per layer: flowdb query thresholds -p pack={report.pack}")
     if report.chance_summary():
         echo(f"top-1 matches above chance (mean [min-max] over layers): {report.chance_summary()}")

@@ -30,12 +30,12 @@ def synth(out_dir, layers, d_model, width, seed, name, companions):
                                           width=width, seed=seed, companions=companions))
     counts = truth["category"].value_counts().to_dict()
     echo(f"wrote {out_dir}/manifest.toml and truth.csv: {layers} layers x "
-               f"{width} features, planted {counts}")
+         f"{width} features, planted {counts}")
     for kind in COMPANION_NEW if companions else ():
         companion = pd.read_csv(Path(out_dir) / kind / "truth.csv")
         shares = {side: rows["category"].value_counts().to_dict() for side, rows in companion.groupby("side")}
         echo(f"wrote {out_dir}/{kind}/manifest.toml and truth.csv ({name}-{kind}): "
-                   f"planted {shares['a']} of {name}'s features, {shares['b']} of its own")
+             f"planted {shares['a']} of {name}'s features, {shares['b']} of its own")
 
 
 @click.group("demo-pack")
@@ -75,8 +75,8 @@ def demo_pack_build(budget, name, layers, architecture, width, l0, tokens, sampl
     echo(quality.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     residual = quality[quality["module"] == "res"]
     echo(f"explained variance: mean {quality['explained_variance'].mean():.3f}, residual mean "
-               f"{residual['explained_variance'].mean():.3f}, lowest {quality['explained_variance'].min():.3f}; "
-               f"dead fraction at most {quality['dead_fraction'].max():.3f}")
+         f"{residual['explained_variance'].mean():.3f}, lowest {quality['explained_variance'].min():.3f}; "
+         f"dead fraction at most {quality['dead_fraction'].max():.3f}")
     seconds = (out / "build_seconds.txt").read_text().strip() if (out / "build_seconds.txt").exists() else "?"
     echo(f"pack: {out} (built in {seconds} s)")
     echo(f"ingest it with: flowdb ingest {pack_dir(spec) / 'manifest.toml'}")
@@ -103,9 +103,9 @@ def match(manifest, out, device, ray_address, progress):
                       progress=layer_bar(len(plan.layers), f"matching {plan.name}", progress))
     rate = atlas.search_rate()
     echo(f"{plan.name}: atlas of build {atlas.fingerprint} in {atlas.root}; layers "
-               f"{layer_ranges(atlas.layers_done())}, {atlas.n_edges()} edges, matched by {atlas.matchers()}"
-               + (f" at {rate:,.1f} GFLOP/s" if rate else "")
-               + f" ({time.perf_counter() - started:.1f}s this run; flowdb doctor compares it with this CPU's GEMM)")
+         f"{layer_ranges(atlas.layers_done())}, {atlas.n_edges()} edges, matched by {atlas.matchers()}"
+         + (f" at {rate:,.1f} GFLOP/s" if rate else "")
+         + f" ({time.perf_counter() - started:.1f}s this run; flowdb doctor compares it with this CPU's GEMM)")
     echo(f"read it with pandas.read_parquet('{atlas.root}/edges'); load it with flowdb load {atlas.root}")
 
 
@@ -151,7 +151,7 @@ def load(atlases, replace, bulk, import_dir, finish_dir, link_atlases, progress,
         with open_db(settings) as db:
             nodes, relationships = finish_import(db, ImportFiles.open(finish_dir))
         echo(f"constraints and indexes online; wrote {nodes} Pack, SAE and link set nodes, "
-                   f"{relationships} relationships")
+             f"{relationships} relationships")
         return
     if not atlases:
         raise click.UsageError("give one or more atlas directories (from flowdb match)")
@@ -190,7 +190,7 @@ def _bulk_load(atlases, links, import_dir, replace, progress, settings) -> None:
         files = write_import_files(Path(import_dir), packs, links)
         echo(f"wrote {files.n_nodes:,} nodes and {files.n_relationships:,} relationships to {files.directory}")
         echo("stop the server, then on its machine run (--overwrite-destination only if that database is "
-                   "empty or may go):")
+             "empty or may go):")
         echo("  " + shlex.join(import_command(files, settings.database or "neo4j")))
         echo(f"start it, then run: flowdb load --finish-import {shlex.quote(str(files.directory))}")
         return
@@ -200,8 +200,8 @@ def _bulk_load(atlases, links, import_dir, replace, progress, settings) -> None:
     report = bulk_load(ManagedServer.default(), packs, progress=say, links=links)
     linked = f" and link set{'s' * (len(report.links) > 1)} {', '.join(report.links)}" if report.links else ""
     echo(f"bulk-loaded {', '.join(report.packs)}{linked}: {report.nodes:,} nodes and {report.relationships:,} "
-               f"relationships in {report.total_seconds:.1f}s (neo4j-admin {report.import_seconds:.1f}s): "
-               f"{report.rate:,.0f} relationships/s")
+         f"relationships in {report.total_seconds:.1f}s (neo4j-admin {report.import_seconds:.1f}s): "
+         f"{report.rate:,.0f} relationships/s")
 
 
 COMMANDS = (synth, demo_pack, match, ingest, load)

@@ -113,7 +113,7 @@ def validate_deactivation(pack, layers, texts, samples, max_targets, exhaustive,
     removals = sum(t["removals"] for t in timings)
     seconds = sum(t["seconds"] for t in timings)
     echo(f"{removals} removals in {seconds:.1f} s ({removals / max(seconds, 1e-9):.0f} per second, batched); "
-               f"{len(trials)} matcher trials; {time.perf_counter() - started:.0f} s in all")
+         f"{len(trials)} matcher trials; {time.perf_counter() - started:.0f} s in all")
     if csv_path:
         with atomic_write(csv_path) as partial:
             overall.assign(pack=pack, **facts).to_csv(partial, index=False)
@@ -265,7 +265,7 @@ def steer(pack, seed_feature, strategy, schedule, method, strength, alpha, s_end
             return
         result = steerer.steer(spec, generation)
     echo(f"steering with {len(result['features'])} feature(s) on layers "
-               f"{sorted(set(result['features']['layer']))} ({strategy}, {schedule}, {method})")
+         f"{sorted(set(result['features']['layer']))} ({strategy}, {schedule}, {method})")
     left, right = textwrap.wrap(result["default"], 44), textwrap.wrap(result["steered"], 44)
     echo(f"{'default':44} | steered")
     for i in range(max(len(left), len(right))):
@@ -276,7 +276,7 @@ def steer(pack, seed_feature, strategy, schedule, method, strength, alpha, s_end
         for name in ("default", "steered"):
             scores = judge.score(prompt, result[name], theme, reference)
             echo(f"proxy score {name}: behaviour {scores['behaviour']:.3f} x coherence "
-                       f"{scores['coherence']:.3f} = {scores['score']:.3f} (perplexity {scores['perplexity']:.1f})")
+                 f"{scores['coherence']:.3f} = {scores['score']:.3f} (perplexity {scores['perplexity']:.1f})")
 
 
 COMMANDS = (groups, validate, steer)

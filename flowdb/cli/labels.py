@@ -46,7 +46,7 @@ def labels_contexts(pack, texts, windows, top, progress, settings):
         report = label_with_contexts(db, pack, ContextsSpec(texts=texts, windows=windows, top=top),
                                      progress=progress)
     echo(f"{report.explanations} top-contexts explanations over {report.saes} SAEs of {pack}; "
-               f"{report.silent} features never fired on the {windows} windows")
+         f"{report.silent} features never fired on the {windows} windows")
 
 
 @labels.command("fetch")

@@ -48,12 +48,12 @@ def link(a, b, name, k, t, rule, modules, device, replace, progress, settings):
         report = link_packs(db, a, b, spec, name=name, replace=replace, matcher=matcher, show_progress=progress)
     if report.status == "unchanged":
         echo(f"{report.name}: already stored with these builds and parameters ({report.fingerprint}); "
-                   "nothing to do")
+             "nothing to do")
     else:
         rate = link_rate(report.records)
         echo(f"{report.name}: {report.status} link set {report.fingerprint} of {a} and {b}; "
-                   f"{len(report.places_written)} places, {report.relationships:,} ALIGNS relationships "
-                   f"({report.seconds:.1f}s" + (f"; searched at {rate:,.1f} GFLOP/s" if rate else "") + ")")
+             f"{len(report.places_written)} places, {report.relationships:,} ALIGNS relationships "
+             f"({report.seconds:.1f}s" + (f"; searched at {rate:,.1f} GFLOP/s" if rate else "") + ")")
         echo(f"atlas: {report.atlas} (pandas.read_parquet('{report.atlas}/matches'))")
     table = shares_table(report.records)
     echo("shares per layer and module (t: threshold, chance: p99.9 of a top-1 at that width and d_in):")
@@ -73,7 +73,7 @@ def links_command(settings):
         echo("(no link sets)")
     for row in rows:
         echo(f"{row['name']}\t{row['a']} -> {row['b']}\tk={row['k']}\tt={row['t']:g} ({row['rule']})\t"
-                   f"{len(row['places'] or [])} places\t{row['status']}")
+             f"{len(row['places'] or [])} places\t{row['status']}")
 
 
 COMMANDS = (link, links_command)

@@ -29,7 +29,7 @@ def packs(settings):
     for row in rows:
         note = f"\treplacement {row['replacing_with']} in progress" if row["replacing_with"] else ""
         echo(f"{row['name']}\t{row['model']}\tlayers {row['first']}-{row['last']}\t"
-                   f"k={row['k']}\tthresholds {row['rule']}\t{row['status']}\tbuild {row['build']}{note}")
+             f"k={row['k']}\tthresholds {row['rule']}\t{row['status']}\tbuild {row['build']}{note}")
 
 
 @click.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from flowdb.cli._common import connection_options, echo, flow_graph_options, on_interrupt, open_db, template_frame
+from flowdb.explorer.serve import STOPPED
 
 
 @click.command("export-graph")
@@ -30,10 +31,10 @@ def export_graph(feature, out, params, slug, settings):
     document = flow_graph_json(graph, model, slug=slug, settings=settings_used, created_ms=int(time.time() * 1000))
     write_graph_json(document, out)
     echo(f"wrote {out}: {len(document['nodes'])} nodes, {len(document['links'])} links "
-               f"(scan {model}, slug {document['metadata']['slug']})")
+         f"(scan {model}, slug {document['metadata']['slug']})")
 
 
-@on_interrupt("flowdb explorer stopped", status=0)
+@on_interrupt(STOPPED, status=0)
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; any other than loopback requires the printed token for every request.")

@@ -16,6 +16,7 @@ from flowdb.explorer.security import allowed_note, check_host_patterns, is_loopb
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8047
+STOPPED = "flowdb explorer stopped"
 
 
 def url_for(host: str, port: int, path: str = "/", token: str | None = None) -> str:
@@ -81,5 +82,8 @@ def serve(connect, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, feature: 
     logging.getLogger("uvicorn.error").addFilter(_QuietStop())
     try:
         server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down for, but not always
+        pass
     finally:
         db.close()
+    echo(STOPPED)  # run() returns only once a signal (Ctrl-C) has shut the server down

@@ -13,6 +13,8 @@
     (:Lock {name, owner, expires})          one ingest or replace of a pack at a time
     (:LinkSet)-[:HAS_PLACE]->(:LinkPlace), (:Feature)-[:ALIGNS]->(:Feature)
         families across two packs, see flowdb.store.links
+    (:AttributionGraph {slug}), (:GraphNode {graph: slug})-[:ATTRIBUTES {weight}]->(:GraphNode)
+        per-prompt attribution graphs, see flowdb.circuits.store
 
 Every layer is one transaction (nodes, edges, provenance and the pack's
 layers_done together), so readers see a layer whole or not at all. A replacement
@@ -55,6 +57,11 @@ SCHEMA = (
     "CREATE INDEX aligns_link IF NOT EXISTS FOR ()-[r:ALIGNS]-() ON (r.link)",
     # Type-ahead label search (flowdb.store.search); Lucene's standard analyzer, lower-cased words.
     f"CREATE FULLTEXT INDEX {EXPLANATION_TEXT_INDEX} IF NOT EXISTS FOR (e:Explanation) ON EACH [e.description]",
+    # Attribution graphs (flowdb.circuits): one per slug, nodes keyed within their graph.
+    "CREATE CONSTRAINT attribution_graph_slug IF NOT EXISTS FOR (g:AttributionGraph) REQUIRE g.slug IS UNIQUE",
+    "CREATE CONSTRAINT graph_node_id IF NOT EXISTS FOR (n:GraphNode) REQUIRE (n.graph, n.node_id) IS UNIQUE",
+    "CREATE INDEX graph_node_feature IF NOT EXISTS FOR (n:GraphNode) ON (n.kind, n.layer, n.feature)",
+    "CREATE INDEX graph_node_graph IF NOT EXISTS FOR (n:GraphNode) ON (n.graph)",
 )
 
 

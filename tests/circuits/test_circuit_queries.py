@@ -10,7 +10,6 @@ import pytest
 from circuit_graphs import POOL, cantor, write_graphs
 from click.testing import CliRunner
 
-from flowdb.circuits.store import ensure_schema as ensure_circuit_schema
 from flowdb.circuits.store import import_graphs
 from flowdb.cli import cli
 from flowdb.store.graph import ensure_schema
@@ -29,7 +28,6 @@ def store(neo4j_settings, tmp_path_factory):
     with connect(neo4j_settings) as db:
         db.write_in_batches("MATCH (n) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS")
         ensure_schema(db)
-        ensure_circuit_schema(db)
         import_graphs(db, [folder])
         yield db, graphs
 
