@@ -86,4 +86,6 @@ def serve(connect, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, feature: 
         pass
     finally:
         db.close()
-    echo(STOPPED)  # run() returns only once a signal (Ctrl-C) has shut the server down
+    if not server.started:  # Server.run returns, rather than exits, when its startup failed
+        raise FlowdbError(f"the explorer could not start on {host}:{port} (see the lines above)")
+    echo(STOPPED)  # a started server's run() returns once a signal (Ctrl-C) has shut it down
