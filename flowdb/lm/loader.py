@@ -166,7 +166,6 @@ def file_digest(path: Path) -> str:
 def hub_output_through_logging() -> None:
     """The hub client's and transformers' messages go through Python logging (propagated, under
     their own logger names) instead of their own stderr handlers; no progress bars."""
-
     with _QUIET:
         from huggingface_hub.utils import disable_progress_bars
         from transformers.utils import logging as transformers_logging
