@@ -517,7 +517,7 @@ def bulk_load(server: ManagedServer, packs: list[BulkPack],
             say(f"writing import files into {work}; Neo4j is stopped meanwhile")
             # Stopping takes seconds (a checkpoint); it runs while the files are written.
             with ThreadPoolExecutor(1) as pool:
-                stopping = pool.submit(server.stop, store_only=True)
+                stopping = pool.submit(server.stop)
                 try:
                     files = write_import_files(work, packs, links)
                 except BaseException:
@@ -537,7 +537,7 @@ def import_files(server: ManagedServer, files: ImportFiles,
     started = time.perf_counter()
     with server.importing():
         _require_empty(server)
-        server.stop(store_only=True)
+        server.stop()
         return _load(server, files, progress or _quiet, started)
 
 

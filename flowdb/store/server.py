@@ -17,7 +17,6 @@ local files nor URLs.
 
 from __future__ import annotations
 
-import fcntl
 import math
 import os
 import secrets
@@ -306,13 +305,9 @@ class ManagedServer:
                                     stdin=subprocess.DEVNULL, start_new_session=True, umask=0o077)
         _write_private(self.pid_file, str(proc.pid).encode())
 
-    def stop(self, store_only: bool = False) -> bool:
+    def stop(self) -> bool:
         """Stop the server; returns False when none was running. A pid file that names
-        any other process is removed, and that process is never signalled.
-
-        store_only: return as soon as the DBMS has let go of its store (the lock files
-        neo4j-admin checks are free), while its Bolt connector still shuts down (about
-        10 s more); a later stop() waits for the process to end."""
+        any other process is removed, and that process is never signalled."""
         pid = self.pid()
         if pid is None:
             self.pid_file.unlink(missing_ok=True)
@@ -320,20 +315,12 @@ class ManagedServer:
         _signal(pid, signal.SIGTERM)  # the launcher's shutdown hook closes the DBMS cleanly
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while time.monotonic() < deadline and self.pid() == pid:
-            if store_only and self._store_released():
-                return True
             _reap(pid)
             time.sleep(0.2)
         if self.pid() == pid:
             _signal(pid, signal.SIGKILL)
         self.pid_file.unlink(missing_ok=True)
         return True
-
-    def _store_released(self) -> bool:
-        """No process holds the DBMS's store lock or any database's lock."""
-        databases = self.data_dir / "databases"
-        locks = [databases / "store_lock", *databases.glob("*/database_lock")]
-        return all(_lock_free(path) for path in locks if path.exists())
 
     @contextmanager
     def importing(self) -> Iterator[None]:
@@ -519,21 +506,6 @@ def _proc_command_line(pid: int) -> str | None:
             return None
         time.sleep(0.01)
     return None
-
-
-def _lock_free(path: Path) -> bool:
-    """Whether no process holds a lock on the file (Java's file locks are fcntl locks)."""
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError:
-        return True  # gone: nothing holds it
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)  # and with it the lock, if it was taken here
 
 
 def _mib(size: int) -> str:

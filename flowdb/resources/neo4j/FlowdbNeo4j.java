@@ -5,12 +5,14 @@
 // The password is read from PASSWORD_FILE, never passed on the command line.
 import inet.ipaddr.IPAddressString;
 import java.nio.file.Files;
+import java.time.Duration;
 import java.nio.file.Path;
 import java.util.List;
 import java.util.Map;
 import org.neo4j.configuration.GraphDatabaseInternalSettings;
 import org.neo4j.configuration.GraphDatabaseSettings;
 import org.neo4j.configuration.connectors.BoltConnector;
+import org.neo4j.configuration.connectors.BoltConnectorInternalSettings;
 import org.neo4j.configuration.helpers.SocketAddress;
 import org.neo4j.dbms.api.DatabaseManagementService;
 import org.neo4j.dbms.api.DatabaseManagementServiceBuilder;
@@ -60,6 +62,10 @@ public class FlowdbNeo4j {
         DatabaseManagementService dbms = builder(home, pageCache, importDir)
             .setConfig(BoltConnector.enabled, true)
             .setConfig(BoltConnector.listen_address, new SocketAddress("127.0.0.1", port))
+            // On stop the databases close first (transactions end or roll back), so Bolt's
+            // own waits for idle threads and connections (5 s each) only delay the exit.
+            .setConfig(BoltConnectorInternalSettings.thread_pool_shutdown_wait_time, Duration.ZERO)
+            .setConfig(BoltConnectorInternalSettings.connection_shutdown_wait_time, Duration.ZERO)
             .build();
         Runtime.getRuntime().addShutdownHook(new Thread(dbms::shutdown));
         System.out.printf("flowdb-neo4j ready on bolt://127.0.0.1:%d in %.1f s%n",
