@@ -40,6 +40,14 @@ def top_k(cos: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return columns, np.take_along_axis(cos, columns, axis=1)
 
 
+def brute_force_top_k(queries: np.ndarray, base: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact top-k cosine matches of raw rows, in float64: (scores, columns, every cosine)."""
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    cos = unit(queries.astype(np.float64)) @ unit(base.astype(np.float64)).T
+    columns, scores = top_k(cos, k)
+    return scores, columns, cos
+
+
 def brute_force_edges(pack_dir: Path, layers: int, k: int) -> pd.DataFrame:
     """Every top-k match by dense float64 cosines."""
     rows = []

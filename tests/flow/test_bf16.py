@@ -10,18 +10,11 @@ torch = pytest.importorskip("torch")
 from flowdb.errors import FlowdbError  # noqa: E402
 from flowdb.flow.bf16 import RHO, CertifiedSearch, Rounded, error_bound, rescore_numpy, rescore_torch  # noqa: E402
 from flowdb.flow.matching import Matcher  # noqa: E402
+from helpers import brute_force_top_k as brute_force  # noqa: E402
 
 
 def unit(x):
     return (x / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)).astype(np.float32)
-
-
-def brute_force(queries, base, k):
-    q = queries.astype(np.float64)
-    b = base.astype(np.float64)
-    cos = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (b / np.linalg.norm(b, axis=1, keepdims=True)).T
-    order = np.argsort(-cos, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(cos, order, axis=1), order, cos
 
 
 def assert_exact(found, queries, base, k):

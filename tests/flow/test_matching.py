@@ -12,18 +12,10 @@ from flowdb.flow.matching import (
     top_k,
     top_k_rows,
 )
+from helpers import brute_force_top_k as brute_force
 
 CPU_BACKENDS = [b for b in BACKENDS if "cuda" not in b and "gpu" not in b]
 GPU_BACKENDS = [b for b in BACKENDS if b not in CPU_BACKENDS]
-
-
-def brute_force(queries, base, k):
-    """Exact cosines in float64, independently of flowdb's search."""
-    q = queries / np.linalg.norm(queries.astype(np.float64), axis=1, keepdims=True)
-    b = base / np.linalg.norm(base.astype(np.float64), axis=1, keepdims=True)
-    cos = q @ b.T
-    order = np.argsort(-cos, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(cos, order, axis=1), order, cos
 
 
 def assert_exact(found, queries, base, k):

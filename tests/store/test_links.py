@@ -10,7 +10,7 @@ from flowdb.flow.link_atlas import link_place
 from flowdb.flow.link_spec import LinkSpec
 from flowdb.flow.matching import BACKENDS, Matcher
 from flowdb.store.links import link_packs
-from tests.helpers import assert_one_line_error, run_flowdb, unit_decoder
+from tests.helpers import assert_one_line_error, brute_force_top_k, run_flowdb, unit_decoder
 
 CPU_BACKENDS = [b for b in BACKENDS if "cuda" not in b and "gpu" not in b]
 TIE = 1e-6
@@ -20,12 +20,6 @@ def _unit(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def _brute(queries, base, k):
-    cos = _unit(queries.astype(np.float64)) @ _unit(base.astype(np.float64)).T
-    order = np.argsort(-cos, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(cos, order, axis=1), order, cos
-
-
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_links_equal_brute_force_on_every_cpu_backend(backend):
     rng = np.random.default_rng(3)
@@ -33,8 +27,8 @@ def test_links_equal_brute_force_on_every_cpu_backend(backend):
     b = rng.standard_normal((450, 64)).astype(np.float32)
     place = link_place(a, b, 0, "res", LinkSpec(k=4), Matcher(backend, query_tile=128, base_tile=200))
     for found_s, found_i, (want_s, want_i, cos) in (
-            (place.ab_scores, place.ab_indices, _brute(a, b, 4)),
-            (place.ba_scores[:, None], place.ba_indices[:, None], _brute(b, a, 1))):
+            (place.ab_scores, place.ab_indices, brute_force_top_k(a, b, 4)),
+            (place.ba_scores[:, None], place.ba_indices[:, None], brute_force_top_k(b, a, 1))):
         exact_of_found = np.take_along_axis(cos, found_i, axis=1)
         assert np.allclose(found_s, exact_of_found, atol=1e-5)  # each stored cosine is its own
         assert np.allclose(exact_of_found, want_s, atol=TIE)  # and the k best, in order (ties either way)

@@ -5,8 +5,8 @@
 // The password is read from PASSWORD_FILE, never passed on the command line.
 import inet.ipaddr.IPAddressString;
 import java.nio.file.Files;
-import java.time.Duration;
 import java.nio.file.Path;
+import java.time.Duration;
 import java.util.List;
 import java.util.Map;
 import org.neo4j.configuration.GraphDatabaseInternalSettings;
