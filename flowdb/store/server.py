@@ -2,7 +2,7 @@
 
 Layout under FLOWDB_HOME/neo4j: lib/ (jars), dbms/ (databases, transaction logs
 and Neo4j's own logs), import/ (empty: the only directory LOAD CSV could name,
-and file URLs are refused anyway), logs/server.log, server.pid and password; for
+and file URLs are refused anyway), logs/server.log, server.pid, start.lock and password; for
 bulk loads (flowdb.store.bulk) also admin-conf/ (neo4j-admin's view of dbms/), bulk/
 (import files while they are written and imported), logs/bulk-import.log and,
 while an import runs, bulk-import.pid.
@@ -17,6 +17,7 @@ local files nor URLs.
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import secrets
@@ -236,7 +237,22 @@ class ManagedServer:
         return Neo4jUnavailable(f"the managed Neo4j answers on {self.uri}, but {problem}; see its {self.logs}")
 
     def start(self, heap: str | None = None, page_cache_mb: int | None = None) -> None:
-        """Start the server unless it already answers; wait until Bolt answers."""
+        """Start the server unless it already answers; wait until Bolt answers. Starts
+        of one server take turns: a second one waits, then finds the first's server (two
+        JVMs would race for the store, and the loser's pid file would hide the winner)."""
+        lock = private_dir(self.root) / "start.lock"
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise Neo4jUnavailable(f"cannot open {lock} ({exc.strerror}); "
+                                   "set FLOWDB_HOME to a directory you can write") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # let go when fd closes, or when this process dies
+            self._start(heap, page_cache_mb)
+        finally:
+            os.close(fd)
+
+    def _start(self, heap: str | None, page_cache_mb: int | None) -> None:
         auth = self.auth()
         running = self._running()
         state = bolt_probe(self.uri, auth)

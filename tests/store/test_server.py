@@ -6,6 +6,7 @@ import re
 import socket
 import stat
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -275,3 +276,35 @@ def test_compose_file_keeps_its_neo4j_private(managed):
         known = {row["name"]: row["value"] for row in driver.execute_query(
             "CALL dbms.listConfig() YIELD name, value RETURN name, value").records}
     assert known["dbms.security.allow_csv_import_from_file_urls"] == "false"
+
+
+def _launchers_of(dbms: Path) -> list[int]:
+    """Live JVMs whose command line runs the launcher on this dbms directory."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:  # not a process, or one that ended meanwhile
+            continue
+        if str(dbms).encode() in argv and any(arg.endswith(b"FlowdbNeo4j.java") for arg in argv):
+            found.append(int(entry))
+    return found
+
+
+def test_two_starts_at_once_end_in_one_server(neo4j_settings, tmp_path):
+    """Two `flowdb neo4j start` at once on a fresh home: both succeed, on one JVM."""
+    home = tmp_path / "home"
+    _share_session_jars(home / "neo4j")
+    env = {**os.environ, "FLOWDB_HOME": str(home), "FLOWDB_NEO4J_PORT": str(_free_port()),
+           "FLOWDB_NEO4J_HEAP": "512m", "FLOWDB_NEO4J_PAGECACHE_MB": "32"}
+    starts = [subprocess.Popen([sys.executable, "-m", "flowdb.cli", "neo4j", "start"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    server = ManagedServer(home / "neo4j", int(env["FLOWDB_NEO4J_PORT"]))
+    try:
+        for start in starts:
+            output = start.communicate(timeout=300)[0]
+            assert start.returncode == 0, output
+        assert _launchers_of(server.dbms_dir) == [server.pid()]
+        assert bolt_answers(server.uri, server.auth())
+    finally:
+        server.stop()
