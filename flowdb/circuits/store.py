@@ -242,9 +242,14 @@ def export_graph(db: Database, slug: str) -> dict:
 
 def write_graph_json(db: Database, slug: str, out: str | Path) -> dict:
     """export_graph written to `out` whole (a temporary file replaced at the end); returns it."""
+    document = export_graph(db, slug)
+    write_document(document, out)
+    return document
+
+
+def write_document(document: dict, out: str | Path) -> None:
+    """A graph document written to `out` whole, or not at all."""
     from flowdb.writes import atomic_write
 
-    document = export_graph(db, slug)
     with atomic_write(out) as partial:
         partial.write_text(json.dumps(document, allow_nan=False), encoding="utf-8")
-    return document

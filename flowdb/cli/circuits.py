@@ -82,15 +82,27 @@ def delete_command(slug, yes, settings):
 @circuits.command("export")
 @click.argument("slug")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The graph JSON file to write.")
+@click.option("--supernodes", is_flag=True, help="Add flowdb's supernode suggestions to qParams.supernodes "
+              "(same feature at several positions, flow lineage, families, co-activation across the stored "
+              "graphs, label similarity, each against chance) and pin their members.")
 @connection_options
-def export_command(slug, out, settings):
+def export_command(slug, out, supernodes, settings):
     """Write the attribution graph SLUG as graph JSON rebuilt from the store (metadata, qParams,
-    nodes, links and weights as imported), which circuit-tracer's server and Neuronpedia open."""
+    nodes, links and weights as imported), which circuit-tracer's server and Neuronpedia open.
+    With --supernodes, one line per rule says how many supernodes it grouped."""
     from flowdb.circuits.store import write_graph_json
+    from flowdb.circuits.supernodes import write_with_supernodes
 
     with open_db(settings) as db:
-        document = write_graph_json(db, slug, out)
-    echo(f"wrote {slug} to {out}: {len(document['nodes']):,} nodes, {len(document['links']):,} links")
+        if supernodes:
+            document, suggestions = write_with_supernodes(db, slug, out)
+        else:
+            document = write_graph_json(db, slug, out)
+    if supernodes:
+        for line in suggestions.summary_lines():
+            echo(line)
+    grouped = f", {len(document['qParams']['supernodes']):,} supernodes" if supernodes else ""
+    echo(f"wrote {slug} to {out}: {len(document['nodes']):,} nodes, {len(document['links']):,} links{grouped}")
 
 
 COMMANDS = (circuits,)

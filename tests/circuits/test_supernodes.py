@@ -1,0 +1,153 @@
+"""Supernode suggestions against planted groups (planted_supernodes.py) in a real Neo4j: a
+synthetic pack with known lineage, a target graph tied to it, and background graphs of the
+same model, stored once for the module (the tests only read)."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+from click.testing import CliRunner
+from planted_supernodes import PACK, pairs, plant, samey_graph
+
+from flowdb.circuits.schema import check_graph
+from flowdb.circuits.store import delete_graph, export_graph, import_graphs
+from flowdb.circuits.supernodes import SupernodeSpec, suggest_supernodes
+from flowdb.cli import cli
+from flowdb.store.graph import ensure_schema
+from helpers import ROOT
+
+SCHEMA = json.loads((ROOT / "tests" / "data" / "neuronpedia-graph-schema.json").read_text())
+RECALL, PRECISION = 0.9, 0.9
+TRANSCODER = "cross layer transcoder"
+EXPECTED_RULE = {"same": "same-feature", "chain": "lineage", "label": "label", "coact": "co-activation"}
+
+
+@pytest.fixture(scope="module")
+def world(neo4j_settings, tmp_path_factory):
+    from flowdb.packs.manifest import load_manifest
+    from flowdb.packs.synth import SynthSpec, synthesize
+    from flowdb.store.connection import connect
+    from flowdb.store.ingest import ingest
+
+    folder = tmp_path_factory.mktemp("supernodes")
+    truth = synthesize(folder / "pack", SynthSpec(name=PACK, layers=4, d_model=64, width=64, seed=3))
+    graphs, groups = plant(truth)
+    for kind in ("graphs", "samey"):
+        (folder / kind).mkdir()
+    for slug, document in graphs.items():
+        (folder / "graphs" / f"{slug}.json").write_text(json.dumps(document))
+    (folder / "samey" / "samey.json").write_text(json.dumps(samey_graph()))
+    with connect(neo4j_settings) as db:
+        db.write_in_batches("MATCH (n) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS")
+        ensure_schema(db)
+        ingest(load_manifest(folder / "pack" / "manifest.toml"), db)
+        import_graphs(db, [folder / "graphs"], pack=PACK, module="res")
+        import_graphs(db, [folder / "samey"])
+        yield db, graphs, groups, suggest_supernodes(db, "target")
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, ["circuits", *map(str, args)])
+
+
+def test_recall_and_precision_of_pairs_on_planted_groups(world):
+    _, _, groups, suggestions = world
+    planted = pairs(groups.values())
+    suggested = pairs(supernode.node_ids for supernode in suggestions)
+    found = planted & suggested
+    recall, precision = len(found) / len(planted), len(found) / max(len(suggested), 1)
+    print(f"\nsupernode pairs: recall {recall:.3f} ({len(found)}/{len(planted)}), "
+          f"precision {precision:.3f} ({len(found)}/{len(suggested)})")
+    assert recall >= RECALL and precision >= PRECISION, (recall, precision, suggestions)
+
+
+@pytest.mark.parametrize("group", list(EXPECTED_RULE))
+def test_each_planted_group_is_one_supernode_grouped_by_its_rule(world, group):
+    _, _, groups, suggestions = world
+    holding = [s for s in suggestions if set(groups[group]) & set(s.node_ids)]
+    assert len(holding) == 1 and set(holding[0].node_ids) == set(groups[group]), holding
+    assert EXPECTED_RULE[group] in holding[0].rules
+    assert holding[0].name.endswith(f"({'+'.join(holding[0].rules)})")
+    if group == "label":
+        assert holding[0].name.startswith("texas (")
+
+
+def feature_of(node_id: str) -> str:
+    return node_id.rsplit("_", 1)[0]  # "{layer}_{index}"
+
+
+def test_features_found_everywhere_do_not_co_activate(world):
+    db, graphs, _, suggestions = world
+    everywhere = set.intersection(*({feature_of(n["node_id"]) for n in g["nodes"] if n["feature_type"] == TRANSCODER}
+                                    for slug, g in graphs.items() if slug != "target"))
+    nodes = {n["node_id"] for n in graphs["target"]["nodes"] if feature_of(n["node_id"]) in everywhere}
+    assert len(nodes) == 2  # two features in every graph: together 40 times, as often as chance gives
+    assert not any(nodes & set(s.node_ids) for s in suggestions)
+    no_chance_level = suggest_supernodes(db, "target", SupernodeSpec(alpha=1e9))  # any two shared graphs
+    assert any(nodes <= set(s.node_ids) for s in no_chance_level)
+
+
+def outcome(suggestions, rule):
+    return next(o for o in suggestions.outcomes if o.rule == rule)
+
+
+def test_label_similarity_is_compared_with_random_pairs_of_the_graph(world):
+    db = world[0]
+    alike = suggest_supernodes(db, "samey")
+    assert len(alike) == 0 and outcome(alike, "label").accepted == 0  # alike labels are common: none stands out
+    floor_only = suggest_supernodes(db, "samey", SupernodeSpec(label_quantile=0.0))
+    assert outcome(floor_only, "label").accepted > 0 and all(s.rules == ("label",) for s in floor_only)
+    assert "tied to no pack" in outcome(alike, "lineage").chance
+
+
+def test_bounds_on_layer_span_and_size(world):
+    db, _, groups, _ = world
+    narrow = suggest_supernodes(db, "target", SupernodeSpec(max_layer_span=1))
+    assert narrow.refused > 0
+    assert all(high - low <= 1 for low, high in (s.layers for s in narrow))
+    assert not any(set(groups["chain"]) <= set(s.node_ids) for s in narrow)
+    small = suggest_supernodes(db, "target", SupernodeSpec(max_share=0.01))  # at most two features
+    assert all(len({feature_of(i) for i in s.node_ids}) <= 2 for s in small)
+
+
+def test_export_with_supernodes_validates_and_reimports(world, tmp_path):
+    db, graphs, _, suggestions = world
+    plain = tmp_path / "plain.json"
+    assert invoke("export", "target", "--out", plain).exit_code == 0
+    assert json.loads(plain.read_text()) == export_graph(db, "target")  # unchanged without --supernodes
+    out = tmp_path / "sn.json"
+    result = invoke("export", "target", "--out", out, "--supernodes")
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    for rule in ("same-feature", "lineage", "family", "co-activation", "label"):
+        line = next(line for line in lines if line.startswith(f"{rule}: "))
+        assert f"{rule}: {suggestions.count(rule)} supernode" in line
+    assert lines[-1].endswith(f"{len(suggestions)} supernodes")
+    exported = json.loads(out.read_text())
+    jsonschema.Draft7Validator(SCHEMA).validate(exported)
+    checked = check_graph(exported, "exported")
+    assert checked.qparams.supernodes == [s.as_qparam() for s in suggestions]
+    assert {k: v for k, v in exported.items() if k != "qParams"} == {
+        k: v for k, v in json.loads(plain.read_text()).items() if k != "qParams"}
+    members = {i for s in suggestions for i in s.node_ids}
+    assert set(exported["qParams"]["pinnedIds"]) == members
+    ids = {n["node_id"] for n in graphs["target"]["nodes"]}
+    assert all(set(entry[1:]) <= ids and entry[0] not in ids for entry in exported["qParams"]["supernodes"])
+    assert len({entry[0] for entry in exported["qParams"]["supernodes"]}) == len(suggestions)  # unique names
+    exported["metadata"]["slug"] = "target-grouped"
+    again = tmp_path / "again.json"
+    again.write_text(json.dumps(exported))
+    try:
+        assert "target-grouped: stored" in invoke("import", again).output
+        assert export_graph(db, "target-grouped")["qParams"] == exported["qParams"]
+    finally:
+        delete_graph(db, "target-grouped")  # the module's store stays as planted
+
+
+def test_export_errors_are_one_line(world, tmp_path):
+    result = invoke("export", "nope", "--out", tmp_path / "x.json", "--supernodes")
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert "no attribution graph 'nope'" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x.json").exists()
