@@ -102,7 +102,9 @@ def _graph(slug: str, features: list[dict], scan: str = SCAN) -> dict:
 
 
 def plant(truth: pd.DataFrame, seed: int = 0) -> tuple[dict[str, dict], dict[str, list[str]]]:
-    """slug -> graph document ('target' and 'bg00'...), and group -> the target's node ids."""
+    """slug -> graph document ('target' and 'bg00'... for seed 0, else 's1-target', 's1-bg00'...,
+    each seed a model of its own), and group -> the target's node ids."""
+    prefix, scan = ("", SCAN) if seed == 0 else (f"s{seed}-", f"{SCAN}-{seed}")
     rng = np.random.default_rng(seed)
     word = Words(rng)
     origins = chain_origins(truth)
@@ -132,7 +134,7 @@ def plant(truth: pd.DataFrame, seed: int = 0) -> tuple[dict[str, dict], dict[str
     distractors = [one(fresh(), f"{GENERIC[i % len(GENERIC)]} {word()}") for i in range(36)]
     ubiquitous = [one(fresh(), f"{word()} {word()}") for _ in range(2)]
     target = [f for group in groups.values() for f in group] + distractors + ubiquitous
-    graphs = {"target": _graph("target", target)}
+    graphs = {f"{prefix}target": _graph(f"{prefix}target", target, scan)}
     together = set(rng.choice(N_BACKGROUND, size=COACT_GRAPHS, replace=False).tolist())
     for g in range(N_BACKGROUND):
         present = [f for f in target if f not in groups["coact"] and f not in ubiquitous and rng.random() < 0.25]
@@ -142,7 +144,7 @@ def plant(truth: pd.DataFrame, seed: int = 0) -> tuple[dict[str, dict], dict[str
                    for _ in range(5)]
         features = [{**f, "positions": [int(rng.integers(N_POSITIONS))]} for f in present + fillers]
         features = list({(f["layer"], f["index"]): f for f in features}.values())
-        graphs[f"bg{g:02d}"] = _graph(f"bg{g:02d}", features)
+        graphs[f"{prefix}bg{g:02d}"] = _graph(f"{prefix}bg{g:02d}", features, scan)
     node_ids = {name: [f"{f['layer']}_{f['index']}_{pos}" for f in group for pos in f["positions"]]
                 for name, group in groups.items()}
     return graphs, node_ids
