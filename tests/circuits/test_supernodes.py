@@ -158,3 +158,26 @@ def test_export_errors_are_one_line(world, tmp_path):
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
     assert "no attribution graph 'nope'" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "x.json").exists()
+
+
+def test_family_links_group_features_that_match_one_relative(world):
+    """Two distractors both matching one feature of another pack above the link's threshold
+    are grouped; a third matching it below the threshold is not (ALIGNS written here, then
+    removed, so the module's store stays as planted)."""
+    db, graphs, groups, _, _ = world
+    grouped = {i for group in groups.values() for i in group}
+    distractors = [n["node_id"] for n in graphs["target"]["nodes"]
+                   if n["feature_type"] == TRANSCODER and n["node_id"] not in grouped][:3]
+    keys = ["{}/{}/res/{}".format(PACK, *feature_of(i).split("_")) for i in distractors]
+    db.write("CREATE (:LinkSet {name: 'sn-other', a: $pack, b: 'other'}) "
+             "CREATE (g:Feature {key: 'other/0/res/0', pack: 'other', layer: 0, module: 'res', index: 0}) "
+             "WITH g UNWIND range(0, 2) AS i MATCH (f:Feature {key: $keys[i]}) "
+             "CREATE (f)-[:ALIGNS {link: 'sn-other', rank: 1, cosine: 0.8, above: i < 2}]->(g)", pack=PACK, keys=keys)
+    try:
+        suggestions = suggest_supernodes(db, "target")
+    finally:
+        db.write("MATCH (g:Feature {pack: 'other'}) DETACH DELETE g")
+        db.write("MATCH (l:LinkSet {name: 'sn-other'}) DELETE l")
+    holding = [s for s in suggestions if set(distractors) & set(s.node_ids)]
+    assert [(set(s.node_ids), s.rules) for s in holding] == [(set(distractors[:2]), ("family",))]
+    assert outcome(suggestions, "family").accepted == 1 and "1 link set" in outcome(suggestions, "family").chance
