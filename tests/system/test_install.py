@@ -18,9 +18,9 @@ from helpers import ROOT
 
 HEAVY = ("torch", "transformers", "sae_lens")
 
-# Runs flowdb's CLI (arguments after -c's code) with HEAVY made unimportable. Every
-# attempt is reported on stderr with the file that asked, so an import that flowdb
-# catches and works around is still seen.
+# Runs flowdb's CLI (arguments after -c's code) with HEAVY made unimportable and, to
+# importlib.util.find_spec, absent. Every import attempt is reported on stderr with the
+# file that asked, so an import that flowdb catches and works around is still seen.
 BLOCKED_CLI = f"""
 import sys
 
@@ -43,6 +43,14 @@ class Blocker:
 
 
 sys.meta_path.insert(0, Blocker())
+
+# A probe for an optional package (importlib.util.find_spec) answers as it does where the
+# package is not installed; only an import is an error.
+import importlib.util
+
+probe = importlib.util.find_spec
+importlib.util.find_spec = lambda name, package=None: (
+    None if name.split(".")[0] in HEAVY else probe(name, package))
 from flowdb.cli import cli
 
 cli(prog_name="flowdb")
