@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -143,6 +143,10 @@ class Matcher:
     query_tile: int = QUERY_TILE
     base_tile: int = BASE_TILE
     extra_candidates: int = EXTRA_CANDIDATES  # torch-cuda and torch-bf16: beyond k, from the rounded GEMM
+    # The tile search and the normalised tiles' memory, kept from one search to the next: a
+    # build searches each layer's modules with one matcher, and fresh buffers of hundreds of
+    # MB pay their page faults on every search (a third of a bf16 search's time).
+    workspace: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @classmethod
     def for_device(cls, device: str = "auto", **tiles) -> Matcher:
@@ -165,7 +169,9 @@ class Matcher:
         n_base = base.shape[0]
         if k > n_base:
             raise FlowdbError(f"k={k} exceeds the {n_base} features it would search")
-        tile_search = _TILE_SEARCHES[self.backend](self)  # per search: it may keep a buffer
+        tile_search = self.workspace.get("search")
+        if tile_search is None:
+            tile_search = self.workspace["search"] = _TILE_SEARCHES[self.backend](self)
         query_tile = self.query_tile if self.backend.startswith("faiss") \
             else min(self.query_tile, SCORE_BLOCK_QUERY_TILE)
         n_queries = queries.shape[0]
@@ -173,15 +179,28 @@ class Matcher:
         # Base tiles outer: each is read and normalised once (a lazily read decoder wider than a
         # tile would otherwise be read again for every query tile); queries are read once per base tile.
         for offset in range(0, n_base, self.base_tile):
-            tile = normalise(base[offset:offset + self.base_tile])
+            # Each tile is a new array object, even where its memory is the last one's:
+            # tile searches that keep a tile's derived data (bf16's rounding) go by identity.
+            tile = normalise(base[offset:offset + self.base_tile], self._scratch("tile"))
             width = min(k, tile.shape[0])
             found_s = np.empty((n_queries, width), dtype=np.float32)
             found_i = np.empty((n_queries, width), dtype=np.int64)
             for start in range(0, n_queries, query_tile):
-                s, i = tile_search(normalise(queries[start:start + query_tile]), tile, width)
+                block = normalise(queries[start:start + query_tile], self._scratch("block"))
+                s, i = tile_search(block, tile, width)
                 found_s[start:start + query_tile], found_i[start:start + query_tile] = s, i + offset
             scores, indices = merge_top_k(scores, indices, found_s, found_i, k)
         return scores, indices
+
+
+    def _scratch(self, role: str) -> Callable[[int], np.ndarray]:
+        """A float32 buffer of at least n items for this role, grown when too small."""
+        def get(n: int) -> np.ndarray:
+            found = self.workspace.get(role)
+            if found is None or found.size < n:
+                found = self.workspace[role] = np.empty(n, dtype=np.float32)
+            return found[:n]
+        return get
 
 
 def top_k(queries: np.ndarray, base: np.ndarray, k: int,

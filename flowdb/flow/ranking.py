@@ -4,6 +4,8 @@ one stable sort of the whole row would order them, so every backend ranks ties a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from flowdb.errors import FlowdbError
@@ -11,11 +13,13 @@ from flowdb.errors import FlowdbError
 GROUP_SIZE = 16  # columns per group in top_k_rows: one max per group, then only the best groups are read
 
 
-def normalise(w_dec: np.ndarray) -> np.ndarray:
-    """Unit-length rows as C-contiguous float32 (what FAISS takes)."""
+def normalise(w_dec: np.ndarray, buffer: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
+    """Unit-length rows as C-contiguous float32 (what FAISS takes); buffer(n), when
+    given, lends the memory for the result (n float32 items), else it is new."""
     w = np.ascontiguousarray(w_dec, dtype=np.float32)
-    norms = np.linalg.norm(w, axis=1, keepdims=True)
-    return np.ascontiguousarray(w / norms)
+    norms = np.sqrt(np.einsum("ij,ij->i", w, w))[:, None]  # one pass; np.linalg.norm takes three
+    out = np.empty_like(w) if buffer is None else buffer(w.size).reshape(w.shape)
+    return np.divide(w, norms, out=out)
 
 
 def merge_top_k(scores_a, indices_a, scores_b, indices_b, k: int):
