@@ -121,7 +121,7 @@ def ingest(manifest, device, replace, progress, settings):
     from flowdb.flow.matching import Matcher
     from flowdb.store.ingest import ingest as run_ingest
 
-    matcher = Matcher.for_device(device)
+    matcher = None if device == "auto" else Matcher.for_device(device)  # auto: each build by its size
     with open_db(settings) as db:
         report = run_ingest(manifest, db, replace=replace, show_progress=progress, matcher=matcher)
     echo_stored(report)

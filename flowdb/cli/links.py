@@ -36,7 +36,7 @@ def link(a, b, name, k, t, rule, modules, device, replace, progress, settings):
     from flowdb.store.links import link_packs
 
     spec = LinkSpec(k=k, t=t, rule=rule, modules=tuple(m.strip() for m in modules.split(",") if m.strip()))
-    matcher = Matcher.for_device(device)
+    matcher = None if device == "auto" else Matcher.for_device(device)  # auto: each build by its size
     with open_db(settings) as db:
         names = []
         for side in (a, b):

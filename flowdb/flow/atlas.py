@@ -279,7 +279,7 @@ def match(plan: BuildPlan, out: str | Path, matcher: Matcher | None = None, devi
 
             built = match_layers_on_ray(plan, todo, device, ray_address)
         else:
-            matcher = matcher or Matcher.for_device(device)
+            matcher = matcher or Matcher.for_device(device, plan.matching_gflop(todo))
             built = (match_layer(plan, layer, matcher) for layer in todo)
         for layer in built:
             atlas.write_layer(classified(layer, plan))

@@ -31,7 +31,8 @@ def _ray():
 
 
 def _match_task(plan_json: dict, layer: int, device: str) -> LayerBuild:
-    return match_layer(BuildPlan.from_json(plan_json), layer, Matcher.for_device(device))
+    plan = BuildPlan.from_json(plan_json)
+    return match_layer(plan, layer, Matcher.for_device(device, plan.matching_gflop([layer])))
 
 
 def match_layers_on_ray(plan: BuildPlan, layers: list[int], device: str, address: str) -> Iterator[LayerBuild]:

@@ -24,7 +24,8 @@ Backends:
 
 Devices: `--device cpu` is numpy-cpu; `--device cuda` is faiss-gpu where installed,
 else torch-cuda; `--device auto` is the fastest exact backend here, measured once and
-cached (see flowdb.flow.calibration): numpy-cpu on a CPU without bf16 instructions.
+cached (see flowdb.flow.calibration): numpy-cpu on a CPU without bf16 instructions,
+and for a build of less than SMALL_WORK_GFLOP of matching.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("numpy-cpu", "faiss-cpu", "faiss-gpu", "torch-cpu", "torch-cuda", "torch-bf16")
 CPU_DEFAULT = "numpy-cpu"
 EXTRA_CANDIDATES = 16  # candidates beyond k taken from a rounded (TF32 or bf16) GEMM
+# Below this much matching, auto keeps numpy-cpu: bf16 saves about half the fp32 time
+# (4 s of 1,000 GFLOP at 250 GFLOP/s), which torch's import (about 2 s) and the first
+# calibration would eat. Gemma-2-2B's pack is 95,000 GFLOP; a tiny demo pack, 1.
+SMALL_WORK_GFLOP = 1000.0
 
 
 @lru_cache(maxsize=1)
@@ -85,12 +90,16 @@ def _torch_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def choose_backend(device: str = "auto") -> str:
+def choose_backend(device: str = "auto", work_gflop: float | None = None) -> str:
     """The backend for a device: numpy's BLAS on the CPU; on CUDA faiss-gpu when installed,
-    else torch; auto: the fastest exact one here, measured once (flowdb.flow.calibration)."""
+    else torch; auto: the fastest exact one here, measured once (flowdb.flow.calibration),
+    for work of work_gflop or more (or of unknown size); below SMALL_WORK_GFLOP the first
+    candidate, since another would cost more to start (torch's import) than it saves."""
     if device not in DEVICES:
         raise FlowdbError(f"device {device!r}: choose one of {', '.join(DEVICES)}")
     if device == "auto":
+        if work_gflop is not None and work_gflop < SMALL_WORK_GFLOP:
+            return auto_candidates()[0]
         found = auto_calibration()
         return found.chosen if found else auto_candidates()[0]
     if device == "cpu":
@@ -149,8 +158,8 @@ class Matcher:
     workspace: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @classmethod
-    def for_device(cls, device: str = "auto", **tiles) -> Matcher:
-        return cls(choose_backend(device), **tiles)
+    def for_device(cls, device: str = "auto", work_gflop: float | None = None, **tiles) -> Matcher:
+        return cls(choose_backend(device, work_gflop), **tiles)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from flowdb.classify import Thresholds
 from flowdb.errors import FlowdbError, PackError, StaleBuildError
-from flowdb.modules import NAMES, RESIDUAL
+from flowdb.modules import MODULES, NAMES, RESIDUAL
 from flowdb.packs.manifest import DEFAULT_SCORE, Manifest, SourceRef
 from flowdb.packs.sources import SaeInfo, check_same_space, content_digest, inspect
 
@@ -88,6 +89,24 @@ class BuildPlan:
 
     def _by_slot(self) -> dict[tuple[int, str], PlannedSae]:
         return {(s.ref.layer, s.ref.module): s for s in self.saes}
+
+    def matching_gflop(self, layers: Iterable[int] | None = None) -> float | None:
+        """The GEMM work of matching these layers (default: all), in GFLOP: each residual
+        SAE's rows against each predecessor's; None where an SAE's size is not known."""
+        work = 0.0
+        for layer in self.layers if layers is None else layers:
+            residual = self.sae(layer, RESIDUAL.name)
+            if residual is None:
+                continue
+            for module in MODULES.values():
+                base = self.sae(module.predecessor_layer(layer), module.name)
+                if base is None:
+                    continue
+                sizes = (residual.info.d_sae, base.info.d_sae, residual.info.d_in)
+                if None in sizes:
+                    return None
+                work += 2 * sizes[0] * sizes[1] * sizes[2] / 1e9
+        return work
 
     def fingerprint(self) -> str:
         sources = [{"layer": s.ref.layer, "module": s.ref.module, "digest": s.digest,

@@ -54,15 +54,18 @@ def _interrupt(*args):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["link", "planted", "other"], "Error: interrupted; a stopped link resumes where it ended when run again"),
-    (["ingest", "manifest.toml"], "Error: interrupted; a stopped ingest resumes where it ended when run again"),
+    (["link", "planted", "other", "--device", "cpu"],
+     "Error: interrupted; a stopped link resumes where it ended when run again"),
+    (["ingest", "manifest.toml", "--device", "cpu"],
+     "Error: interrupted; a stopped ingest resumes where it ended when run again"),
 ])
 def test_an_interrupted_build_says_how_to_resume(monkeypatch, tmp_path, planted_pack, args, message):
     from flowdb.flow.matching import Matcher
 
-    monkeypatch.setattr(Matcher, "for_device", staticmethod(_interrupt))  # Ctrl-C as the work starts
+    # Ctrl-C as the work starts: a named device's matcher is made first (auto's, per build, later)
+    monkeypatch.setattr(Matcher, "for_device", staticmethod(_interrupt))
     if args[0] == "ingest":
-        args = ["ingest", str(planted_pack[0] / "manifest.toml")]
+        args = ["ingest", str(planted_pack[0] / "manifest.toml"), *args[2:]]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 130
     assert result.output.splitlines() == [message]

@@ -158,3 +158,33 @@ def test_cpu_and_cuda_devices_are_not_measured(home, monkeypatch):
     assert choose_backend("cpu") == "numpy-cpu"
     with pytest.raises(matching.FlowdbError, match="no CUDA GPU"):
         choose_backend("cuda")
+
+
+def test_auto_keeps_fp32_for_small_work_and_measures_for_large(home, monkeypatch):
+    """Below SMALL_WORK_GFLOP a bf16 CPU still searches in numpy-cpu, measuring nothing
+    (torch's import would cost more than bf16 saves); from it on, or for work of unknown
+    size, auto measures."""
+    pytest.importorskip("torch")
+    without_gpu(monkeypatch, {"avx2", "avx512_bf16"})
+    measured = []
+    real = calibration.calibrate
+    monkeypatch.setattr(calibration, "calibrate", lambda *a: measured.append(1) or real(*a))
+    small = matching.SMALL_WORK_GFLOP
+    assert choose_backend("auto", small * 0.99) == "numpy-cpu" and not measured
+    assert not (home / "cache" / "backend.json").exists()
+    choose_backend("auto", small)
+    choose_backend("auto", None)
+    assert measured == [1]  # measured once, then cached
+
+
+def test_a_plans_matching_work_counts_every_search(planted_pack):
+    """4 layers of 512 features, d 256: layer 0 has no R_-1, so 2 + 3 x 3 = 11 searches of
+    2 x 512 x 512 x 256 FLOP."""
+    from flowdb.packs.manifest import load_manifest
+    from flowdb.packs.plan import make_plan
+
+    plan = make_plan(load_manifest(planted_pack[0] / "manifest.toml"))
+    search = 2 * 512 * 512 * 256 / 1e9
+    assert plan.matching_gflop() == pytest.approx(11 * search)
+    assert plan.matching_gflop([0]) == pytest.approx(2 * search)
+    assert plan.matching_gflop([2, 3]) == pytest.approx(6 * search)
