@@ -199,6 +199,7 @@ def step_backend(backend: str) -> dict:
         for name, (q, b) in (("random", (queries[:2048], base)), ("tied", (tied_q, tied_b))):
             search = CertifiedSearch("cuda" if _torch_cuda() else "cpu")
             search(normalise(q), normalise(b[:65536]), K)
+            answer[f"widened {name}"] = search.rows_widened / search.rows
             answer[f"redone {name}"] = search.rows_redone / search.rows
     return answer
 
@@ -357,6 +358,7 @@ def main() -> None:
 
 
 def run(parts: list[str], args) -> None:
+    from flowdb.flow.bf16 import EXTRA_CANDIDATES, WIDER
     from flowdb.flow.matching import BACKENDS, CPU_DEFAULT, choose_backend
 
     say = lambda text: print(text, flush=True)  # noqa: E731
@@ -382,9 +384,11 @@ def run(parts: list[str], args) -> None:
             target = ""
             if backend == "auto" and not gpu:
                 target = f" (target >= {'200' if gemm['bf16'] else '90'}% on this CPU)"
-            redone = ("; rows searched again in fp32: " + ", ".join(
-                f"{r[key]:.1%} of {key.split()[1]} rows" for key in ("redone random", "redone tied"))
-                if "redone tied" in r else "")
+            redone = "".join(
+                f"; {what}: " + ", ".join(f"{r[f'{step} {rows}']:.1%} of {rows} rows" for rows in ("random", "tied"))
+                for step, what in (("widened", f"rows given k + {WIDER * EXTRA_CANDIDATES} candidates"),
+                                   ("redone", "rows searched again in fp32"))
+                if f"{step} tied" in r)
             say(f"{name}: top-{K} of {QUERIES:,} x {WIDTH:,}, d {D_MODEL}: {r['seconds']:.2f} s, "
                 f"{r['gflops']:,.0f} GFLOP/s = {r['gflops'] / baseline:.0%} of the {'CUDA' if on_gpu else 'numpy'} "
                 f"fp32 GEMM rate ({baseline:,.0f} GFLOP/s, timed beside it){target}; "
