@@ -402,13 +402,21 @@ def write_with_supernodes(db: Database, slug: str, out: str | Path,
     suggestions = suggest_supernodes(db, slug, spec)
     qparams = document["qParams"]
     kept = list(qparams.get("supernodes", []))
-    grouped = {node_id for entry in kept for node_id in entry[1:]}
-    for supernode in suggestions:
-        members = [node_id for node_id in supernode.node_ids if node_id not in grouped]
-        if len(members) > 1:
-            kept.append([supernode.name, *members])
+    kept += [[supernode.name, *members] for supernode, members in beside(kept, suggestions)]
     pinned = list(qparams.get("pinnedIds", []))
     pinned += [node_id for entry in kept for node_id in entry[1:] if node_id not in set(pinned)]
     document["qParams"] = {**qparams, "supernodes": kept, "pinnedIds": list(dict.fromkeys(pinned))}
     write_document(document, out)
     return document, suggestions
+
+
+def beside(stored: list[list[str]], suggestions: Suggestions) -> list[tuple[Supernode, list[str]]]:
+    """Each suggestion with its members that no stored qParams.supernodes entry ([name,
+    node_id, ...]) holds, where two or more remain: the stored groups are the reader's and win."""
+    grouped = {node_id for entry in stored for node_id in entry[1:]}
+    out = []
+    for supernode in suggestions:
+        members = [node_id for node_id in supernode.node_ids if node_id not in grouped]
+        if len(members) > 1:
+            out.append((supernode, members))
+    return out
