@@ -220,6 +220,31 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
             return Response(content, media_type=media, headers=_attachment(f"{name}.{fmt}"))
         raise QueryError(f"no download format {fmt!r}; use json, csv, png or svg")
 
+    def api_graphs(request, body):
+        from flowdb.circuits.store import list_graphs
+
+        return {"graphs": list_graphs(db())}
+
+    def api_graph(request, body):
+        """The pruned subgraph a graph page draws: ?nodes=N feature and error nodes, ?links=N
+        links, ?suggest=false without flowdb's supernode suggestions."""
+        from flowdb.circuits import subgraph
+
+        params = request.query_params
+        suggest = params.get("suggest") or "true"
+        if suggest not in ("true", "false"):
+            raise QueryError(f"parameter suggest must be true or false, got {suggest!r}")
+        return subgraph.read_subgraph(
+            db(), request.path_params["slug"],
+            node_cap=data.bounded(params.get("nodes"), "nodes", subgraph.NODE_CAP, 1, subgraph.MAX_NODE_CAP),
+            link_cap=data.bounded(params.get("links"), "links", subgraph.LINK_CAP, 1, subgraph.MAX_LINK_CAP),
+            suggest=suggest == "true")
+
+    def api_feature_graphs(request, body):
+        from flowdb.circuits.subgraph import graphs_of_feature
+
+        return graphs_of_feature(db(), key_of(request))
+
     def api_templates(request, body):
         from flowdb.store.templates import templates as all_templates
 
@@ -293,6 +318,30 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
         return None
 
     search_shell = page("search", "Search")
+    graph_shell = page("graph", "Graph {slug}")
+
+    def error_page(request: Request, message: str, status_code: int = 404):
+        return templates.TemplateResponse(request, "error.html", {
+            "title": "Not found", "page": "error", "config": "{}", "message": message}, status_code=status_code)
+
+    def stored_graph(slug: str) -> bool:
+        """False when no graph has the slug; any other trouble is left for the page's API
+        call to report (a stopped Neo4j, say)."""
+        from flowdb.circuits.store import require_graph
+
+        try:
+            require_graph(db(), slug)
+        except NotFound:
+            return False
+        except FlowdbError:
+            pass
+        return True
+
+    async def graph_page(request: Request):
+        slug = request.path_params["slug"]
+        if not await run_in_threadpool(stored_graph, slug):
+            return error_page(request, f"No attribution graph {slug!r} is stored: see Attribution graphs.")
+        return await graph_shell(request)
 
     async def search(request: Request):
         redirect = await run_in_threadpool(search_page, request)
@@ -309,9 +358,7 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
                                           f"it takes {allowed}"}, status_code=405, headers={"Allow": allowed})
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": f"no such address: {request.url.path}"}, status_code=exc.status_code)
-        return templates.TemplateResponse(request, "error.html", {
-            "title": "Not found", "page": "error", "config": "{}", "message": f"Nothing at {request.url.path}."},
-            status_code=exc.status_code)
+        return error_page(request, f"Nothing at {request.url.path}.", exc.status_code)
 
     async def server_error(request: Request, exc: Exception):
         log.error("explorer: %s at %s: %s", type(exc).__name__, request.url.path, one_line(exc))
@@ -323,6 +370,8 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
         Route("/feature/{key:path}", page("feature", "{key}", steering_message=feature_steering_message)),
         Route("/search", search),
         Route("/console", page("console", "Cypher console")),
+        Route("/graphs", page("graphs", "Attribution graphs")),
+        Route("/graph/{slug:path}", graph_page),
         Route("/static/plotly.min.js", plotly),
         Mount("/static", StaticFiles(directory=str(STATIC)), name="static"),
         Route("/api/packs", api(api_packs)),
@@ -335,6 +384,9 @@ def create_app(connect: Callable[[], object], *, host: str = "127.0.0.1", token:
         Route("/api/lineage/{key:path}", api(api_table("lineage"))),
         Route("/api/descendants/{key:path}", api(api_table("descendants"))),
         Route("/api/family/{key:path}", api(api_family)),
+        Route("/api/graphs", api(api_graphs)),
+        Route("/api/graphs/{slug:path}", api(api_graph)),
+        Route("/api/feature-graphs/{key:path}", api(api_feature_graphs)),
         Route("/api/templates", api(api_templates)),
         Route("/api/templates/{name}", api(api_template)),
         Route("/api/cypher", api(api_cypher), methods=["POST"]),

@@ -44,6 +44,8 @@
     return "/feature/" + key.split("/").map(encodeURIComponent).join("/");
   }
 
+  function graphHref(slug) { return "/graph/" + encodeURIComponent(slug); }
+
   const KEY_COLUMNS = /(^key$|_key$|^source$|^target$)/;
 
   // A table from columns and row objects; feature keys become links to their pages.
@@ -68,6 +70,14 @@
       });
     }
     if (!rows.length) tbody.appendChild(el("tr")).appendChild(el("td", "(no rows)", {colspan: columns.length}));
+  }
+
+  // One column of a filled table made links (hrefOf(row) gives each address), its text kept as text.
+  function linkColumn(table, columns, rows, column, hrefOf) {
+    const at = columns.indexOf(column);
+    table.querySelectorAll("tbody tr").forEach((tr, i) => {
+      if (rows[i]) tr.children[at].replaceChildren(el("a", rows[i][column], {href: hrefOf(rows[i])}));
+    });
   }
 
   // --- find a feature: type-ahead over label words ------------------------------------------
@@ -103,13 +113,53 @@
       pack: p.name, model: p.model, status: p.status, layers: p.first_layer + "-" + p.last_layer,
       widths: Object.entries(p.widths).map(([m, w]) => m + " " + w.join("/")).join(", "),
       k: p.k, matcher: p.matcher, rule: p.rule, build: (p.fingerprint || "").slice(0, 12)}));
-    const table = $("packs-table");
-    fillTable(table, ["pack", "model", "status", "layers", "widths", "k", "matcher", "rule", "build"], rows);
-    table.querySelectorAll("tbody tr").forEach((tr, i) => {
-      if (!rows[i]) return;
-      const cell = tr.firstChild;
-      cell.replaceChildren(el("a", rows[i].pack, {href: "/pack/" + encodeURIComponent(rows[i].pack)}));
-    });
+    const columns = ["pack", "model", "status", "layers", "widths", "k", "matcher", "rule", "build"];
+    fillTable($("packs-table"), columns, rows);
+    linkColumn($("packs-table"), columns, rows, "pack", (row) => "/pack/" + encodeURIComponent(row.pack));
+  }
+
+  async function graphsPage() {
+    const answer = await api("/api/graphs");
+    const rows = answer.graphs.map((g) => Object.assign({graph: g.slug}, g));
+    const columns = ["graph", "prompt", "scan", "nodes", "links", "pack", "imported"];
+    fillTable($("graphs-table"), columns, rows);
+    linkColumn($("graphs-table"), columns, rows, "graph", (row) => graphHref(row.slug));
+  }
+
+  function cutText(cut) {
+    const n = cut.nodes, l = cut.links;
+    const nodes = n.shown < n.of
+      ? "Drawn: the " + n.shown + " most influential of " + n.of + " feature and error nodes (at most " + n.cap +
+        "; a node's influence is circuit-tracer's cumulative share of the nodes ranked above it, so the smallest come first)"
+      : "Drawn: all " + n.of + " feature and error nodes";
+    const links = l.shown < l.among
+      ? "the " + l.shown + " strongest by |weight| of the " + l.among + " links among the drawn nodes (at most " + l.cap + ")"
+      : "all " + l.among + " links among the drawn nodes";
+    return nodes + ", every input token and logit (" + n.always + "), and " + links + "; the graph stores " + l.of +
+      " links. Larger caps (at most 500 nodes, 5000 links) are slower to draw and harder to read.";
+  }
+
+  async function graphPage() {
+    const slug = body.dataset.slug;
+    const given = new URL(window.location.href).searchParams, query = new URLSearchParams();
+    for (const name of ["nodes", "links"]) {
+      if (given.get(name)) { query.set(name, given.get(name)); $("graph-controls").elements[name].value = given.get(name); }
+    }
+    const view = await api("/api/graphs/" + encodeURIComponent(slug) + (query.toString() ? "?" + query : ""));
+    const g = view.graph, record = $("graph-record");
+    const items = {prompt: g.prompt, tokens: (g.prompt_tokens || []).map((t) => JSON.stringify(t)).join(" "), scan: g.scan,
+                   pack: g.pack ? g.pack + " (" + g.module + " features)" : "tied to no pack", nodes: g.nodes, links: g.links,
+                   "node threshold": g.node_threshold, file: g.file, imported: g.imported};
+    for (const [k, v] of Object.entries(items)) { record.appendChild(el("dt", k)); record.appendChild(el("dd", fmt(v))); }
+    $("graph-cut").textContent = cutText(view.cut);
+    const focus = given.get("focus");
+    CircuitView.draw($("circuit-graph"), view, {focus}, (key) => { window.location.href = featureHref(key); });
+    body.dataset.graphNodes = String(view.nodes.length);
+    fillTable($("supernodes-table"), ["name", "origin", "rules", "members", "drawn"], view.supernodes.map((s) => ({
+      name: s.name, origin: s.origin, rules: s.rules, members: s.node_ids, drawn: s.drawn.length + " of " + s.node_ids.length})));
+    const tokens = g.prompt_tokens || [];
+    fillTable($("graph-nodes-table"), ["node_id", "kind", "layer", "position", "token", "clerp", "influence", "activation", "key"],
+              view.nodes.map((n) => Object.assign({}, n, {position: n.ctx_idx, token: tokens[n.ctx_idx]})));
   }
 
   async function packPage() {
@@ -207,7 +257,7 @@
     });
     const detail = await api("/api/features/" + path);
     showFeature(detail);
-    await Promise.all([loadFlow(path, params), loadTables(path, params), loadFamily(path)]);
+    await Promise.all([loadFlow(path, params), loadTables(path, params), loadFamily(path), loadGraphs(path)]);
     setupSteering(key);
   }
 
@@ -302,6 +352,21 @@
       const answer = await api("/api/family/" + path + "?above_only=true");
       fillTable(table, ["link", "relative_key", "cosine", "relative_category", "category", "relative_label", "relative_url"],
                 answer.rows);
+    } catch (err) {
+      table.replaceChildren(el("caption", err.message));
+    }
+  }
+
+  // The attribution graphs this feature's nodes are in, each linked to its graph page.
+  async function loadGraphs(path) {
+    const table = $("feature-graphs-table");
+    try {
+      const answer = await api("/api/feature-graphs/" + path);
+      const columns = ["graph", "prompt", "node_id", "position", "token", "activation", "influence"];
+      const rows = answer.graphs.map((r) => Object.assign({graph: r.slug}, r));
+      fillTable(table, columns, rows);
+      linkColumn(table, columns, rows, "graph", (row) => graphHref(row.slug) + "?focus=" + encodeURIComponent(row.node_id));
+      if (answer.more) $("feature-graphs-note").textContent += " The first " + answer.limit + " rows are shown.";
     } catch (err) {
       table.replaceChildren(el("caption", err.message));
     }
@@ -425,7 +490,8 @@
   }
 
   setupFind();
-  const pages = {packs: packsPage, pack: packPage, feature: featurePage, search: searchPage, console: consolePage};
+  const pages = {packs: packsPage, pack: packPage, feature: featurePage, search: searchPage, console: consolePage,
+                 graphs: graphsPage, graph: graphPage};
   const run = pages[body.dataset.page];
   if (run) run().then(() => { body.dataset.ready = "1"; }, (err) => { showError(err); body.dataset.ready = "error"; });
 })();
