@@ -20,8 +20,9 @@ import numpy as np
 
 from flowdb.flow.calibration import cpu_flags, cpu_model, has_bf16
 
-# A Gemma-Scope-like search, small enough to time in about a second per backend.
-QUERIES, BASE, D_MODEL, K = 2048, 8192, 2304, 5
+# A Gemma-Scope-like search, small enough to time in about a second per backend, and square
+# as a build's searches are (a base wider than the queries weighs bf16's rounding of it more).
+QUERIES, BASE, D_MODEL, K = 4096, 4096, 2304, 5
 SHAPE = f"{QUERIES:,} x {BASE:,}, d {D_MODEL}"
 SLOW_SHARE = 0.5  # below this share of the GEMM rate, a backend is called slow
 

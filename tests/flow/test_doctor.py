@@ -62,7 +62,7 @@ def test_doctor_measures_every_installed_cpu_backend_against_the_gemm_rate():
     result = CliRunner().invoke(cli, ["doctor"])
     assert result.exit_code == 0, result.output
     gemm = float(re.search(r"fp32 GEMM, numpy .*: ([\d,]+) GFLOP/s", result.output)[1].replace(",", ""))
-    lines = re.findall(r"^matching (\S+)(?: \((.*)\))?: top-5 of [\d,]+ x 8,192, d 2304: ([\d,]+) GFLOP/s = "
+    lines = re.findall(r"^matching (\S+)(?: \((.*)\))?: top-5 of [\d,]+ x 4,096, d 2304: ([\d,]+) GFLOP/s = "
                        r"(\d+)% of the GEMM rate", result.output, re.M)
     assert [backend for backend, *_ in lines] == ["numpy-cpu", "faiss-cpu", "torch-cpu", "torch-bf16"]
     assert "the CPU default" in lines[0][1] and not lines[1][1] and not lines[2][1]
@@ -77,10 +77,10 @@ def test_doctor_measures_every_installed_cpu_backend_against_the_gemm_rate():
 def test_a_backend_under_half_the_gemm_rate_is_called_slow():
     assert BackendRate("faiss-cpu", 37.0, 0.18).slow and not BackendRate("numpy-cpu", 200.0, 0.95).slow
     emulated = BackendRate("torch-bf16", 4.0, 0.1).describe("numpy-cpu", "numpy-cpu", queries=256)
-    assert emulated == ("matching torch-bf16: top-5 of 256 x 8,192, d 2304: 4 GFLOP/s = 10% of the GEMM rate; "
+    assert emulated == ("matching torch-bf16: top-5 of 256 x 4,096, d 2304: 4 GFLOP/s = 10% of the GEMM rate; "
                         "slow: under 50%, this CPU has no bf16 instructions: torch emulates them")
     assert BackendRate("torch-bf16", 800.0, 3.2).describe("numpy-cpu", "torch-bf16").startswith(
-        "matching torch-bf16 (auto's choice): top-5 of 2,048 x 8,192")
+        "matching torch-bf16 (auto's choice): top-5 of 4,096 x 4,096")
 
 
 def test_every_backend_doctor_measures_is_a_matcher():
