@@ -22,23 +22,35 @@
     return t.length > width ? t.slice(0, width - 1) + "…" : t;
   }
 
+  // A logit's clerp is circuit-tracer's 'Output " Austin" (p=0.451)': its quoted token labels it.
+  function nodeText(n) {
+    const output = n.kind === "logit" && /^Output "(.*)" \(p=[^)]*\)$/.exec(n.clerp || "");
+    return shortened(output ? JSON.stringify(output[1]) : n.clerp, 16);
+  }
+
   function token(view, position) {
     const tokens = view.graph.prompt_tokens || [];
     return position < tokens.length ? tokens[position] : "pos " + position;
   }
 
-  // Nodes sharing a (position, row) cell are spread across the cell, in the graph's order.
-  function positions(nodes) {
-    const cells = {};
+  // Where each node goes: a position's column is as wide as its busiest (position, row) cell
+  // needs (the last position, where logits are read, is usually the busiest), and the nodes
+  // of a cell share its width in the graph's order. centres: each position's tick.
+  function positions(nodes, width) {
+    const cells = {}, busiest = Array(width).fill(1);
     for (const n of nodes) (cells[n.ctx_idx + "," + n.row] = cells[n.ctx_idx + "," + n.row] || []).push(n);
-    const at = {};
+    for (const cell of Object.values(cells)) busiest[cell[0].ctx_idx] = Math.max(busiest[cell[0].ctx_idx], cell.length);
+    const starts = [], widths = busiest.map((n) => Math.max(1, 0.45 * n));
+    widths.reduce((x, w, p) => { starts[p] = x; return x + w; }, 0);
+    const at = {}, upper = {};
     for (const cell of Object.values(cells)) {
-      const span = Math.min(0.8, 0.2 * (cell.length - 1));
+      const p = cell[0].ctx_idx;
       cell.forEach((n, i) => {
-        at[n.node_id] = [n.ctx_idx + (cell.length > 1 ? span * (i / (cell.length - 1) - 0.5) : 0), n.row];
+        at[n.node_id] = [starts[p] + widths[p] * (i + 0.5) / cell.length, n.row];
+        upper[n.node_id] = i % 2 === 0;  // labels alternate above and below, so neighbours' do not collide
       });
     }
-    return at;
+    return {at, upper, centres: widths.map((w, p) => starts[p] + w / 2), end: starts[width - 1] + widths[width - 1]};
   }
 
   function nodeHover(view, n) {
@@ -74,7 +86,7 @@
     view.supernodes.filter((s) => s.drawn.length).forEach((s, i) => {
       const rgb = GROUP_RGB[i % GROUP_RGB.length], colour = "rgb(" + rgb + ")";
       const xs = s.drawn.map((id) => at[id][0]), ys = s.drawn.map((id) => at[id][1]);
-      const box = {x0: Math.min(...xs) - 0.16, x1: Math.max(...xs) + 0.16, y0: Math.min(...ys) - 0.3, y1: Math.max(...ys) + 0.3};
+      const box = {x0: Math.min(...xs) - 0.18, x1: Math.max(...xs) + 0.18, y0: Math.min(...ys) - 0.4, y1: Math.max(...ys) + 0.4};
       shapes.push(Object.assign({type: "rect", layer: "below", fillcolor: "rgba(" + rgb + ",0.12)",
                                  line: {color: colour, width: 1.5}}, box));
       const more = s.drawn.length < s.node_ids.length ? " (" + s.drawn.length + " of " + s.node_ids.length + " drawn)" : "";
@@ -86,7 +98,8 @@
   }
 
   function figure(view, options) {
-    const at = positions(view.nodes);
+    const width = Math.max(1, (view.graph.prompt_tokens || []).length, ...view.nodes.map((n) => n.ctx_idx + 1));
+    const {at, upper, centres, end} = positions(view.nodes, width);
     const links = linkShapes(view, at), boxes = supernodeBoxes(view, at);
     const data = [links.trace];
     for (const [style, look] of Object.entries(STYLE)) {
@@ -94,8 +107,9 @@
       if (!group.length) continue;
       data.push({
         x: group.map((n) => at[n.node_id][0]), y: group.map((n) => at[n.node_id][1]), name: look.name,
-        mode: style === "feature" || style === "tied" ? "markers+text" : "markers",
-        text: group.map((n) => esc(shortened(n.clerp, 16))), textposition: "top center", textfont: {size: 9, color: "#444"},
+        mode: style === "error" || style === "embedding" ? "markers" : "markers+text",
+        text: group.map((n) => esc(nodeText(n))), textfont: {size: 9, color: "#444"},
+        textposition: group.map((n) => (upper[n.node_id] ? "top center" : "bottom center")),
         customdata: group.map((n) => n.node_id), hoverinfo: "text", hovertext: group.map((n) => nodeHover(view, n)),
         marker: {size: style === "tied" ? 13 : 11, symbol: look.symbol, color: look.color,
                  line: {width: group.map((n) => (n.is_target_logit ? 2.5 : 1)),
@@ -109,14 +123,12 @@
     }
     const rows = [...new Set(view.nodes.map((n) => n.row))].sort((a, b) => a - b);
     const top = Math.max(0, ...rows), logitRows = new Set(view.nodes.filter((n) => n.kind === "logit").map((n) => n.row));
-    const width = Math.max(1, (view.graph.prompt_tokens || []).length, ...view.nodes.map((n) => n.ctx_idx + 1));
-    const ticks = [...Array(width).keys()];
     return {data, layout: {
       shapes: boxes.shapes.concat(links.shapes), annotations: boxes.annotations, hovermode: "closest",
       plot_bgcolor: "white", margin: {l: 60, r: 20, t: 40, b: 80}, height: Math.max(460, 56 * rows.length + 180),
       legend: {orientation: "h", y: 1.08},
-      xaxis: {tickvals: ticks, ticktext: ticks.map((p) => esc(shortened(token(view, p), 14))), tickangle: -30,
-              range: [-0.6, width - 0.4], showgrid: true, gridcolor: "#f0f0f0", zeroline: false},
+      xaxis: {tickvals: centres, ticktext: centres.map((x, p) => esc(shortened(token(view, p), 14))), tickangle: -30,
+              range: [-0.1, end + 0.1], showgrid: true, gridcolor: "#f0f0f0", zeroline: false},
       yaxis: {tickvals: rows, ticktext: rows.map((r) => (r === -1 ? "tokens" : logitRows.has(r) ? "logits" : "L" + r)),
               range: [Math.min(-1, ...rows) - 0.7, top + 0.9], zeroline: false, gridcolor: "#f0f0f0"}}};
   }
