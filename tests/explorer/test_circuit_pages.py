@@ -258,6 +258,9 @@ def test_a_cut_graph_says_what_was_cut(live, page):
     assert f"the 3 most influential of {cut['nodes']['of']} feature and error nodes" in note
     assert f"the 1 strongest by |weight| of the {cut['links']['among']} links among the drawn nodes" in note
     assert page.locator("#graph-controls input[name=nodes]").input_value() == "3"
+    ready(page, live + "/graph/g00?nodes=3&links=1&focus=nowhere")
+    note = page.locator("#graph-cut").text_content()
+    assert "Node nowhere (from the feature page) is not among the drawn nodes" in note
 
 
 def test_a_tied_node_opens_its_feature_page_which_lists_its_graphs(live, page, circuit_db):

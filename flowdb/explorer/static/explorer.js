@@ -151,8 +151,10 @@
                    pack: g.pack ? g.pack + " (" + g.module + " features)" : "tied to no pack", nodes: g.nodes, links: g.links,
                    "node threshold": g.node_threshold, file: g.file, imported: g.imported};
     for (const [k, v] of Object.entries(items)) { record.appendChild(el("dt", k)); record.appendChild(el("dd", fmt(v))); }
-    $("graph-cut").textContent = cutText(view.cut);
     const focus = given.get("focus");
+    const unseen = focus && !view.nodes.some((n) => n.node_id === focus)
+      ? " Node " + focus + " (from the feature page) is not among the drawn nodes: raise the node cap." : "";
+    $("graph-cut").textContent = cutText(view.cut) + unseen;
     CircuitView.draw($("circuit-graph"), view, {focus}, (key) => { window.location.href = featureHref(key); });
     body.dataset.graphNodes = String(view.nodes.length);
     fillTable($("supernodes-table"), ["name", "origin", "rules", "members", "drawn"], view.supernodes.map((s) => ({
