@@ -129,7 +129,8 @@ class _Unit:
     node_ids: list[str] = field(default_factory=list)
     label: str = ""
     key: str | None = None  # the tied pack feature
-    influence: float = -math.inf
+    # circuit-tracer's influence is a cumulative share: the smaller, the more influential
+    influence: float = math.inf
 
     @property
     def layer_number(self) -> int:
@@ -174,7 +175,7 @@ def _units(db: Database, slug: str) -> list[_Unit]:
         unit.label = unit.label or (row["clerp"] or "").strip() or (row["label"] or "").strip()
         unit.key = unit.key or row["key"]
         if row["influence"] is not None:
-            unit.influence = max(unit.influence, row["influence"])
+            unit.influence = min(unit.influence, row["influence"])
     return list(units.values())
 
 
@@ -384,7 +385,7 @@ def _name(units: list[_Unit], group: list[int], idf: dict[str, float]) -> str:
         top = max(counts.values())
         shared = sorted((w for w, n in counts.items() if n == top), key=lambda w: (-idf.get(w, 0), w))[:3]
         return " ".join(shared)
-    lead = max(group, key=lambda i: (units[i].influence, -i))
+    lead = min(group, key=lambda i: (units[i].influence, i))
     label = " ".join(units[lead].label.split())
     if label:
         return label if len(label) <= MAX_NAME else label[:MAX_NAME - 3] + "..."

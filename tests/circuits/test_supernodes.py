@@ -181,3 +181,13 @@ def test_family_links_group_features_that_match_one_relative(world):
     holding = [s for s in suggestions if set(distractors) & set(s.node_ids)]
     assert [(set(s.node_ids), s.rules) for s in holding] == [(set(distractors[:2]), ("family",))]
     assert outcome(suggestions, "family").accepted == 1 and "1 link set" in outcome(suggestions, "family").chance
+
+
+def test_a_name_without_shared_words_is_the_most_influential_members_label():
+    """circuit-tracer's influence is a cumulative share: the smallest is the most influential."""
+    from flowdb.circuits.supernodes import _name, _Unit
+
+    units = [_Unit("3", 7, ["3_7_1"], "harbour cranes", influence=0.40),
+             _Unit("4", 9, ["4_9_2"], "Austin city", influence=0.05),
+             _Unit("5", 2, ["5_2_2"], "river mouths", influence=0.90)]
+    assert _name(units, [0, 1, 2], {}) == "Austin city"
