@@ -17,7 +17,7 @@ from flowdb.classify import classify
 from flowdb.errors import PackError
 from flowdb.flow.layer import LayerBuild
 from flowdb.flow.matching import Matcher
-from flowdb.modules import MODULES, NAMES, RESIDUAL
+from flowdb.modules import NAMES, RESIDUAL
 from flowdb.packs.plan import BuildPlan, PlannedSae
 from flowdb.packs.sources import SaeInfo, check_decoder, check_same_space, load_decoder, load_encoder
 
@@ -34,10 +34,7 @@ def match_layer(plan: BuildPlan, layer: int, matcher: Matcher) -> LayerBuild:
         res_w = load_encoder(plan.sae(layer, RESIDUAL.name).ref)[1]
     current = LayerBuild(layer, {RESIDUAL.name: res_w.shape[0]}, matcher=matcher.backend)
     current.saes[RESIDUAL.name] = _provenance(res_info, plan.model, plan.sae(layer, RESIDUAL.name))
-    for module in MODULES.values():
-        planned = plan.sae(module.predecessor_layer(layer), module.name)
-        if planned is None:
-            continue
+    for module, planned in plan.predecessors(layer):
         info, base = load_rows(planned, res_info.d_in)
         if module is not RESIDUAL:
             current.widths[module.name] = base.shape[0]

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from flowdb.classify import Thresholds
 from flowdb.errors import FlowdbError, PackError, StaleBuildError
-from flowdb.modules import MODULES, NAMES, RESIDUAL
+from flowdb.modules import MODULES, NAMES, RESIDUAL, Module
 from flowdb.packs.manifest import DEFAULT_SCORE, Manifest, SourceRef
 from flowdb.packs.sources import SaeInfo, check_same_space, content_digest, inspect
 
@@ -90,6 +90,13 @@ class BuildPlan:
     def _by_slot(self) -> dict[tuple[int, str], PlannedSae]:
         return {(s.ref.layer, s.ref.module): s for s in self.saes}
 
+    def predecessors(self, layer: int) -> Iterator[tuple[Module, PlannedSae]]:
+        """The SAEs R_layer is matched against: R_(layer-1), M_layer and A_layer, where planned."""
+        for module in MODULES.values():
+            planned = self.sae(module.predecessor_layer(layer), module.name)
+            if planned is not None:
+                yield module, planned
+
     def matching_gflop(self, layers: Iterable[int] | None = None) -> float | None:
         """The GEMM work of matching these layers (default: all), in GFLOP: each residual
         SAE's rows against each predecessor's; None where an SAE's size is not known."""
@@ -98,10 +105,7 @@ class BuildPlan:
             residual = self.sae(layer, RESIDUAL.name)
             if residual is None:
                 continue
-            for module in MODULES.values():
-                base = self.sae(module.predecessor_layer(layer), module.name)
-                if base is None:
-                    continue
+            for _, base in self.predecessors(layer):
                 sizes = (residual.info.d_sae, base.info.d_sae, residual.info.d_in)
                 if None in sizes:
                     return None
