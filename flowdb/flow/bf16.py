@@ -57,7 +57,6 @@ when candidates rarely repeat, and multiplies every row of the chunk by all of t
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -65,6 +64,7 @@ from functools import lru_cache
 import numpy as np
 
 from flowdb.errors import FlowdbError
+from flowdb.flow.calibration import usable_cores
 from flowdb.flow.ranking import top_k_rows
 
 EXTRA_CANDIDATES = 16  # candidates beyond k taken from the bf16 GEMM
@@ -232,24 +232,17 @@ def rescore_numpy(block: np.ndarray, tile: np.ndarray, candidates: np.ndarray, k
             gathered = tile[candidates[start:stop, :width]]  # [rows, width, d]
             exact[start:stop, :width] = np.matmul(gathered, block[start:stop, :, None])[..., 0]
 
-    n, threads = block.shape[0], _cores()
+    n, threads = block.shape[0], usable_cores()
     bounds = [n * t // threads for t in range(threads + 1)]
     parts = [range(lo, hi, rows) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
-    if len(parts) > 1:
-        list(_pool().map(rescore, parts))
-    else:
-        rescore(parts[0]) if parts else None
+    run = _pool().map if len(parts) > 1 else map  # one part: no hand-off to a thread
+    list(run(rescore, parts))
     return _past_prefix(exact, keep)
 
 
 @lru_cache(maxsize=1)
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-@lru_cache(maxsize=1)
 def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(_cores(), thread_name_prefix="flowdb-rescore")
+    return ThreadPoolExecutor(usable_cores(), thread_name_prefix="flowdb-rescore")
 
 
 def rescore_torch(queries, base, candidates: np.ndarray, keep: np.ndarray, rows: int) -> np.ndarray:

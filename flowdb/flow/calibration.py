@@ -13,8 +13,8 @@ With one candidate nothing is measured. With several, each searches one problem
 (QUERIES x BASE, d D_MODEL, with exact ties planted at the k-th place), its answer is
 checked against float64 brute force (a candidate that errs or fails is never chosen),
 and its rate is timed beside numpy's fp32 GEMM on the same shape: about a second on a
-2-core CPU with bf16, plus torch's import. The fastest wins, if it beats the first candidate by MARGIN (noise must not
-flip the choice). The result is cached in FLOWDB_HOME/cache/backend.json under a key
+2-core CPU with bf16, plus torch's import. The fastest wins, if it beats the first
+candidate by MARGIN (noise must not flip the choice). The result is cached in FLOWDB_HOME/cache/backend.json under a key
 of the CPU model and flags, the core count, the numpy/torch/faiss versions, the GPU
 and the candidates; a cache with any other key is measured again.
 """
@@ -104,10 +104,14 @@ def library_versions() -> dict[str, str | None]:
     return found
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def machine_key(candidates: list[str], gpu: str | None = None) -> dict:
     """What a cached choice depends on; any change is measured again."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"version": VERSION, "cpu": cpu_model(), "flags": " ".join(sorted(cpu_flags())), "cores": cores,
+    return {"version": VERSION, "cpu": cpu_model(), "flags": " ".join(sorted(cpu_flags())), "cores": usable_cores(),
             **library_versions(), "gpu": gpu, "candidates": list(candidates)}
 
 
