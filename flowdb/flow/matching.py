@@ -190,26 +190,27 @@ class Matcher:
         for offset in range(0, n_base, self.base_tile):
             # Each tile is a new array object, even where its memory is the last one's:
             # tile searches that keep a tile's derived data (bf16's rounding) go by identity.
-            tile = normalise(base[offset:offset + self.base_tile], self._scratch("tile"))
+            rows = base[offset:offset + self.base_tile]
+            tile = normalise(rows, self._scratch("tile", rows.shape))
             width = min(k, tile.shape[0])
             found_s = np.empty((n_queries, width), dtype=np.float32)
             found_i = np.empty((n_queries, width), dtype=np.int64)
             for start in range(0, n_queries, query_tile):
-                block = normalise(queries[start:start + query_tile], self._scratch("block"))
+                rows = queries[start:start + query_tile]
+                block = normalise(rows, self._scratch("block", rows.shape))
                 s, i = tile_search(block, tile, width)
                 found_s[start:start + query_tile], found_i[start:start + query_tile] = s, i + offset
             scores, indices = merge_top_k(scores, indices, found_s, found_i, k)
         return scores, indices
 
-
-    def _scratch(self, role: str) -> Callable[[int], np.ndarray]:
-        """A float32 buffer of at least n items for this role, grown when too small."""
-        def get(n: int) -> np.ndarray:
-            found = self.workspace.get(role)
-            if found is None or found.size < n:
-                found = self.workspace[role] = np.empty(n, dtype=np.float32)
-            return found[:n]
-        return get
+    def _scratch(self, role: str, shape: tuple[int, int]) -> np.ndarray:
+        """A float32 array of this shape in the role's memory, which grows when too small;
+        each call gives a new array object."""
+        n = shape[0] * shape[1]
+        found = self.workspace.get(role)
+        if found is None or found.size < n:
+            found = self.workspace[role] = np.empty(n, dtype=np.float32)
+        return found[:n].reshape(shape)
 
 
 def top_k(queries: np.ndarray, base: np.ndarray, k: int,

@@ -4,8 +4,6 @@ one stable sort of the whole row would order them, so every backend ranks ties a
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
 from flowdb.errors import FlowdbError
@@ -13,13 +11,12 @@ from flowdb.errors import FlowdbError
 GROUP_SIZE = 16  # columns per group in top_k_rows: one max per group, then only the best groups are read
 
 
-def normalise(w_dec: np.ndarray, buffer: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
-    """Unit-length rows as C-contiguous float32 (what FAISS takes); buffer(n), when
-    given, lends the memory for the result (n float32 items), else it is new."""
+def normalise(w_dec: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Unit-length rows as C-contiguous float32 (what FAISS takes), into `out` (float32,
+    w_dec's shape) when given, else into a new array."""
     w = np.ascontiguousarray(w_dec, dtype=np.float32)
     norms = np.sqrt(np.einsum("ij,ij->i", w, w))[:, None]  # one pass; np.linalg.norm takes three
-    out = np.empty_like(w) if buffer is None else buffer(w.size).reshape(w.shape)
-    return np.divide(w, norms, out=out)
+    return np.divide(w, norms, out=np.empty_like(w) if out is None else out)
 
 
 def merge_top_k(scores_a, indices_a, scores_b, indices_b, k: int):
