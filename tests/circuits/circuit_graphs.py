@@ -83,3 +83,36 @@ def write_graphs(folder: Path, n: int, seed: int = 0) -> dict[str, dict]:
         (folder / f"{slug}.json").write_text(json.dumps(graphs[slug]))
     (folder / "graph-metadata.json").write_text(json.dumps({"graphs": [g["metadata"] for g in graphs.values()]}))
     return graphs
+
+
+def circuit_tracer_model():
+    """circuit-tracer 0.5.0's own pydantic model of a graph file. scripts/setup.sh full installs
+    circuit-tracer with --no-deps: its graph models need pydantic alone, and its dependencies
+    would pull transformers back below 4.58."""
+    try:
+        from circuit_tracer.frontend.graph_models import Model
+    except ImportError:
+        import pytest
+
+        pytest.fail("circuit-tracer is not installed; bash scripts/setup.sh full installs it "
+                    "(pip install --no-deps circuit-tracer==0.5.0)")
+    return Model
+
+
+def broken_copies(document: dict) -> dict[str, dict]:
+    """Copies of a valid graph document, each broken in one way circuit-tracer's model refuses:
+    they show that the validation bites."""
+    cases = {}
+
+    def broken(why: str) -> dict:
+        cases[why] = json.loads(json.dumps(document))
+        return cases[why]
+
+    del broken("qParams.linkType missing")["qParams"]["linkType"]
+    broken("qParams.supernodes of strings")["qParams"]["supernodes"] = ["texas 20_15589_3"]
+    broken("a supernode member not a string")["qParams"]["supernodes"].append(["name", 7])
+    del broken("nodes[0].feature missing")["nodes"][0]["feature"]
+    broken("nodes[-1].ctx_idx a word")["nodes"][-1]["ctx_idx"] = "last"
+    del broken("metadata.transcoder_list missing")["metadata"]["transcoder_list"]
+    broken("links an object")["links"] = {"0": document["links"][0]}
+    return cases

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from circuit_graphs import make_graph, write_graphs
+from circuit_graphs import broken_copies, circuit_tracer_model, make_graph, write_graphs
 from click.testing import CliRunner
+from pydantic import ValidationError
 
 from flowdb.circuits.schema import check_graph
 from flowdb.circuits.store import import_graphs
@@ -166,6 +167,29 @@ def test_export_round_trip(db, folder, tmp_path):
         result = invoke("import", out)
         assert result.exit_code == 0 and "nothing to do" in result.output
     assert stored_state(db) == before
+
+
+def test_exports_validate_with_circuit_tracers_own_model(db, folder, tmp_path):
+    """Each plain export parses with circuit_tracer.frontend.graph_models.Model into what the
+    original file parses into; the same model refuses broken copies of it."""
+    model = circuit_tracer_model()
+    path, graphs = folder
+    assert invoke("import", path).exit_code == 0
+    for slug, g in graphs.items():
+        out = tmp_path / f"{slug}.json"
+        assert invoke("export", slug, "--out", out).exit_code == 0
+        exported = json.loads(out.read_text())
+        if all(isinstance(n["layer"], str) for n in g["nodes"]):  # as circuit-tracer writes them
+            assert model.model_validate(exported).model_dump() == model.model_validate(g).model_dump()
+        else:  # integer layers (Neuronpedia's schema allows them): refused in the file as in its export
+            for document in (g, exported):
+                with pytest.raises(ValidationError, match="layer"):
+                    model.model_validate(document)
+        for why, broken in broken_copies(exported).items():
+            with pytest.raises(ValidationError):
+                model.model_validate(broken)
+                pytest.fail(f"{slug}: circuit-tracer's model took a copy with {why}")
+    assert sum(isinstance(g["nodes"][-1]["layer"], int) for g in graphs.values()) == 1  # both cases ran
 
 
 def test_list_and_delete(db, folder):

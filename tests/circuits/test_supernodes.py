@@ -8,8 +8,10 @@ import json
 
 import jsonschema
 import pytest
+from circuit_graphs import broken_copies, circuit_tracer_model
 from click.testing import CliRunner
 from planted_supernodes import PACK, pairs, plant, samey_graph
+from pydantic import ValidationError
 
 from flowdb.circuits.schema import check_graph
 from flowdb.circuits.store import delete_graph, export_graph, import_graphs
@@ -151,6 +153,24 @@ def test_export_with_supernodes_validates_and_reimports(world, tmp_path):
         assert export_graph(db, "target-grouped")["qParams"] == exported["qParams"]
     finally:
         delete_graph(db, "target-grouped")  # the module's store stays as planted
+
+
+def test_export_with_supernodes_validates_with_circuit_tracers_own_model(world, tmp_path):
+    """circuit_tracer.frontend.graph_models.Model reads the --supernodes export: its supernodes as
+    suggested, the rest as the stored file's; broken copies of it are refused."""
+    model = circuit_tracer_model()
+    db, graphs, _, suggestions, _ = world
+    out = tmp_path / "sn.json"
+    assert invoke("export", "target", "--out", out, "--supernodes").exit_code == 0
+    exported = json.loads(out.read_text())
+    parsed = model.model_validate(exported)
+    assert parsed.qParams.supernodes == [s.as_qparam() for s in suggestions] and len(suggestions) > 0
+    assert parsed.model_dump(exclude={"qParams"}) == model.model_validate(graphs["target"]).model_dump(
+        exclude={"qParams"})
+    for why, broken in broken_copies(exported).items():
+        with pytest.raises(ValidationError):
+            model.model_validate(broken)
+            pytest.fail(f"circuit-tracer's model took a copy with {why}")
 
 
 def test_export_errors_are_one_line(world, tmp_path):
