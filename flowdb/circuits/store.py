@@ -10,23 +10,30 @@
     (:GraphNode)-[:ATTRIBUTES {weight, ord}]->(:GraphNode)    weights exactly the file's
     (:GraphNode)-[:IS]->(:Feature)    with --pack: the feature PACK/LAYER/MODULE/INDEX
 
-A graph is written in one transaction, in batches of a few thousand rows, so a failure
-leaves nothing of it and a reader sees it whole or not at all. The same content under a
-stored slug changes nothing; other content under it is refused unless replace=True, which
-swaps the old graph for the new one in that same transaction.
+A graph is written whole in one transaction, in batches of a few thousand rows, so a
+failure leaves nothing of it and a reader sees it whole or not at all. Small graphs share
+a transaction (up to GROUP_ROWS nodes and links, their rows pooled in the batches), since
+many of them would otherwise pay a commit and round trips each; when such a transaction
+fails, its graphs are written again one per transaction, so the graphs before the failing
+one are kept and the error is that graph's. The same content under a stored slug changes
+nothing; other content under it is refused unless replace=True, which swaps the old graph
+for the new one in the transaction that writes it.
 """
 
 from __future__ import annotations
 
 import json
+import queue
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flowdb.circuits.schema import NODE_FIELDS, GraphFile, GraphFileError, kind_of, read_graph_file, transcoder_index
-from flowdb.errors import FlowdbError, NotFound
+from flowdb.errors import FlowdbError, Neo4jUnavailable, NotFound
 from flowdb.modules import MODULES
 from flowdb.store import graph
 
@@ -34,6 +41,7 @@ if TYPE_CHECKING:
     from flowdb.store.database import Database
 
 BATCH = 2_000
+GROUP_ROWS = 20_000  # nodes and links of small graphs written in one transaction
 INDEX_FILE = "graph-metadata.json"  # circuit-tracer's list of the graphs in a directory, not a graph
 
 
@@ -107,17 +115,39 @@ def import_graphs(db: Database, paths: Iterable[str | Path], replace: bool = Fal
                 why = f"{tie(row['pack'], row['module'])}, not {tie(pack, module)}"
             raise GraphConflict(f"{graph_file.path}: metadata.slug: graph {slug!r} is stored {why}; "
                                 "pass --replace to replace it")
+    todo = [(graph_file, slug in stored) for slug, graph_file in by_slug.items()
+            if not (slug in stored and _same(stored[slug], graph_file, pack, module))]
+    ties: dict[str, int] = {}
+    for group in _groups(todo):
+        try:
+            ties.update(_write_graphs(db, group, pack, module))
+        except Neo4jUnavailable:
+            raise
+        except FlowdbError:
+            if len(group) == 1:
+                raise
+            for one in group:  # the failing graph raises; those before it are kept
+                ties.update(_write_graphs(db, [one], pack, module))
     reports = []
     for slug, graph_file in by_slug.items():
-        row = stored.get(slug)
-        if row and _same(row, graph_file, pack, module):
-            reports.append(ImportReport(slug, graph_file.path, "unchanged", graph_file.n_nodes,
-                                        graph_file.n_links, 0))
-            continue
-        ties = _write_graph(db, graph_file, pack, module, replace=row is not None)
-        reports.append(ImportReport(slug, graph_file.path, "replaced" if row else "stored",
-                                    graph_file.n_nodes, graph_file.n_links, ties))
+        status = "unchanged" if slug not in ties else "replaced" if slug in stored else "stored"
+        reports.append(ImportReport(slug, graph_file.path, status, graph_file.n_nodes, graph_file.n_links,
+                                    ties.get(slug, 0)))
     return reports
+
+
+def _groups(todo: list[tuple[GraphFile, bool]]) -> Iterator[list[tuple[GraphFile, bool]]]:
+    """Consecutive graphs of at most GROUP_ROWS nodes and links together; a larger one alone."""
+    group, rows = [], 0
+    for item in todo:
+        size = item[0].n_nodes + item[0].n_links
+        if group and rows + size > GROUP_ROWS:
+            yield group
+            group, rows = [], 0
+        group.append(item)
+        rows += size
+    if group:
+        yield group
 
 
 def _same(row: dict, graph_file: GraphFile, pack: str | None, module: str) -> bool:
@@ -125,7 +155,8 @@ def _same(row: dict, graph_file: GraphFile, pack: str | None, module: str) -> bo
             and (pack is None or row["module"] == module))
 
 
-def _batches(rows: Iterable[dict], size: int = BATCH) -> Iterator[list[dict]]:
+def _batches(rows: Iterable[dict], size: int | None = None) -> Iterator[list[dict]]:
+    size = size or BATCH  # read when called: a test sets a small BATCH
     batch: list[dict] = []
     for row in rows:
         batch.append(row)
@@ -134,6 +165,47 @@ def _batches(rows: Iterable[dict], size: int = BATCH) -> Iterator[list[dict]]:
             batch = []
     if batch:
         yield batch
+
+
+class _Prefetched:
+    """Batches made in a thread, at most two ahead, so reading and checking the file again
+    overlaps the server's write of the batch before (the driver waits on the socket)."""
+
+    _END = object()
+
+    def __init__(self, batches: Iterator[list[dict]]):
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._make, args=(batches,), daemon=True)
+        self.thread.start()
+
+    def _make(self, batches: Iterator[list[dict]]) -> None:
+        try:
+            for batch in batches:
+                if not self._put(batch):
+                    return
+            self._put(self._END)
+        except BaseException as exc:  # handed to the writer, which raises it
+            self._put(exc)
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        try:
+            while (item := self.queue.get()) is not self._END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.stop.set()
+            self.thread.join()
 
 
 def _node_rows(graph_file: GraphFile) -> Iterator[dict]:
@@ -159,29 +231,39 @@ def _graph_properties(graph_file: GraphFile, pack: str | None, module: str) -> d
     }
 
 
-def _write_graph(db: Database, graph_file: GraphFile, pack: str | None, module: str, replace: bool) -> int:
-    slug = graph_file.slug
+def _link_rows(graph_file: GraphFile) -> Iterator[dict]:
+    for ord_, link in enumerate(graph_file.links()):
+        yield {"g": graph_file.slug, "s": link.source, "t": link.target, "w": link.weight, "o": ord_}
 
-    def work(tx) -> int:
-        if replace:
-            _delete_in(tx, slug)
-        tx.run("CREATE (g:AttributionGraph) SET g = $props",
-               props=_graph_properties(graph_file, pack, module)).consume()
-        for rows in _batches(_node_rows(graph_file)):
+
+def _write_graphs(db: Database, group: list[tuple[GraphFile, bool]], pack: str | None,
+                  module: str) -> dict[str, int]:
+    """The graphs of a group in one transaction (a stored one first deleted when its flag
+    says so); returns each slug's (:GraphNode)-[:IS]->(:Feature) count."""
+    files = [graph_file for graph_file, _ in group]
+    slugs = [graph_file.slug for graph_file in files]
+
+    def work(tx) -> dict[str, int]:
+        for graph_file, replace in group:
+            if replace:
+                _delete_in(tx, graph_file.slug)
+        tx.run("UNWIND $props AS props CREATE (g:AttributionGraph) SET g = props",
+               props=[_graph_properties(graph_file, pack, module) for graph_file in files]).consume()
+        for rows in _Prefetched(_batches(chain.from_iterable(map(_node_rows, files)))):
             tx.run("UNWIND $rows AS row CREATE (n:GraphNode) SET n = row", rows=rows).consume()
-        links = ({"s": link.source, "t": link.target, "w": link.weight, "o": i}
-                 for i, link in enumerate(graph_file.links()))
-        for rows in _batches(links):
+        for rows in _Prefetched(_batches(chain.from_iterable(map(_link_rows, files)))):
             tx.run("UNWIND $rows AS row "
-                   "MATCH (s:GraphNode {graph: $slug, node_id: row.s}), (t:GraphNode {graph: $slug, node_id: row.t}) "
-                   "CREATE (s)-[:ATTRIBUTES {weight: row.w, ord: row.o}]->(t)", rows=rows, slug=slug).consume()
-        if pack is None:
-            return 0
-        record = tx.run(
-            "MATCH (n:GraphNode {graph: $slug, kind: 'feature'}) WHERE n.index IS NOT NULL "
-            "MATCH (f:Feature {key: $pack + '/' + n.layer + '/' + $module + '/' + toString(n.index)}) "
-            "CREATE (n)-[:IS]->(f) RETURN count(*) AS ties", slug=slug, pack=pack, module=module).single()
-        return record["ties"]
+                   "MATCH (s:GraphNode {graph: row.g, node_id: row.s}), (t:GraphNode {graph: row.g, node_id: row.t}) "
+                   "CREATE (s)-[:ATTRIBUTES {weight: row.w, ord: row.o}]->(t)", rows=rows).consume()
+        ties = dict.fromkeys(slugs, 0)
+        if pack is not None:
+            for record in tx.run(
+                    "MATCH (n:GraphNode {kind: 'feature'}) WHERE n.graph IN $slugs AND n.index IS NOT NULL "
+                    "MATCH (f:Feature {key: $pack + '/' + n.layer + '/' + $module + '/' + toString(n.index)}) "
+                    "CREATE (n)-[:IS]->(f) RETURN n.graph AS slug, count(*) AS ties",
+                    slugs=slugs, pack=pack, module=module):
+                ties[record["slug"]] = record["ties"]
+        return ties
 
     with db.session() as session:
         return session.execute_write(work)

@@ -261,12 +261,32 @@ def test_a_write_that_fails_midway_leaves_nothing_of_that_graph(db, folder, monk
     result = invoke("import", path)
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
     stored = {r["slug"] for r in db.read("MATCH (g:AttributionGraph) RETURN g.slug AS slug")}
-    assert stored == {"g00", "g01", "g02", "g03"}  # each graph is its own transaction, in slug order
+    assert stored == {"g00", "g01", "g02", "g03"}  # the shared transaction failed: one graph each, in slug order
     assert db.read("MATCH (n:GraphNode {graph: 'g04'}) RETURN count(n) AS n, collect(n.planted) AS p") == [
         {"n": 1, "p": [True]}]
     db.write("MATCH (n:GraphNode {planted: true}) DELETE n")
     assert invoke("import", path).exit_code == 0
     assert stored_counts(db)["graphs"] == len(graphs)
+
+
+def test_graphs_written_together_or_one_by_one_are_stored_the_same(db, folder, monkeypatch):
+    from flowdb.circuits import store
+
+    path, graphs = folder
+
+    def state():
+        found = stored_state(db)
+        for props in found["graphs"].values():
+            del props["imported"]  # the time of the write
+        return found
+
+    assert invoke("import", path).exit_code == 0  # the six small graphs share one transaction
+    together = state()
+    db.write("MATCH (n) WHERE n:GraphNode OR n:AttributionGraph DETACH DELETE n")
+    monkeypatch.setattr(store, "GROUP_ROWS", 1)
+    monkeypatch.setattr(store, "BATCH", 7)  # one graph per transaction, in many small batches
+    assert invoke("import", path).output.count("stored from") == len(graphs)
+    assert state() == together
 
 
 def test_a_minimal_file_exports_with_every_field_circuit_tracer_requires(db, tmp_path):
