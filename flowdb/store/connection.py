@@ -43,7 +43,7 @@ def connect(settings: Neo4jSettings | None = None) -> Database:
     with neo4j_errors(uri=uri, database=settings.database):
         # Schema-less warnings ("property does not exist yet") are noise on a fresh graph.
         driver = GraphDatabase.driver(uri, auth=auth, connection_timeout=10,
-                                      notifications_min_severity="OFF")
+                                      notifications_min_severity="OFF", **_retries(settings))
     db = Database(driver, settings.database, uri, auth[0] if auth else None,
                   server if settings.managed else None)
     try:
@@ -56,3 +56,12 @@ def connect(settings: Neo4jSettings | None = None) -> Database:
         driver.close()
         raise
     return db
+
+
+# flowdb's managed server is one local process: once it is gone, the driver's 30 s of
+# retries (meant for a cluster electing a new leader) only delay the one-line error.
+MANAGED_RETRY_S = 5.0
+
+
+def _retries(settings: Neo4jSettings) -> dict:
+    return {"max_transaction_retry_time": MANAGED_RETRY_S} if settings.managed else {}

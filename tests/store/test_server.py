@@ -40,7 +40,8 @@ def _mode(path) -> int:
 
 
 def test_start_status_stop_cycle(neo4j_settings, tmp_path, monkeypatch):
-    """A second managed server, sharing the session's jars, goes up and down on request."""
+    """A second managed server, sharing the session's jars, goes up and down on request,
+    and its password is the password file's whatever the store held."""
     root = tmp_path / "home" / "neo4j"
     _share_session_jars(root)
     port = _free_port()
@@ -60,6 +61,21 @@ def test_start_status_stop_cycle(neo4j_settings, tmp_path, monkeypatch):
         status = runner.invoke(cli, ["neo4j", "status"])
         assert status.exit_code == 1 and "not answering" in status.output
         assert runner.invoke(cli, ["neo4j", "stop"]).output.strip() == "not running"
+
+        # The new store took the password as its system database was made: no default
+        # password ever, and no initial-user file left behind.
+        first = ManagedServer.default().auth()
+        assert "set for the new store" in (root / "logs" / "server.log").read_text()
+        assert not list((root / "dbms").rglob("auth.ini"))
+        # A store that holds another password (a replaced password file, or a system
+        # database from elsewhere) is given the file's with Bolt off.
+        (root / "password").write_text("another-password-of-28-chars\n")
+        assert runner.invoke(cli, ["neo4j", "start"]).exit_code == 0
+        assert "password of neo4j set with Bolt off" in (root / "logs" / "server.log").read_text()
+        for wrong in (first, ("neo4j", "neo4j")):
+            with GraphDatabase.driver(f"bolt://127.0.0.1:{port}", auth=wrong) as driver, pytest.raises(AuthError):
+                driver.verify_connectivity()
+        assert bolt_answers(f"bolt://127.0.0.1:{port}", ("neo4j", "another-password-of-28-chars"))
     finally:
         ManagedServer(root, port).stop()
 
