@@ -30,7 +30,8 @@ def import_command(paths, replace, pack, module, settings):
     with node feature_type 'cross layer transcoder', 'transcoder', 'mlp reconstruction
     error', 'embedding' or 'logit'; anything else (lorsa nodes, QK tracing, unknown keys)
     is refused in one line naming the file and the field. Every file is checked before
-    anything is written, and each graph is written in one transaction. The same content
+    anything is written, and no graph is ever written in part (small graphs share a
+    transaction; a failed one is written again one graph each). The same content
     again changes nothing; other content under a stored slug needs --replace."""
     from flowdb.circuits.store import import_graphs
 
