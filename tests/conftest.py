@@ -260,3 +260,90 @@ def pytest_collection_modifyitems(items):
         for marker, fixtures in NEEDS.items():
             if fixtures & set(getattr(item, "fixturenames", ())):
                 item.add_marker(marker)
+
+
+# --- graphs built once and reused by the tests that only read them ---------------------------
+# A shared graph carries a (:TestGraphMark) node naming it, with the graph's fingerprint as
+# built. Every wipe (the db fixture, explorer_db) deletes the mark, and a leftover write that
+# adds or removes nodes, relationships, labels, property keys or indexes changes the
+# fingerprint: either way the next reader rebuilds. So no test order, nor xdist (a server per
+# worker), hands a reader another test's leftovers. A value overwritten in place escapes the
+# fingerprint: tests that write anything take `db` and build their own graph.
+
+def wipe(database) -> None:
+    """Empty the database and restore flowdb's schema, as the db fixture does."""
+    database.write_in_batches("MATCH (n) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS")
+    ensure_schema(database)
+
+
+def graph_fingerprint(database) -> str:
+    """Counts of nodes, relationships and their property keys, the labels and types in use,
+    and the indexes' names: what a write almost always changes, in one cheap reading."""
+    import json
+
+    counts = database.read(
+        "CALL () { MATCH (n) WHERE NOT n:TestGraphMark RETURN count(n) AS nodes, "
+        "sum(size(keys(n))) AS node_keys, collect(DISTINCT labels(n)) AS labels } "
+        "CALL () { MATCH ()-[r]->() RETURN count(r) AS rels, sum(size(keys(r))) AS rel_keys, "
+        "collect(DISTINCT type(r)) AS types } "
+        "RETURN nodes, node_keys, labels, rels, rel_keys, types")[0]
+    counts["labels"] = sorted(map(sorted, counts["labels"]))
+    counts["types"] = sorted(counts["types"])
+    counts["indexes"] = sorted(row["name"] for row in database.read("SHOW INDEXES YIELD name RETURN name"))
+    return json.dumps(counts, sort_keys=True)
+
+
+@pytest.fixture
+def shared_graph(neo4j_settings, tmp_path_factory):
+    """shared_graph(build, *args): the database holding what build(database, folder, *args)
+    stores (folder: a fresh one for its files), built into an emptied database unless it is
+    there already, marked and unchanged. Only for tests that do not write."""
+    from flowdb.store.connection import connect
+
+    def use(build, *args):
+        key = f"{build.__module__}.{build.__qualname__}{args!r}"
+        marks = database.read("MATCH (m:TestGraphMark) RETURN m.graph AS graph, m.fingerprint AS fingerprint")
+        if [mark["graph"] for mark in marks] == [key] and marks[0]["fingerprint"] == graph_fingerprint(database):
+            return database
+        wipe(database)
+        build(database, tmp_path_factory.mktemp("shared-graph"), *args)
+        database.write("CREATE (:TestGraphMark {graph: $key, fingerprint: $fingerprint})",
+                       key=key, fingerprint=graph_fingerprint(database))
+        return database
+
+    with connect(neo4j_settings) as database:
+        yield use
+
+
+def build_planted(database, folder, pack_dir) -> None:
+    """The planted pack as its manifest says (k = 1)."""
+    from flowdb.packs.manifest import load_manifest
+    from flowdb.store.ingest import ingest
+
+    ingest(load_manifest(pack_dir / "manifest.toml"), database)
+
+
+def build_labelled(database, folder, pack_dir) -> None:
+    """What labelled_pack stores: the planted pack with Neuronpedia sources on res and mlp."""
+    from flowdb.packs.manifest import load_manifest
+    from flowdb.store.ingest import ingest
+
+    text = (pack_dir / "manifest.toml").read_text()
+    for module in ("res", "mlp", "att"):
+        source = "" if module == "att" else f'\nneuronpedia = "{{layer}}-planted-{module}"'
+        text = text.replace(f'path = "saes/{module}/layer_{{layer}}"',
+                            f'path = "{pack_dir}/saes/{module}/layer_{{layer}}"{source}')
+    (folder / "labelled.toml").write_text(text)
+    ingest(load_manifest(folder / "labelled.toml"), database)
+
+
+@pytest.fixture
+def planted_graph(shared_graph, planted_pack):
+    """build_planted's graph, shared by the tests that only read it."""
+    return shared_graph(build_planted, planted_pack[0])
+
+
+@pytest.fixture
+def labelled_graph(shared_graph, planted_pack):
+    """labelled_pack's graph, shared by the tests that only read it."""
+    return shared_graph(build_labelled, planted_pack[0])
