@@ -2,6 +2,7 @@ import re
 
 import pytest
 
+from conftest import build_labelled
 from flowdb.errors import FlowdbError, QueryError
 from flowdb.store.labels import import_labels
 from flowdb.store.search import search_labels
@@ -41,14 +42,13 @@ def expected_keys(text, pack_rows=EXPLANATIONS):
     return found
 
 
-@pytest.fixture
-def searchable(labelled_pack, tmp_path):
-    db = labelled_pack
+def build_searchable(db, folder, pack_dir):
+    build_labelled(db, folder, pack_dir)
     rows = {}
     for n, (source, index, description) in enumerate(EXPLANATIONS):
         rows.setdefault(source, []).append(export_row(n, source, index, description))
-    write_export(tmp_path, rows)
-    import_labels(db, tmp_path)
+    write_export(folder, rows)
+    import_labels(db, folder)
     # A second pack, so that the pack filter has something to leave out.
     db.write("CREATE (:Pack {name: 'other', model: 'm', status: 'complete', k: 1, first_layer: 0, "
              "last_layer: 0, layers_done: [0], plan: '{}'})"
@@ -57,7 +57,12 @@ def searchable(labelled_pack, tmp_path):
              "-[:EXPLAINS]->(:Feature:Residual {key: 'other/0/res/0', pack: 'other', layer: 0, module: 'res', "
              "index: 0, label: 'capital of another pack'})")
     db.write("CALL db.awaitIndexes(300)")
-    return db
+
+
+@pytest.fixture
+def searchable(shared_graph, planted_pack):
+    """Built once and shared: every test here only searches."""
+    return shared_graph(build_searchable, planted_pack[0])
 
 
 def check_order(rows):
