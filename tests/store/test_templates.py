@@ -28,12 +28,26 @@ def test_every_template_declares_exactly_the_parameters_it_uses():
         assert template.columns and template.answers
 
 
-@pytest.fixture
-def graph(db, planted_pack):
-    pack_dir, truth = planted_pack
+@pytest.fixture(scope="module")
+def reference(planted_pack):
+    return ReferenceGraph("planted", brute_force_edges(planted_pack[0], layers=4, k=2), t_res=0.5, t_mod=0.5)
+
+
+def build_k2(db, folder, pack_dir):
     ingest(load_manifest(pack_dir / "manifest.toml", k=2), db)
-    reference = ReferenceGraph("planted", brute_force_edges(pack_dir, layers=4, k=2), t_res=0.5, t_mod=0.5)
-    return db, reference, truth
+
+
+@pytest.fixture
+def graph(shared_graph, planted_pack, reference):
+    """The planted pack at k = 2, built once and shared by the tests that only read it."""
+    return shared_graph(build_k2, planted_pack[0]), reference, planted_pack[1]
+
+
+@pytest.fixture
+def own_graph(db, planted_pack, reference):
+    """The same graph in a database of the test's own, for a test that writes."""
+    build_k2(db, None, planted_pack[0])
+    return db, reference, planted_pack[1]
 
 
 def _seeds(reference, category, layer=3, n=3):
@@ -160,8 +174,8 @@ def _export_file(path, rows):
             handle.write(json.dumps(row) + "\n")
 
 
-def test_label_search_and_labels_in_results(graph, tmp_path):
-    db, reference, _ = graph
+def test_label_search_and_labels_in_results(own_graph, tmp_path):
+    db, reference, _ = own_graph
     # The planted pack has no Neuronpedia source: give layer 3's residual SAE one.
     db.write("MATCH (s:SAE {key: 'planted/3/res'}) SET s.neuronpedia = '3-planted-res', "
              "s.np_url = 'https://www.neuronpedia.org/planted-model/3-planted-res/'")

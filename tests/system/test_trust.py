@@ -19,21 +19,28 @@ from flowdb.store.templates import run_template
 from helpers import ReferenceGraph, brute_force_edges
 
 
-@pytest.fixture
-def graph(db, planted_pack, tmp_path):
+def build_two_packs(db, folder, pack_dir):
     """The planted pack (k = 2), plus the same SAEs as pack planted-np with Neuronpedia sources."""
-    pack_dir, truth = planted_pack
     ingest(load_manifest(pack_dir / "manifest.toml", k=2), db)
     text = (pack_dir / "manifest.toml").read_text().replace('name = "planted"', 'name = "planted-np"')
     for module in ("res", "mlp", "att"):  # each module its own Neuronpedia source
         text = text.replace(f'"saes/{module}/layer_{{layer}}"\n',
                             f'"{pack_dir}/saes/{module}/layer_{{layer}}"\nneuronpedia = "{{layer}}-planted-{module}"\n')
-    named = tmp_path / "np.toml"
+    named = folder / "np.toml"
     named.write_text(text)
     ingest(load_manifest(named), db)
+
+
+@pytest.fixture(scope="module")
+def reference(planted_pack):
     # The manifest's thresholds (0.5 everywhere) are above chance in d 256: the build keeps them.
-    reference = ReferenceGraph("planted", brute_force_edges(pack_dir, layers=4, k=2), t_res=0.5, t_mod=0.5)
-    return db, reference
+    return ReferenceGraph("planted", brute_force_edges(planted_pack[0], layers=4, k=2), t_res=0.5, t_mod=0.5)
+
+
+@pytest.fixture
+def graph(shared_graph, planted_pack, reference):
+    """build_two_packs' graph, built once and shared: every test here that takes it only reads."""
+    return shared_graph(build_two_packs, planted_pack[0]), reference
 
 
 def _seeds(reference, category, layer=3, n=3):
