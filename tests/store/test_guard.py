@@ -16,11 +16,10 @@ import pytest
 from click.testing import CliRunner
 
 import flowdb
+from conftest import build_planted
 from flowdb.cli import cli
 from flowdb.errors import ReadOnlyRefused, StatementRejected
-from flowdb.packs.manifest import load_manifest
 from flowdb.store import guard
-from flowdb.store.ingest import ingest
 from flowdb.store.templates import get_template, templates
 
 # Statements a reader must not run. Tokens are separated by one space; "~" marks a
@@ -106,8 +105,15 @@ def variants(template: str) -> set[str]:
 
 
 @pytest.fixture
-def stored(db, planted_pack):
-    ingest(load_manifest(planted_pack[0] / "manifest.toml"), db)
+def stored(planted_graph):
+    """The planted pack, built once and shared: only for tests that do not write."""
+    return planted_graph
+
+
+@pytest.fixture
+def writable(db, planted_pack):
+    """The planted pack in a database of the test's own, for a test that writes."""
+    build_planted(db, None, planted_pack[0])
     return db
 
 
@@ -239,16 +245,16 @@ def test_project_templates_pass_the_guard(stored):
         guard.check_read_only(stored, template.cypher, template.bind(given))
 
 
-def test_fulltext_index_query_passes(stored):
-    stored.write("CREATE FULLTEXT INDEX guard_keys IF NOT EXISTS FOR (f:Feature) ON EACH [f.key]")
+def test_fulltext_index_query_passes(writable):
+    writable.write("CREATE FULLTEXT INDEX guard_keys IF NOT EXISTS FOR (f:Feature) ON EACH [f.key]")
     try:
-        stored.write("CALL db.awaitIndexes(60)")
-        rows = guard.read(stored, "CALL db.index.fulltext.queryNodes('guard_keys', 'planted') YIELD node "
+        writable.write("CALL db.awaitIndexes(60)")
+        rows = guard.read(writable, "CALL db.index.fulltext.queryNodes('guard_keys', 'planted') YIELD node "
                                   "RETURN count(node) AS n")
         assert rows == [{"n": 4 * 3 * 512}]
-        guard.check_read_only(stored, "CALL db.index.fulltext.queryRelationships('guard_keys', 'x')")
+        guard.check_read_only(writable, "CALL db.index.fulltext.queryRelationships('guard_keys', 'x')")
     finally:
-        stored.write("DROP INDEX guard_keys IF EXISTS")
+        writable.write("DROP INDEX guard_keys IF EXISTS")
 
 
 def test_flowdb_cypher_is_guarded_and_answers_a_frame(stored):
@@ -311,13 +317,13 @@ CLI_REFUSED = [
 ]
 
 
-def test_cli_refuses_in_one_line_and_writes_with_write(stored):
-    before = fingerprint(stored)
+def test_cli_refuses_in_one_line_and_writes_with_write(writable):
+    before = fingerprint(writable)
     for statement in CLI_REFUSED:
         result = CliRunner().invoke(cli, ["cypher", statement])
         assert result.exit_code == 1 and result.stdout == "", (statement, result.output)
         assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, result.stderr
-        assert fingerprint(stored) == before, statement
+        assert fingerprint(writable) == before, statement
     # A real process too: the audit's first bypass, refused with no traceback.
     process = subprocess.run([sys.executable, "-m", "flowdb.cli", "cypher", CLI_REFUSED[0]],
                              capture_output=True, text=True)
@@ -328,7 +334,7 @@ def test_cli_refuses_in_one_line_and_writes_with_write(stored):
     assert read.exit_code == 0 and read.stdout == f"n\n{4 * 3 * 512}\n"
     wrote = CliRunner().invoke(cli, ["cypher", "CREATE (:Scratch)", "--write"])
     assert wrote.exit_code == 0, wrote.output
-    assert fingerprint(stored)["nodes"] == before["nodes"] + 1
+    assert fingerprint(writable)["nodes"] == before["nodes"] + 1
 
 
 def test_parameters_may_have_any_name(stored):

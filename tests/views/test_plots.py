@@ -7,17 +7,23 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from conftest import build_planted
 from flowdb.cli import cli
 from flowdb.errors import FlowdbError
-from flowdb.packs.manifest import load_manifest
-from flowdb.store.ingest import ingest
 from flowdb.store.templates import run_template
 from flowdb.views.plots import flow_layout, plot_flow
 
 
 @pytest.fixture
-def stored(db, planted_pack):
-    ingest(load_manifest(planted_pack[0] / "manifest.toml"), db)
+def stored(planted_graph):
+    """The planted pack, built once and shared: only for tests that do not write."""
+    return planted_graph
+
+
+@pytest.fixture
+def writable(db, planted_pack):
+    """The planted pack in a database of the test's own, for a test that writes."""
+    build_planted(db, None, planted_pack[0])
     return db
 
 
@@ -61,16 +67,16 @@ def test_plot_errors(stored, tmp_path):
         plot_origins(run_template(stored, "origins", {"pack": "planted"}).iloc[0:0], tmp_path / "o.png", "planted")
 
 
-def test_cypher_is_read_only_unless_write(stored):
+def test_cypher_is_read_only_unless_write(writable):
     runner = CliRunner()
     result = runner.invoke(cli, ["cypher", "MATCH (f:Feature {pack: $p}) RETURN count(f) AS n",
                                  "-p", "p=planted", "--format", "csv"])
     assert result.exit_code == 0 and result.output == "n\n6144\n"
     refused = runner.invoke(cli, ["cypher", "CREATE (:Scratch)"])
     assert refused.exit_code == 1 and "use --write" in refused.output
-    assert stored.read("MATCH (s:Scratch) RETURN count(s) AS n")[0]["n"] == 0
+    assert writable.read("MATCH (s:Scratch) RETURN count(s) AS n")[0]["n"] == 0
     assert runner.invoke(cli, ["cypher", "CREATE (:Scratch)", "--write"]).exit_code == 0
-    assert stored.read("MATCH (s:Scratch) RETURN count(s) AS n")[0]["n"] == 1
+    assert writable.read("MATCH (s:Scratch) RETURN count(s) AS n")[0]["n"] == 1
 
 
 # --- what a researcher reads off a flow graph ----------------------------------------------
@@ -214,9 +220,10 @@ def test_static_flow_graph_grows_with_the_graph(tmp_path):
         assert Image.open(path).size[1] > 400
 
 
-def test_flow_graph_from_the_database_has_no_nan_and_links(stored, tmp_path):
-    stored.write("MATCH (s:SAE {module: 'res'}) SET s.np_url = 'https://www.neuronpedia.org/m/' + s.layer + '-res-x/'")
-    stored.write("MATCH (f:Feature {key: 'planted/3/res/1'}) SET f.label = $label", label=LONG)
+def test_flow_graph_from_the_database_has_no_nan_and_links(writable, tmp_path):
+    writable.write("MATCH (s:SAE {module: 'res'}) "
+                   "SET s.np_url = 'https://www.neuronpedia.org/m/' + s.layer + '-res-x/'")
+    writable.write("MATCH (f:Feature {key: 'planted/3/res/1'}) SET f.label = $label", label=LONG)
     out = tmp_path / "flow.html"
     result = CliRunner().invoke(cli, ["plot", "flow", "planted/3/res/1", "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -226,7 +233,7 @@ def test_flow_graph_from_the_database_has_no_nan_and_links(stored, tmp_path):
     texts = [a["text"] for a in layout["annotations"]]
     assert any(t.startswith('<a href="https://www.neuronpedia.org/m/3-res-x/1"') for t in texts)
     assert not any("href" in t for t in texts if "/mlp/" in t or "/att/" in t)  # no URLs for them
-    graph = run_template(stored, "flow-graph", {"feature": "planted/3/res/1"})
+    graph = run_template(writable, "flow-graph", {"feature": "planted/3/res/1"})
     edges = graph[graph["element"] == "edge"]
     assert len(_edge_traces(data)) == len(edges)
     assert {f"{c:.2f}" for c in edges["cosine"]} <= set(texts)
@@ -261,18 +268,18 @@ def _expected_statuses(db, graph: pd.DataFrame) -> dict[str, str]:
     return dict(zip(edges["source"] + " → " + edges["target"], status))
 
 
-def test_flow_edges_are_marked_against_their_layers_build(stored, tmp_path):
+def test_flow_edges_are_marked_against_their_layers_build(writable, tmp_path):
     from flowdb.explorer.data import EdgeFilter, flow
 
     params = {"feature": "planted/3/res/1", "t_res": 0.0, "t_mod": 0.0}
-    graph = run_template(stored, "flow-graph", params)
+    graph = run_template(writable, "flow-graph", params)
     # the build's thresholds raised just above the weakest edge that passed them, at its layer:
     # that edge is only above chance now, stronger ones still pass
     passed = graph[(graph["element"] == "edge") & (graph["cosine"] >= 0.5)].sort_values("cosine")
-    stored.write("MATCH (s:SAE {pack: 'planted', module: 'res', layer: $layer}) "
+    writable.write("MATCH (s:SAE {pack: 'planted', module: 'res', layer: $layer}) "
                  "SET s.t_res = $t, s.t_mlp = $t, s.t_att = $t",
                  layer=int(passed["layer"].iloc[0]), t=float(passed["cosine"].iloc[0]) + 1e-6)
-    expected = _expected_statuses(stored, graph)
+    expected = _expected_statuses(writable, graph)
     assert set(expected.values()) == {"threshold", "above-chance", "chance"}
     out = tmp_path / "flow.html"
     result = CliRunner().invoke(cli, ["plot", "flow", "planted/3/res/1", "--t-res", "0", "--t-mod", "0",
@@ -282,7 +289,7 @@ def test_flow_edges_are_marked_against_their_layers_build(stored, tmp_path):
     assert {name: t["line"]["dash"] for name, t in _edge_traces(data).items()} == {
         name: DASH[status] for name, status in expected.items()}
     # the explorer's flow view marks the same edges the same way
-    view = flow(stored, "planted/3/res/1", EdgeFilter(t_res=0.0, t_mod=0.0), depth=3)
+    view = flow(writable, "planted/3/res/1", EdgeFilter(t_res=0.0, t_mod=0.0), depth=3)
     assert {f"{e['source']} → {e['target']}": e["status"] for e in view["edges"]} == expected
 
 
