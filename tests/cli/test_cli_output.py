@@ -6,6 +6,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from conftest import build_labelled
 from flowdb.cli import cli
 
 EVIL = ("evil \x1b]52;c;ZXZpbA==\x07 \x1b]0;title\x07 \x1b[2J\x1b[31mred \x9b2J del\x7f "
@@ -13,16 +14,21 @@ EVIL = ("evil \x1b]52;c;ZXZpbA==\x07 \x1b]0;title\x07 \x1b[2J\x1b[31mred \x9b2J 
 RAW = ("\x1b", "\x07", "\x9b", "\x7f", "\x00", "\r")
 
 
-@pytest.fixture
-def evil_labels(labelled_pack, tmp_path):
+def build_evil(db, folder, pack_dir):
     from flowdb.store.labels import import_labels
 
+    build_labelled(db, folder, pack_dir)
     row = {"id": "evil0", "modelId": "planted-model", "layer": "1-planted-res", "index": "404", "authorId": "auto",
            "description": EVIL, "embedding": [0.1], "typeName": "oai_token-act-pair",
            "explanationModelName": "gpt-4o-mini"}
-    (tmp_path / "evil.jsonl").write_text(json.dumps(row) + "\n")
-    import_labels(labelled_pack, tmp_path / "evil.jsonl", pack="planted")
-    return labelled_pack
+    (folder / "evil.jsonl").write_text(json.dumps(row) + "\n")
+    import_labels(db, folder / "evil.jsonl", pack="planted")
+
+
+@pytest.fixture
+def evil_labels(shared_graph, planted_pack):
+    """Built once and shared: the tests that take it only print what is stored."""
+    return shared_graph(build_evil, planted_pack[0])
 
 
 @pytest.mark.parametrize("fmt", ["table", "csv", "json"])
