@@ -14,6 +14,8 @@ from flowdb.store.labels import fetch_labels, import_labels, origin
 from helpers import assert_one_line_error, export_row, run_flowdb, serve, write_export
 
 HANG = 60  # seconds: refusals here take well under one; a hang fails the test here
+# Tests that store something take labelled_pack, a database of their own; tests that check
+# that a refusal stores nothing take labelled_graph, built once and shared (conftest.py).
 
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -64,12 +66,12 @@ def test_import_single_files(labelled_pack, tmp_path, form):
     assert (report.rows, report.explanations, report.features) == (3, 3, 3)
 
 
-def test_import_errors_name_the_file(labelled_pack, tmp_path):
+def test_import_errors_name_the_file(labelled_graph, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"modelId": "planted-model", "layer": "0-planted-res", "index": "1"}\n')
     with pytest.raises(FlowdbError, match="bad.jsonl: row 1 lacks description"):
-        import_labels(labelled_pack, bad)
-    assert stored_explanations(labelled_pack) == 0
+        import_labels(labelled_graph, bad)
+    assert stored_explanations(labelled_graph) == 0
     result = CliRunner().invoke(cli, ["labels", "import", str(bad)])
     assert result.exit_code == 1 and "row 1 lacks description" in result.output
     assert "Traceback" not in result.output and result.output.strip().count("\n") == 0
@@ -99,15 +101,15 @@ def test_a_bad_row_after_5000_stores_nothing_of_the_file(labelled_pack, tmp_path
 
 
 @pytest.mark.parametrize("index", [3.7, True, -1, "3a", "-1", " 3", None, [3]])
-def test_bad_indexes_are_refused(labelled_pack, tmp_path, index):
+def test_bad_indexes_are_refused(labelled_graph, tmp_path, index):
     good = export_row(1, "0-planted-res", 1, "good")
     bad = {**export_row(2, "0-planted-res", 0, "bad"), "index": index}
     path = write_jsonl(tmp_path / "rows.jsonl", [good, bad])
     with pytest.raises(FlowdbError) as caught:
-        import_labels(labelled_pack, path)
+        import_labels(labelled_graph, path)
     message = str(caught.value)
     assert "row 2" in message and "index" in message and "\n" not in message
-    assert stored_explanations(labelled_pack) == 0
+    assert stored_explanations(labelled_graph) == 0
 
 
 def test_index_as_digits_or_integer_is_accepted(labelled_pack, tmp_path):
@@ -124,14 +126,14 @@ def test_index_as_digits_or_integer_is_accepted(labelled_pack, tmp_path):
 @pytest.mark.parametrize("name, value", [
     ("typeName", {"kind": "oai"}), ("description", 5), ("explanationModelName", ["gpt"]),
     ("authorId", 3), ("scores", "high"), ("modelId", 7), ("layer", 0), ("id", {"x": 1})])
-def test_wrong_property_types_are_refused(labelled_pack, tmp_path, name, value):
+def test_wrong_property_types_are_refused(labelled_graph, tmp_path, name, value):
     rows = [export_row(1, "0-planted-res", 1, "good"), {**export_row(2, "0-planted-res", 2, "bad"), name: value}]
     with pytest.raises(FlowdbError) as caught:
-        import_labels(labelled_pack, write_jsonl(tmp_path / "rows.jsonl", rows))
+        import_labels(labelled_graph, write_jsonl(tmp_path / "rows.jsonl", rows))
     assert not isinstance(caught.value, DatabaseError)  # refused before Neo4j sees it
     message = str(caught.value)
     assert "row 2" in message and name in message and "Neo" not in message and "\n" not in message
-    assert stored_explanations(labelled_pack) == 0
+    assert stored_explanations(labelled_graph) == 0
 
 
 def test_earlier_files_stay_committed_and_a_rerun_completes(labelled_pack, tmp_path):
@@ -229,7 +231,8 @@ def neuronpedia_server():
     FakeNeuronpedia.seen, FakeNeuronpedia.plans = [], {}
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeNeuronpedia)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # shutdown() waits for the loop's next poll: 0.5 s at the default interval, per test
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/api"
     server.shutdown()
@@ -321,32 +324,32 @@ def test_a_503_that_never_recovers_ends_after_the_bounded_retries(labelled_pack,
     assert fetched0 and "503" in problem0 and label0 is None
 
 
-def test_being_throttled_for_good_stops_the_run_unrecorded(labelled_pack, neuronpedia_server):
+def test_being_throttled_for_good_stops_the_run_unrecorded(labelled_graph, neuronpedia_server):
     FakeNeuronpedia.plans = {"0": [status(429, "0")]}
     with pytest.raises(FlowdbError, match="429"):
-        fetch(labelled_pack, neuronpedia_server, retries=2, backoff_s=0)
+        fetch(labelled_graph, neuronpedia_server, retries=2, backoff_s=0)
     assert len(asked(0)) == 3 and not asked(1)
-    assert problems(labelled_pack, [0]) == [(False, None, None)]
+    assert problems(labelled_graph, [0]) == [(False, None, None)]
 
 
 @pytest.mark.parametrize("code", [401, 403])
-def test_a_refused_key_says_to_set_it(labelled_pack, neuronpedia_server, code):
+def test_a_refused_key_says_to_set_it(labelled_graph, neuronpedia_server, code):
     FakeNeuronpedia.plans = {"0": [status(code)]}
     with pytest.raises(FlowdbError, match="NEURONPEDIA_API_KEY"):
-        fetch(labelled_pack, neuronpedia_server)
-    assert problems(labelled_pack, [0]) == [(False, None, None)]
+        fetch(labelled_graph, neuronpedia_server)
+    assert problems(labelled_graph, [0]) == [(False, None, None)]
 
 
-def test_an_unreachable_server_stops_the_run_unrecorded(labelled_pack):
+def test_an_unreachable_server_stops_the_run_unrecorded(labelled_graph):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed again: nothing listens there
     with pytest.raises(FlowdbError, match="cannot reach"):
-        fetch(labelled_pack, f"http://127.0.0.1:{port}/api", retries=1, backoff_s=0)
-    assert problems(labelled_pack, [0]) == [(False, None, None)]
+        fetch(labelled_graph, f"http://127.0.0.1:{port}/api", retries=1, backoff_s=0)
+    assert problems(labelled_graph, [0]) == [(False, None, None)]
 
 
-def test_fetch_cli_unknown_pack(labelled_pack, neuronpedia_server):
+def test_fetch_cli_unknown_pack(labelled_graph, neuronpedia_server):
     result = CliRunner().invoke(cli, ["labels", "fetch", "nosuch", "--api-url", neuronpedia_server])
     assert result.exit_code == 1 and "no pack named 'nosuch'" in result.output
 
@@ -386,7 +389,7 @@ def elsewhere():
 
 
 @pytest.mark.parametrize("target", ["another port", "another host", "another scheme"])
-def test_a_redirect_to_another_origin_is_refused_and_the_key_stays(labelled_pack, neuronpedia_server,
+def test_a_redirect_to_another_origin_is_refused_and_the_key_stays(labelled_graph, neuronpedia_server,
                                                                    elsewhere, target):
     api = neuronpedia_server.removesuffix("/api")
     api_port = api.rsplit(":", 1)[1]
@@ -401,8 +404,8 @@ def test_a_redirect_to_another_origin_is_refused_and_the_key_stays(labelled_pack
     assert "secret-key" not in line
     assert [key for _, key, _ in FakeNeuronpedia.seen] == ["secret-key"]  # the API's origin had it
     assert Elsewhere.seen == []  # nothing was sent elsewhere, so neither was the key
-    assert stored_explanations(labelled_pack) == 0
-    assert problems(labelled_pack, [0, 1]) == [(False, None, None), (False, None, None)]
+    assert stored_explanations(labelled_graph) == 0
+    assert problems(labelled_graph, [0, 1]) == [(False, None, None), (False, None, None)]
 
 
 def test_a_redirect_within_the_origin_is_followed_with_the_key(labelled_pack, neuronpedia_server, monkeypatch):
@@ -435,12 +438,12 @@ def test_deeply_nested_json_from_the_server_is_recorded_as_unusable(labelled_pac
     ("deep.jsonl", "[" * 100_000 + "]" * 100_000 + "\n"),
     ("deep.json", "[" + "[" * 100_000 + "]" * 100_000 + "]"),
     ("deep-object.json", '{"explanations": [' + '{"a": ' * 50_000 + "1" + "}" * 50_000 + "]}")])
-def test_deeply_nested_label_files_are_refused_in_one_line(labelled_pack, tmp_path, name, text):
+def test_deeply_nested_label_files_are_refused_in_one_line(labelled_graph, tmp_path, name, text):
     path = tmp_path / name
     path.write_text(text)
     line = assert_one_line_error(run_flowdb("labels", "import", path, timeout=HANG), str(path), "row 1", "nested")
     assert "unexpected" not in line
-    assert stored_explanations(labelled_pack) == 0
+    assert stored_explanations(labelled_graph) == 0
 
 
 # --- scores and unknown sources --------------------------------------------------------------
@@ -457,13 +460,13 @@ def test_bare_number_scores_are_stored_and_pick_the_label(labelled_pack, tmp_pat
 
 
 @pytest.mark.parametrize("scores", [["0.9"], [{"val": 0.9}], [True], [[0.9]], [{"value": "high"}], [float("nan")]])
-def test_scores_that_are_not_numbers_are_refused_not_dropped(labelled_pack, tmp_path, scores):
+def test_scores_that_are_not_numbers_are_refused_not_dropped(labelled_graph, tmp_path, scores):
     rows = [export_row(1, "0-planted-res", 1, "good"), {**export_row(2, "0-planted-res", 2, "bad"), "scores": scores}]
     with pytest.raises(FlowdbError) as caught:
-        import_labels(labelled_pack, write_jsonl(tmp_path / "rows.jsonl", rows))
+        import_labels(labelled_graph, write_jsonl(tmp_path / "rows.jsonl", rows))
     message = str(caught.value)
     assert "row 2" in message and "scores entry 1" in message and "\n" not in message
-    assert stored_explanations(labelled_pack) == 0
+    assert stored_explanations(labelled_graph) == 0
 
 
 def test_unknown_sources_are_named_with_the_stored_ones(labelled_pack, tmp_path):
@@ -477,20 +480,20 @@ def test_unknown_sources_are_named_with_the_stored_ones(labelled_pack, tmp_path)
     assert f"the stored SAEs have {', '.join(stored)}" in summary
 
 
-def test_import_into_an_unknown_pack_names_the_packs(labelled_pack, tmp_path):
+def test_import_into_an_unknown_pack_names_the_packs(labelled_graph, tmp_path):
     path = write_jsonl(tmp_path / "rows.jsonl", [export_row(1, "0-planted-res", 1, "known")])
     with pytest.raises(FlowdbError, match="planted"):
-        import_labels(labelled_pack, path, pack="nope")
-    assert stored_explanations(labelled_pack) == 0
+        import_labels(labelled_graph, path, pack="nope")
+    assert stored_explanations(labelled_graph) == 0
 
 
 # --- only regular files; memory does not grow with the file ---------------------------------
 
-def test_a_fifo_as_label_file_is_refused_at_once(labelled_pack, tmp_path):
+def test_a_fifo_as_label_file_is_refused_at_once(labelled_graph, tmp_path):
     fifo = tmp_path / "labels.jsonl"
     os.mkfifo(fifo)
     assert_one_line_error(run_flowdb("labels", "import", fifo, timeout=HANG), str(fifo), "FIFO")
-    assert stored_explanations(labelled_pack) == 0
+    assert stored_explanations(labelled_graph) == 0
 
 
 def test_a_fifo_in_an_export_directory_stops_there(labelled_pack, tmp_path):
