@@ -35,6 +35,22 @@ def _docker_answers() -> bool:
         return False
 
 
+def _kept_neo4j_jars() -> Path:
+    """Neo4j's jars, with the launcher's jar and class archive that starts build beside
+    them, kept under .flowdb-test/ between runs as a user's ~/.flowdb/neo4j/lib is: flowdb's
+    own fetch fills it on a fresh clone (the archive takes half a minute once)."""
+    import fcntl
+
+    from flowdb.store.server import ManagedServer
+
+    kept = ManagedServer(ROOT / ".flowdb-test" / "neo4j", 0)
+    kept.root.mkdir(parents=True, exist_ok=True)
+    with open(kept.root.parent / ".neo4j.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # pytest-xdist workers: one fetch
+        kept.fetch()
+    return kept.lib
+
+
 @pytest.fixture(scope="session", autouse=True)
 def flowdb_home(tmp_path_factory) -> Path:
     """The session's FLOWDB_HOME, left for flowdb to create as a user's would be: in a
@@ -66,6 +82,8 @@ def neo4j_settings(flowdb_home):
     from flowdb.store.server import ManagedServer
 
     server = ManagedServer.default()
+    server.auth()  # flowdb makes the home, as for a user; then the kept jars are linked in
+    os.symlink(_kept_neo4j_jars(), server.lib)
     server.start()  # raises, failing every Neo4j test, when no server can be had
     yield Neo4jSettings.resolve()
     server.stop()

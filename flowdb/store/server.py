@@ -35,6 +35,7 @@ from pathlib import Path
 from flowdb.errors import DiskFullError, Neo4jUnavailable, first_line
 from flowdb.settings import flowdb_home, java_heap, make_private, managed_port, private_dir
 from flowdb.settings import page_cache_mb as page_cache_mb_setting
+from flowdb.store.launcher import launcher_args
 from flowdb.writes import write_errors
 
 NEO4J_VERSION = "5.26.30"
@@ -178,8 +179,12 @@ class ManagedServer:
                 f"{_mib(free)} free; nothing was written: free some space, or move FLOWDB_HOME "
                 "to a larger disk")
 
+    @property
+    def _fetched_marker(self) -> Path:
+        return self.lib / f".complete-{NEO4J_VERSION}"
+
     def fetched(self) -> bool:
-        return (self.lib / f".complete-{NEO4J_VERSION}").exists()
+        return self._fetched_marker.exists()
 
     def fetch(self) -> None:
         """Resolve the Neo4j jars through Maven (first use only)."""
@@ -208,7 +213,7 @@ class ManagedServer:
             raise Neo4jUnavailable(f"Maven could not fetch Neo4j {NEO4J_VERSION}: {tail[0]}")
         shutil.rmtree(self.lib, ignore_errors=True)
         staging.rename(self.lib)
-        (self.lib / f".complete-{NEO4J_VERSION}").touch()
+        self._fetched_marker.touch()
 
     def pid(self) -> int | None:
         """The server's pid, or None: the pid file is believed only when it names a live
@@ -306,11 +311,14 @@ class ManagedServer:
     def _spawn(self, heap: str, page_cache_mb: int) -> None:
         private_dir(self.log_file.parent)
         private_dir(self.import_dir)
-        launcher = private_dir(self.root / "maven") / "FlowdbNeo4j.java"
-        _write_private(launcher, _resource("FlowdbNeo4j.java").read_bytes())
+        source = _resource("FlowdbNeo4j.java").read_bytes()
+        launcher = launcher_args(self.lib, source, self._fetched_marker)
+        if launcher is None:  # no javac: the source program, compiled by each start
+            _write_private(private_dir(self.root / "maven") / "FlowdbNeo4j.java", source)
+            launcher = ["-cp", str(self.lib / "*"), str(self.root / "maven" / "FlowdbNeo4j.java")]
         extra = os.environ.get("FLOWDB_NEO4J_JAVA_OPTS", DEFAULT_JAVA_OPTS).split()
         # The password travels as its file's path: a command line is visible to all users.
-        cmd = ["java", f"-Xmx{heap}", *extra, "-cp", str(self.lib / "*"), str(launcher),
+        cmd = ["java", f"-Xmx{heap}", *extra, *launcher,
                str(self.dbms_dir), str(self.port), str(page_cache_mb * 1024 * 1024),
                str(self.password_file), str(self.import_dir)]
         fd = os.open(self.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)

@@ -302,7 +302,8 @@ def _launchers_of(dbms: Path) -> list[int]:
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
         except OSError:  # not a process, or one that ended meanwhile
             continue
-        if str(dbms).encode() in argv and any(arg.endswith(b"FlowdbNeo4j.java") for arg in argv):
+        launcher = any(arg == b"FlowdbNeo4j" or arg.endswith(b"FlowdbNeo4j.java") for arg in argv)
+        if str(dbms).encode() in argv and launcher:
             found.append(int(entry))
     return found
 

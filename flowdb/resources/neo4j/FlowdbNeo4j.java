@@ -1,8 +1,10 @@
 // flowdb's managed local Neo4j: the community DBMS run embedded with its Bolt
 // connector on loopback, so drivers reach it exactly like a server install.
-// Run as a single-file source program:
+// Run compiled (flowdb.store.launcher) or as a single-file source program:
 //   java -cp "lib/*" FlowdbNeo4j.java HOME PORT PAGECACHE_BYTES PASSWORD_FILE IMPORT_DIR
 // The password is read from PASSWORD_FILE, never passed on the command line.
+//   java -cp ... FlowdbNeo4j --train SCRATCH
+// starts and stops a throw-away store, so the JVM can archive the classes a start loads.
 import inet.ipaddr.IPAddressString;
 import java.nio.file.Files;
 import java.nio.file.Path;
@@ -33,6 +35,10 @@ import org.neo4j.server.security.auth.FileUserRepository;
 
 public class FlowdbNeo4j {
     public static void main(String[] args) throws Exception {
+        if (args.length == 2 && args[0].equals("--train")) {
+            train(Path.of(args[1]));
+            return;
+        }
         Path home = Path.of(args[0]);
         int port = Integer.parseInt(args[1]);
         long pageCache = Long.parseLong(args[2]);
@@ -109,6 +115,26 @@ public class FlowdbNeo4j {
         System.out.printf("flowdb-neo4j password of neo4j %s with Bolt off in %.1f s%n",
                           changed ? "set" : "checked", (t1 - t0) / 1e9);
         return t1;
+    }
+
+    /** What a start and a first write and read load, on a throw-away store: Bolt on an
+     *  ephemeral loopback port, a random password that is never written anywhere else. */
+    static void train(Path scratch) throws Exception {
+        String password = java.util.UUID.randomUUID().toString();
+        writeInitialPassword(initialUsersFile(scratch), password);
+        DatabaseManagementService dbms = builder(scratch, 32L << 20, scratch.resolve("import"))
+            .setConfig(BoltConnector.enabled, true)
+            .setConfig(BoltConnector.listen_address, new SocketAddress("127.0.0.1", 0))
+            .build();
+        try {
+            setPassword(dbms, password);
+            var db = dbms.database(GraphDatabaseSettings.DEFAULT_DATABASE_NAME);
+            db.executeTransactionally("CREATE CONSTRAINT k IF NOT EXISTS FOR (n:T) REQUIRE n.key IS UNIQUE");
+            db.executeTransactionally("UNWIND range(1, 100) AS i MERGE (n:T {key: i}) SET n.v = i");
+            db.executeTransactionally("MATCH (n:T) WHERE n.key < $k RETURN count(n) AS n", Map.of("k", 10));
+        } finally {
+            dbms.shutdown();
+        }
     }
 
     /** A store never started: no system database, so nothing holds a password yet. */
