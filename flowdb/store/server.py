@@ -1,7 +1,7 @@
 """flowdb's managed local Neo4j 5.26: fetched through Maven Central, run embedded.
 
-Layout under FLOWDB_HOME/neo4j: lib/ (jars, and lib/.flowdb-launcher/: flowdb.store.launcher), dbms/ (databases, transaction logs
-and Neo4j's own logs), import/ (empty: the only directory LOAD CSV could name,
+Layout under FLOWDB_HOME/neo4j: lib/ (jars; lib/.flowdb-launcher/, see flowdb.store.launcher),
+dbms/ (databases, transaction logs and Neo4j's own logs), import/ (empty: the only directory LOAD CSV could name,
 and file URLs are refused anyway), logs/server.log, server.pid, start.lock and password; for
 bulk loads (flowdb.store.bulk) also admin-conf/ (neo4j-admin's view of dbms/), bulk/
 (import files while they are written and imported), logs/bulk-import.log and,
