@@ -212,18 +212,19 @@ def graph_dump(db, pack: str) -> dict:
                                     for row in rels)}
 
 
-def settled(read, timeout=30.0):
-    """A reading once two in a row, 0.5 s apart, agree. A COMMIT a killed client sent
-    just before dying is still applied by the server, and Neo4j (read committed) lets a
-    reader see a commit that is being applied in part: the check waits for it to land."""
-    previous, deadline = read(), time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
-        current = read()
-        if current == previous:
-            return current
-        previous = current
-    return previous
+def settled(db, read, timeout=60.0):
+    """read() once the server runs no transaction but the one asking. A COMMIT a killed
+    client sent just before dying is still applied by the server, and Neo4j (read
+    committed) lets a reader see a commit that is being applied in part; a transaction is
+    listed until it has closed (committed, or rolled back once the server sees its
+    client's connection gone), so none listed means every write has landed."""
+    deadline = time.monotonic() + timeout
+    # An idle open transaction has no current query: counted, as everything but the asker is.
+    while db.read("SHOW TRANSACTIONS YIELD currentQuery RETURN count(*) - sum(CASE WHEN currentQuery "
+                  "STARTS WITH 'SHOW TRANSACTIONS' THEN 1 ELSE 0 END) AS n")[0]["n"]:
+        assert time.monotonic() < deadline, "the killed command's transactions never closed"
+        time.sleep(0.02)
+    return read()
 
 
 def kill_when(proc, reached, delay: float = 0.0, timeout: float = 300.0) -> str:

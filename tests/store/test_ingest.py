@@ -175,7 +175,7 @@ def test_killed_ingest_resumes_to_the_same_graph(resumable_reference, db, resuma
     kill_when(_ingest_process(resumable_pack), ready)
     # The kill landed where it was aimed: mid-match nothing is written and the atlas is
     # part done; mid-write the pack is building, with some layers and not all.
-    state = settled(lambda: _pack_state(db))
+    state = settled(db, lambda: _pack_state(db))
     if kill_at == "matching":
         assert state is None and 2 <= len(Atlas(atlas).layers_done()) < 8, state
     else:

@@ -62,7 +62,7 @@ def layer_counts(db, pack):
 
 
 def assert_layers_whole(db, pack, k):
-    for row in settled(lambda: layer_counts(db, pack)):
+    for row in settled(db, lambda: layer_counts(db, pack)):
         places = 2 if row["layer"] == 0 else 3
         assert row["nodes"] == 3 * WIDTH, row
         assert row["edges"] == places * WIDTH * k, row
@@ -116,7 +116,7 @@ def test_killed_ingest_always_leaves_whole_layers(db, fault_pack):
         wipe(db)
         kill_mid_layer(start("ingest", manifest, "--no-progress"), lambda: layers_done(db, "fault"),
                        layers, share, write_s / LAYERS)
-        assert_killed_part_way(settled(lambda: pack_states(db))["fault"], layers)
+        assert_killed_part_way(settled(db, lambda: pack_states(db))["fault"], layers)
         assert_layers_whole(db, "fault", k=1)
     run("ingest", manifest, "--no-progress")  # resumes the last killed run
     assert pack_states(db)["fault"]["status"] == "complete"
@@ -139,7 +139,7 @@ def test_killed_replace_keeps_one_whole_build_and_its_labels(db, fault_pack):
             graph.drop_pack(db, staged)
         kill_mid_layer(start("ingest", manifest, "--k", 2, "--replace", "--no-progress"),
                        lambda: layers_done(db, staged), layers, share, write_s / LAYERS)
-        states = settled(lambda: pack_states(db))
+        states = settled(db, lambda: pack_states(db))
         assert_killed_part_way(states[staged], layers)  # killed while writing the replacement
         assert (states["fault"]["status"], states["fault"]["k"]) == ("complete", 1), states
         assert_layers_whole(db, "fault", k=1)  # users see the old build, whole
@@ -176,6 +176,6 @@ def test_killed_label_import_is_all_or_nothing(db, fault_pack):
     for _ in range(KILLS):
         # Killed while its transaction is open on the server: nothing may be committed.
         kill_when(start("labels", "import", path), lambda: import_writing(db), float(rng.uniform(0, 0.05)))
-        assert settled(lambda: labelled(db)) == (0, 0)
+        assert settled(db, lambda: labelled(db)) == (0, 0)
     run("labels", "import", path)
     assert labelled(db) == (len(rows), len(rows))
