@@ -14,6 +14,8 @@
     neuronpedia = "{layer+1}-res-jb"  # optional Neuronpedia source
     [modules.res.at.11]               # optional per-layer override of the source
     sae_id = "blocks.11.hook_resid_post"
+    [modules.mlp]                     # or a circuit-tracer transcoder set (mlp only):
+    transcoders = "path/to/set"       # config.yaml + layer_{i}.safetensors, see flowdb.packs.transcoders
 
 Templates may use {layer}, {layer+N}, {layer-N} and {flowdb_home} (FLOWDB_HOME, for
 packs that flowdb builds and caches there).
@@ -50,7 +52,8 @@ PACK_NAME_RULE = (f"at most {MAX_PACK_NAME} characters: letters, digits, '.', '_
                   "starting with a letter or digit")
 _TEMPLATE_FIELD = re.compile(r"\{([^{}]*)\}")
 _LAYER_FIELD = re.compile(r"^layer(?:([+-])(\d+))?$")
-_SOURCE_KEYS = ("path", "npz", "release")
+_SOURCE_KEYS = ("path", "npz", "release", "transcoders")
+TRANSCODER_MODULE = "mlp"  # a transcoder writes the MLP output: the one slot a set fills
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,8 @@ class SourceRef:
 
     module: str
     layer: int
-    kind: str  # "path" | "npz" | "release"
-    location: str  # file or directory path, or the release name
+    kind: str  # "path" | "npz" | "release" | "transcoders"
+    location: str  # file or directory path (a transcoder set's directory), or the release name
     sae_id: str | None = None
     neuronpedia: str | None = None  # Neuronpedia source, e.g. "12-gemmascope-res-16k"
     project_model: str | None = None  # a hook_z SAE projected through this model's W_O
@@ -82,7 +85,7 @@ class ModuleSpec:
         kind = next(k for k in _SOURCE_KEYS if k in merged)
         where = f"modules.{self.name}"
         location = render(merged[kind], layer, where)
-        if kind in ("path", "npz"):
+        if kind in ("path", "npz", "transcoders"):
             # Absolute without following links: a symlink loop is reported by the
             # source check, not raised here.
             location = os.path.abspath(base_dir / location)
@@ -163,11 +166,13 @@ def load_manifest(path: str | Path, *, k: int | None = None,
 
 
 class SourceTable(Strict):
-    """Where one module's SAE comes from: exactly one of path, npz, release (+ sae_id)."""
+    """Where one module's SAE comes from: exactly one of path, npz, release (+ sae_id), or
+    transcoders (a circuit-tracer transcoder set, in [modules.mlp] only)."""
 
     path: NonEmpty | None = None
     npz: NonEmpty | None = None
     release: NonEmpty | None = None
+    transcoders: NonEmpty | None = None
     sae_id: NonEmpty | None = None
     neuronpedia: NonEmpty | None = None
     # hook_z SAEs: project decoder rows into the residual space through W_O of this
@@ -215,9 +220,11 @@ def parse_manifest(raw: dict[str, Any], path: Path, *, k: int | None = None,
             thresholds = Thresholds.from_mapping(raw.get("classify", {}))
         except ValueError as exc:
             raise fail(str(exc)) from None
-    if "res" not in table.modules:
-        raise fail("[modules.res] is required: residual features are what gets matched")
     modules = {name: _module_spec(name, spec, fail) for name, spec in table.modules.items()}
+    if "res" not in table.modules:
+        only = " (a transcoder set fills [modules.mlp] beside residual SAEs)" if any(
+            "transcoders" in spec.fields for spec in modules.values()) else ""
+        raise fail(f"[modules.res] is required: residual features are what gets matched{only}")
     manifest = Manifest(table.name, table.model, first, last, modules,
                         k if k is not None else table.match.k, thresholds, path, table.match.score)
     manifest.sources()  # every template rendered at every layer fails now, not mid-build
@@ -284,10 +291,18 @@ def _check_source(fields: dict, where: str, fail) -> None:
     present = [k for k in _SOURCE_KEYS if k in fields]
     if len(present) != 1:
         found = ", ".join(present) or "none"
-        raise fail(f"{where} needs exactly one source (path, npz, or release + sae_id); found: {found}")
+        raise fail(f"{where} needs exactly one source (path, npz, transcoders, or release + sae_id); "
+                   f"found: {found}")
     if present[0] == "release" and "sae_id" not in fields:
         raise fail(f"{where}: release needs sae_id")
     if present[0] != "release" and "sae_id" in fields:
         raise fail(f"{where}: sae_id goes with release only")
+    if present[0] == "transcoders":
+        module = where.removeprefix("[modules.").split(".")[0].rstrip("]")
+        if module != TRANSCODER_MODULE:
+            raise fail(f"{where}: a transcoder set writes the MLP output (hook_mlp_out), so it goes in "
+                       f"[modules.{TRANSCODER_MODULE}] only")
+        if "project" in fields:
+            raise fail(f"{where}: project = \"W_O\" is for attention hook_z SAEs, not transcoders")
     if ("project" in fields) != ("project_model" in fields):
         raise fail(f"{where}: project = \"W_O\" and project_model (the model whose W_O is used) go together")

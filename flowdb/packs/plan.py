@@ -40,18 +40,21 @@ class PlannedSae:
 
     def to_json(self) -> dict:
         ref = self.ref
-        return {"layer": ref.layer, "module": ref.module, "kind": ref.kind, "location": ref.location,
-                "sae_id": ref.sae_id, "neuronpedia": ref.neuronpedia,
-                "project_model": ref.project_model, "d_in": self.info.d_in,
-                "d_sae": self.info.d_sae, "hook_name": self.info.hook_name,
-                "neuronpedia_id": self.info.neuronpedia_id, "digest": self.digest}
+        row = {"layer": ref.layer, "module": ref.module, "kind": ref.kind, "location": ref.location,
+               "sae_id": ref.sae_id, "neuronpedia": ref.neuronpedia,
+               "project_model": ref.project_model, "d_in": self.info.d_in,
+               "d_sae": self.info.d_sae, "hook_name": self.info.hook_name,
+               "neuronpedia_id": self.info.neuronpedia_id, "digest": self.digest}
+        if self.info.scan is not None:  # transcoder sets only: SAE plans stay as they were
+            row["scan"] = self.info.scan
+        return row
 
     @classmethod
     def from_json(cls, row: dict) -> PlannedSae:
         ref = SourceRef(row["module"], row["layer"], row["kind"], row["location"],
                         row.get("sae_id"), row.get("neuronpedia"), row.get("project_model"))
         info = SaeInfo(ref, row.get("d_in"), row.get("d_sae"), row.get("hook_name"),
-                       row.get("neuronpedia_id"))
+                       row.get("neuronpedia_id"), scan=row.get("scan"))
         return cls(info, row["digest"])
 
 

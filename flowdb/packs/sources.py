@@ -1,12 +1,14 @@
 """SAE sources: decoder matrices from local sae-lens directories, Gemma Scope
-params.npz files, or sae-lens releases.
+params.npz files, sae-lens releases, or circuit-tracer transcoder sets (the mlp slot;
+their layout is flowdb.packs.transcoders').
 
 `inspect` reads only headers (cheap, for checking a whole pack up front);
 `load_decoder` gives W_dec as float32 rows [d_sae, d_in] and rejects NaN/Inf and
 all-zero rows; `load_encoder` gives W_enc's columns the same way (for builds that
 match with [match] score = "encoder"). Local sae-lens directories are read with safetensors directly, so
 a pack on disk is checked without importing torch, and lazily: a slice of rows at a
-time (`SafetensorsRows`), so a wide decoder is never whole in memory. Gemma Scope
+time (`SafetensorsRows`), so a wide decoder is never whole in memory; a transcoder's
+layer file is read the same way (its W_dec is [d_transcoder, d_model], as an SAE's). Gemma Scope
 params.npz files (whose members may be compressed) and releases (through sae-lens)
 are read whole.
 """
@@ -26,6 +28,7 @@ import numpy as np
 from flowdb.errors import FlowdbError, PackError
 from flowdb.files import read_small_text, regular_file
 from flowdb.packs.manifest import SourceRef
+from flowdb.packs.transcoders import TranscoderSet, read_set
 from flowdb.settings import flowdb_home, home_dir
 
 CFG_FILE = "cfg.json"
@@ -40,6 +43,7 @@ class SaeInfo:
     hook_name: str | None
     neuronpedia_id: str | None  # "modelId/source" where known
     projection: dict | None = None  # set once a hook_z decoder is projected through W_O
+    scan: str | None = None  # a transcoder set's scan (what attribution graphs name it by)
 
     def where(self) -> str:
         return where(self.ref)
@@ -55,6 +59,8 @@ def inspect(ref: SourceRef) -> SaeInfo:
         return _inspect_saelens_dir(ref)
     if ref.kind == "npz":
         return _inspect_npz(ref)
+    if ref.kind == "transcoders":
+        return _inspect_transcoder(ref)[0]
     return _inspect_release(ref)
 
 
@@ -65,6 +71,9 @@ def load_decoder(ref: SourceRef) -> tuple[SaeInfo, np.ndarray | SafetensorsRows]
     if ref.kind == "path":
         info = _inspect_saelens_dir(ref)
         w_dec = SafetensorsRows(Path(ref.location) / WEIGHTS_FILE, "W_dec", ref)
+    elif ref.kind == "transcoders":
+        info, file = _inspect_transcoder(ref)
+        w_dec = SafetensorsRows(file, "W_dec", ref)
     elif ref.kind == "npz":
         info = _inspect_npz(ref)
         try:
@@ -89,6 +98,11 @@ def load_encoder(ref: SourceRef) -> tuple[SaeInfo, np.ndarray]:
         weights = Path(ref.location) / WEIGHTS_FILE
         _safetensor_header(weights, "W_enc", ref)  # a missing W_enc is named, not a safetensors error
         w_enc = np.asarray(SafetensorsRows(weights, "W_enc", ref))
+    elif ref.kind == "transcoders":  # circuit-tracer stores W_enc as rows already: [d_transcoder, d_model]
+        info, file = _inspect_transcoder(ref)
+        rows = np.asarray(SafetensorsRows(file, "W_enc", ref))
+        check_decoder(rows, ref, "W_enc")
+        return info, rows
     elif ref.kind == "npz":
         info = _inspect_npz(ref)
         try:
@@ -136,7 +150,11 @@ def content_digest(ref: SourceRef) -> str:
     if ref.kind == "release":
         return "release:" + hashlib.sha256(f"{ref.location}\0{ref.sae_id}".encode()).hexdigest()
     path = Path(ref.location)
-    files = [path / CFG_FILE, path / WEIGHTS_FILE] if ref.kind == "path" else [path]
+    if ref.kind == "transcoders":
+        found = read_set(path, where(ref))
+        files = [found.config, found.layer_file(ref.layer, where(ref))]
+    else:
+        files = [path / CFG_FILE, path / WEIGHTS_FILE] if ref.kind == "path" else [path]
     digest = hashlib.sha256()
     for file in files:
         digest.update(file.name.encode() + b"\0" + _file_digest(file, ref).encode())
@@ -344,6 +362,28 @@ class SafetensorsRows:
             raise PackError(f"{where(self.ref)}: unreadable {self.path.name} ({exc})") from None
 
 
+def _inspect_transcoder(ref: SourceRef) -> tuple[SaeInfo, Path]:
+    """A transcoder's shape from its layer file's header, checked against circuit-tracer's
+    layout (W_enc and W_dec both [d_transcoder, d_model]); the info and that file."""
+    found: TranscoderSet = read_set(ref.location, where(ref))
+    file = found.layer_file(ref.layer, where(ref))
+    shape, dtype = _safetensor_header(file, "W_dec", ref)
+    if len(shape) != 2:
+        raise PackError(f"{where(ref)}: {file.name}: W_dec has shape {list(shape)}, expected "
+                        "[d_transcoder, d_model]")
+    enc_shape, _ = _safetensor_header(file, "W_enc", ref)
+    if enc_shape != shape:
+        raise PackError(f"{where(ref)}: {file.name}: W_enc has shape {list(enc_shape)} but W_dec "
+                        f"{list(shape)}; circuit-tracer stores both as [d_transcoder, d_model]")
+    if SAFETENSORS_DTYPES.get(dtype) is None:
+        raise PackError(f"{where(ref)}: {file.name}: W_dec is stored as {dtype}; a decoder must be "
+                        f"floating point ({', '.join(SAFETENSORS_DTYPES.values())})")
+    d_transcoder, d_model = shape
+    # The hook as sae-lens names an MLP SAE's, so `flowdb link` finds the two in one space.
+    hook = f"blocks.{ref.layer}.{found.output_hook.rsplit('.', 1)[-1]}"
+    return SaeInfo(ref, d_model, d_transcoder, hook, None, scan=found.scan), file
+
+
 def _inspect_npz(ref: SourceRef) -> SaeInfo:
     path = local_file(Path(ref.location), ref)
     try:
@@ -428,6 +468,9 @@ def load_sae(ref: SourceRef, device: str = "cpu"):
     """The whole SAE (encoder included) as a sae-lens module, for running it on a model."""
     from sae_lens import SAE
 
+    if ref.kind == "transcoders":
+        raise PackError(f"{where(ref)}: running a transcoder on a model is not supported (steering and "
+                        "the experiments run sae-lens SAEs); its flow edges, links and circuit ties are")
     if ref.kind == "npz":
         raise PackError(f"{where(ref)}: running SAEs needs a sae-lens directory or release; "
                         "convert the params.npz with sae-lens first")
