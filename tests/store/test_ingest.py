@@ -125,7 +125,7 @@ def test_bad_replacement_keeps_the_old_build(db, planted_pack, pack_copy):
 @pytest.fixture(scope="module")
 def resumable_pack(tmp_path_factory, flowdb_home):
     out = tmp_path_factory.mktemp("resumable")
-    synthesize(out, SynthSpec(name="resumable", layers=8, d_model=128, width=4096, seed=3))
+    synthesize(out, SynthSpec(name="resumable", layers=8, d_model=128, width=2048, seed=3))
     return out / "manifest.toml"
 
 
@@ -183,7 +183,7 @@ def test_killed_ingest_resumes_to_the_same_graph(resumable_reference, db, resuma
             <= len(state["done"]) < 8, state
     # Readers never see half a layer: each layer is all there or absent.
     per_layer = db.read("MATCH (f:Feature {pack: 'resumable'}) RETURN f.layer AS layer, count(f) AS n")
-    assert all(row["n"] == 3 * 4096 for row in per_layer)
+    assert all(row["n"] == 3 * 2048 for row in per_layer)
     rerun = _ingest_process(resumable_pack)
     assert rerun.wait(timeout=300) == 0, rerun.stdout.read()
     assert counts(db, "resumable") == reference_counts
