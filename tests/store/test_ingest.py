@@ -250,3 +250,25 @@ def test_default_score_keeps_the_fingerprint(planted_pack):
     spec = {"plan": 2, "model": plan.model, "layers": [0, 3], "k": 1, "thresholds": plan.thresholds.spec(),
             "sources": sources}
     assert plan.fingerprint() == hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def test_ensure_schema_makes_what_is_missing_and_leaves_the_rest(db):
+    """Every index and constraint SCHEMA names exists after ensure_schema; one dropped is
+    made again, and the others are the same objects (their ids unchanged)."""
+    from flowdb.store.graph import SCHEMA, ensure_schema
+
+    def schema_objects():
+        return {row["name"]: row["id"] for show in ("INDEXES", "CONSTRAINTS")
+                for row in db.read(f"SHOW {show} YIELD name, id RETURN name, id")}
+
+    names = {statement.split(" IF NOT EXISTS")[0].split()[-1] for statement in SCHEMA}
+    before = schema_objects()
+    assert names <= set(before) and len(names) == len(SCHEMA)
+    db.write("DROP INDEX feature_slot")
+    db.write("DROP CONSTRAINT lock_name")
+    assert not {"feature_slot", "lock_name"} & set(schema_objects())
+    ensure_schema(db)
+    after = schema_objects()
+    assert names <= set(after)
+    assert {n: i for n, i in after.items() if n not in ("feature_slot", "lock_name")} == \
+        {n: i for n, i in before.items() if n not in ("feature_slot", "lock_name")}
