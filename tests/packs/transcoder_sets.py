@@ -5,6 +5,7 @@ save_transcoders_to_cache write them. Written with safetensors and yaml alone.""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +42,8 @@ def write_transcoder_set(pack_dir: Path, out: Path, layers: int, *, scan: str | 
 
 
 def transcoder_manifest(pack_dir: Path, set_dir: Path, path: Path, name: str = "planted-tc") -> Path:
-    """The planted pack's manifest with its MLP SAEs swapped for the transcoder set."""
-    text = (pack_dir / "manifest.toml").read_text().replace('name = "planted"', f'name = "{name}"')
+    """A synth pack's manifest, renamed, with its MLP SAEs swapped for the transcoder set."""
+    text = re.sub(r'(?m)^name = ".*"$', f'name = "{name}"', (pack_dir / "manifest.toml").read_text())
     text = text.replace('path = "saes/mlp/layer_{layer}"', f'transcoders = "{set_dir}"')
     text = text.replace('path = "saes/', f'path = "{pack_dir}/saes/')
     path.write_text(text)
