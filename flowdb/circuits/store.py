@@ -8,7 +8,12 @@
                  feature_type, activation, influence, token_prob, is_target_logit, clerp,
                  jsNodeId, run_idx, reverse_ctx_idx})
     (:GraphNode)-[:ATTRIBUTES {weight, ord}]->(:GraphNode)    weights exactly the file's
-    (:GraphNode)-[:IS]->(:Feature)    with --pack: the feature PACK/LAYER/MODULE/INDEX
+    (:GraphNode)-[:IS]->(:Feature)    the feature PACK/LAYER/MODULE/INDEX of the tied pack
+
+A graph's feature nodes are tied to one pack's features: the pack given (--pack, with its
+module), or else, automatically, the one stored pack whose [modules.mlp] is a transcoder
+set of the graph's metadata.scan (flowdb.packs.transcoders), when exactly one is; the
+report says which pack, or why none.
 
 A graph is written whole in one transaction, in batches of a few thousand rows, so a
 failure leaves nothing of it and a reader sees it whole or not at all. Small graphs share
@@ -57,6 +62,46 @@ class ImportReport:
     nodes: int
     links: int
     ties: int  # (:GraphNode)-[:IS]->(:Feature) written
+    pack: str | None = None  # the pack its feature nodes are tied to
+    tie_note: str = ""  # how that pack was chosen, or why none was
+
+
+@dataclass(frozen=True)
+class Tie:
+    """Which pack and module a graph's feature nodes are tied to (pack None: none), and why."""
+
+    pack: str | None
+    module: str
+    note: str
+
+    def describe(self) -> str:
+        return f"tied to pack {self.pack!r} ({self.module})" if self.pack else "tied to no pack"
+
+
+def transcoder_packs(db: Database) -> dict[str, list[str]]:
+    """scan -> the complete stored packs whose mlp module is a transcoder set of that scan
+    (read from each pack's stored build plan)."""
+    found: dict[str, list[str]] = {}
+    for row in db.read("MATCH (p:Pack {status: 'complete'}) WHERE NOT p.name CONTAINS '~' "
+                       "RETURN p.name AS name, p.plan AS plan ORDER BY name"):
+        plan = json.loads(row["plan"] or "{}")
+        scans = {sae.get("scan") for sae in plan.get("saes", [])
+                 if sae.get("module") == "mlp" and sae.get("kind") == "transcoders"}
+        for scan in scans - {None}:
+            found.setdefault(scan, []).append(row["name"])
+    return found
+
+
+def automatic_tie(scan: str, packs: dict[str, list[str]]) -> Tie:
+    """The one stored pack whose mlp transcoder set has this scan, else no tie and why."""
+    names = packs.get(scan, [])
+    if len(names) == 1:
+        return Tie(names[0], "mlp", f"its mlp module is the transcoder set of scan {scan!r}")
+    if names:
+        return Tie(None, "mlp", f"packs {', '.join(map(repr, names))} all have the transcoder set of "
+                                f"scan {scan!r}; choose one with --pack")
+    return Tie(None, "mlp", f"no stored pack's mlp module is a transcoder set of scan {scan!r} "
+                            "(--pack ties them to a pack by hand)")
 
 
 def graph_files(paths: Iterable[str | Path]) -> list[Path]:
@@ -84,7 +129,8 @@ def graph_files(paths: Iterable[str | Path]) -> list[Path]:
 def import_graphs(db: Database, paths: Iterable[str | Path], replace: bool = False, pack: str | None = None,
                   module: str = "mlp") -> list[ImportReport]:
     """Check every file first (one bad file: nothing stored), then write each graph in one
-    transaction. pack: tie feature nodes to that pack's MODULE features at (layer, index)."""
+    transaction. pack: tie feature nodes to that pack's MODULE features at (layer, index);
+    without it, to the one stored pack whose mlp transcoder set has the graph's scan."""
     files = [read_graph_file(path) for path in graph_files(paths)]
     by_slug: dict[str, GraphFile] = {}
     for graph_file in files:
@@ -99,6 +145,10 @@ def import_graphs(db: Database, paths: Iterable[str | Path], replace: bool = Fal
         if module not in MODULES:
             raise FlowdbError(f"module {module!r} is not one of {', '.join(MODULES)}")
         require_pack(db, pack)
+        tie_of = {slug: Tie(pack, module, "as --pack asked") for slug in by_slug}
+    else:
+        packs = transcoder_packs(db)
+        tie_of = {slug: automatic_tie(graph_file.metadata.scan, packs) for slug, graph_file in by_slug.items()}
     graph.ensure_schema(db)  # the store's one schema, attribution graphs included
     stored = {row["slug"]: row for row in db.read(
         "UNWIND $slugs AS slug MATCH (g:AttributionGraph {slug: slug}) "
@@ -106,33 +156,31 @@ def import_graphs(db: Database, paths: Iterable[str | Path], replace: bool = Fal
         slugs=list(by_slug))}
     for slug, graph_file in by_slug.items():
         row = stored.get(slug)
-        if row and not _same(row, graph_file, pack, module) and not replace:
+        if row and not _same(row, graph_file, tie_of[slug]) and not replace:
             if row["content"] != graph_file.content_digest:
                 why = f"from other content (from {row['file']})"
             else:
-                def tie(p, m):
-                    return f"tied to pack {p!r} ({m})" if p else "tied to no pack"
-                why = f"{tie(row['pack'], row['module'])}, not {tie(pack, module)}"
+                why = f"{Tie(row['pack'], row['module'], '').describe()}, not {tie_of[slug].describe()}"
             raise GraphConflict(f"{graph_file.path}: metadata.slug: graph {slug!r} is stored {why}; "
                                 "pass --replace to replace it")
     todo = [(graph_file, slug in stored) for slug, graph_file in by_slug.items()
-            if not (slug in stored and _same(stored[slug], graph_file, pack, module))]
+            if not (slug in stored and _same(stored[slug], graph_file, tie_of[slug]))]
     ties: dict[str, int] = {}
     for group in _groups(todo):
         try:
-            ties.update(_write_graphs(db, group, pack, module))
+            ties.update(_write_graphs(db, group, tie_of))
         except Neo4jUnavailable:
             raise
         except FlowdbError:
             if len(group) == 1:
                 raise
             for one in group:  # the failing graph raises; those before it are kept
-                ties.update(_write_graphs(db, [one], pack, module))
+                ties.update(_write_graphs(db, [one], tie_of))
     reports = []
     for slug, graph_file in by_slug.items():
         status = "unchanged" if slug not in ties else "replaced" if slug in stored else "stored"
         reports.append(ImportReport(slug, graph_file.path, status, graph_file.n_nodes, graph_file.n_links,
-                                    ties.get(slug, 0)))
+                                    ties.get(slug, 0), tie_of[slug].pack, tie_of[slug].note))
     return reports
 
 
@@ -150,9 +198,9 @@ def _groups(todo: list[tuple[GraphFile, bool]]) -> Iterator[list[tuple[GraphFile
         yield group
 
 
-def _same(row: dict, graph_file: GraphFile, pack: str | None, module: str) -> bool:
-    return (row["content"] == graph_file.content_digest and row["pack"] == pack
-            and (pack is None or row["module"] == module))
+def _same(row: dict, graph_file: GraphFile, tie: Tie) -> bool:
+    return (row["content"] == graph_file.content_digest and row["pack"] == tie.pack
+            and (tie.pack is None or row["module"] == tie.module))
 
 
 def _batches(rows: Iterable[dict], size: int | None = None) -> Iterator[list[dict]]:
@@ -216,7 +264,7 @@ def _node_rows(graph_file: GraphFile) -> Iterator[dict]:
         yield row
 
 
-def _graph_properties(graph_file: GraphFile, pack: str | None, module: str) -> dict:
+def _graph_properties(graph_file: GraphFile, tie: Tie) -> dict:
     metadata = graph_file.metadata
     return {
         "slug": metadata.slug, "scan": metadata.scan, "prompt": metadata.prompt,
@@ -226,7 +274,7 @@ def _graph_properties(graph_file: GraphFile, pack: str | None, module: str) -> d
         "qparams": json.dumps(graph_file.qparams.model_dump(mode="json", exclude_none=True)),
         "digest": graph_file.file_digest, "content_digest": graph_file.content_digest,
         "file": Path(graph_file.path).name, "nodes": graph_file.n_nodes,
-        "links": graph_file.n_links, "pack": pack, "module": module if pack else None,
+        "links": graph_file.n_links, "pack": tie.pack, "module": tie.module if tie.pack else None,
         "imported": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
@@ -236,8 +284,7 @@ def _link_rows(graph_file: GraphFile) -> Iterator[dict]:
         yield {"g": graph_file.slug, "s": link.source, "t": link.target, "w": link.weight, "o": ord_}
 
 
-def _write_graphs(db: Database, group: list[tuple[GraphFile, bool]], pack: str | None,
-                  module: str) -> dict[str, int]:
+def _write_graphs(db: Database, group: list[tuple[GraphFile, bool]], tie_of: dict[str, Tie]) -> dict[str, int]:
     """The graphs of a group in one transaction (a stored one first deleted when its flag
     says so); returns each slug's (:GraphNode)-[:IS]->(:Feature) count."""
     files = [graph_file for graph_file, _ in group]
@@ -248,7 +295,7 @@ def _write_graphs(db: Database, group: list[tuple[GraphFile, bool]], pack: str |
             if replace:
                 _delete_in(tx, graph_file.slug)
         tx.run("UNWIND $props AS props CREATE (g:AttributionGraph) SET g = props",
-               props=[_graph_properties(graph_file, pack, module) for graph_file in files]).consume()
+               props=[_graph_properties(graph_file, tie_of[graph_file.slug]) for graph_file in files]).consume()
         for rows in _Prefetched(_batches(chain.from_iterable(map(_node_rows, files)))):
             tx.run("UNWIND $rows AS row CREATE (n:GraphNode) SET n = row", rows=rows).consume()
         for rows in _Prefetched(_batches(chain.from_iterable(map(_link_rows, files)))):
@@ -256,12 +303,13 @@ def _write_graphs(db: Database, group: list[tuple[GraphFile, bool]], pack: str |
                    "MATCH (s:GraphNode {graph: row.g, node_id: row.s}), (t:GraphNode {graph: row.g, node_id: row.t}) "
                    "CREATE (s)-[:ATTRIBUTES {weight: row.w, ord: row.o}]->(t)", rows=rows).consume()
         ties = dict.fromkeys(slugs, 0)
-        if pack is not None:
+        tied = [{"slug": slug, "pack": tie_of[slug].pack, "module": tie_of[slug].module}
+                for slug in slugs if tie_of[slug].pack is not None]
+        if tied:
             for record in tx.run(
-                    "MATCH (n:GraphNode {kind: 'feature'}) WHERE n.graph IN $slugs AND n.index IS NOT NULL "
-                    "MATCH (f:Feature {key: $pack + '/' + n.layer + '/' + $module + '/' + toString(n.index)}) "
-                    "CREATE (n)-[:IS]->(f) RETURN n.graph AS slug, count(*) AS ties",
-                    slugs=slugs, pack=pack, module=module):
+                    "UNWIND $tied AS t MATCH (n:GraphNode {graph: t.slug, kind: 'feature'}) WHERE n.index IS NOT NULL "
+                    "MATCH (f:Feature {key: t.pack + '/' + n.layer + '/' + t.module + '/' + toString(n.index)}) "
+                    "CREATE (n)-[:IS]->(f) RETURN t.slug AS slug, count(*) AS ties", tied=tied):
                 ties[record["slug"]] = record["ties"]
         return ties
 

@@ -19,7 +19,9 @@ def circuits():
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--replace", is_flag=True, help="Replace a graph stored under the same slug from other content.")
 @click.option("--pack", help="Tie each transcoder feature node to this stored pack's feature at its "
-              "(layer, index): (:GraphNode)-[:IS]->(:Feature).")
+              "(layer, index): (:GraphNode)-[:IS]->(:Feature). Without it, a graph is tied to the one "
+              "stored pack whose mlp module is a transcoder set of the graph's metadata.scan, if exactly "
+              "one is.")
 @click.option("--module", default="mlp", show_default=True, type=click.Choice(["res", "mlp", "att"]),
               help="With --pack: the module whose features the transcoder's indices name.")
 @connection_options
@@ -32,7 +34,8 @@ def import_command(paths, replace, pack, module, settings):
     is refused in one line naming the file and the field. Every file is checked before
     anything is written, and no graph is ever written in part (small graphs share a
     transaction; a failed one is written again one graph each). The same content
-    again changes nothing; other content under a stored slug needs --replace."""
+    again changes nothing; other content under a stored slug needs --replace. Each
+    line says which pack a graph's feature nodes were tied to, or why none."""
     from flowdb.circuits.store import import_graphs
 
     with open_db(settings) as db:
@@ -41,7 +44,12 @@ def import_command(paths, replace, pack, module, settings):
         if report.status == "unchanged":
             echo(f"{report.slug}: already stored from this content ({report.file}); nothing to do")
         else:
-            ties = f", {report.ties:,} tied to {pack}" if pack else ""
+            if pack:
+                ties = f", {report.ties:,} tied to {pack}"
+            elif report.pack:
+                ties = f", {report.ties:,} feature nodes tied to pack {report.pack} ({report.tie_note})"
+            else:
+                ties = f"; feature nodes not tied: {report.tie_note}"
             echo(f"{report.slug}: {report.status} from {report.file}: {report.nodes:,} nodes, "
                  f"{report.links:,} links{ties}")
 
