@@ -40,6 +40,7 @@ from flowdb.writes import write_errors
 
 NEO4J_VERSION = "5.26.30"
 START_TIMEOUT_S = 180
+START_POLL_S = 0.1  # a probe costs a few ms; a start now takes seconds, not tens
 DATABASE_FAILED = {"offline", "quarantined", "dirty"}  # default-database states that starting longer cannot mend
 # Bulk ingest is throughput work: the parallel collector and a 4 GB heap wrote
 # about 35% more relationships/s than G1 with 2 GB (benchmarks/bench_ingest.py).
@@ -300,7 +301,7 @@ class ManagedServer:
             if self.pid() is None:
                 raise Neo4jUnavailable(
                     f"the managed Neo4j exited during start: {self._last_log_line()} ({self.logs})")
-            time.sleep(0.5)
+            time.sleep(START_POLL_S)
         if problem:  # Bolt answered, the database never came online: the server stays for status to tell
             raise self._database_down(problem)
         if spawned:
