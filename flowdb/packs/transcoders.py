@@ -72,10 +72,8 @@ def read_set(directory: str | Path, where: str) -> TranscoderSet:
     config = directory / CONFIG_FILE
     if not directory.is_dir():
         raise PackError(f"{where}: no such directory")
-    try:
-        import yaml
-    except ImportError:
-        raise PackError(f"{where}: reading {CONFIG_FILE} needs PyYAML (pip install pyyaml)") from None
+    import yaml
+
     try:
         raw = yaml.safe_load(read_small_text(config, CONFIG_FILE, error=PackError, where=f"{where}: "))
     except FileNotFoundError:
