@@ -45,7 +45,7 @@ def launcher_args(lib: Path, source: bytes, marker: Path) -> list[str] | None:
         return None
     class_path = f"{lib / '*'}:{jar}"
     if not archive.exists():
-        print("Archiving the classes a Neo4j start loads (once for these jars, about 15 s)",
+        print("Archiving the classes a Neo4j start loads (once for these jars, about half a minute)",
               file=sys.stderr)
         _train(class_path, archive)
     sharing = [f"-XX:SharedArchiveFile={archive}", QUIET_SHARING] if archive.exists() else []
