@@ -51,3 +51,17 @@ def read_small_text(path: str | Path, what: str, *, error: type[FlowdbError] = F
     if len(data) > max_bytes:
         raise error(f"{where}{path}: more than the {max_bytes} bytes a {what} can take")
     return data.decode("utf-8")
+
+
+def read_config_text(directory: Path, name: str, *, error: type[FlowdbError], where: str) -> str:
+    """The text of a source directory's small config file (an SAE's cfg.json, a transcoder
+    set's config.yaml); `error` in one line, starting with `where`, for a directory that
+    is not there, a missing file, or one that cannot be read as text."""
+    if not directory.is_dir():
+        raise error(f"{where}: no such directory")
+    try:
+        return read_small_text(directory / name, name, error=error, where=f"{where}: ")
+    except FileNotFoundError:
+        raise error(f"{where}: missing {name}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{where}: unreadable {name} ({type(exc).__name__}: {exc})") from None

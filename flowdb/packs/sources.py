@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from flowdb.errors import FlowdbError, PackError
-from flowdb.files import read_small_text, regular_file
+from flowdb.files import read_config_text, regular_file
 from flowdb.packs.manifest import SourceRef
 from flowdb.packs.transcoders import TranscoderSet, read_set
 from flowdb.settings import flowdb_home, home_dir
@@ -222,14 +222,10 @@ def local_file(path: Path, ref: SourceRef) -> Path:
 
 def _inspect_saelens_dir(ref: SourceRef) -> SaeInfo:
     directory = Path(ref.location)
-    cfg_path = directory / CFG_FILE
-    if not directory.is_dir():
-        raise PackError(f"{where(ref)}: no such directory")
+    text = read_config_text(directory, CFG_FILE, error=PackError, where=where(ref))
     try:
-        cfg = json.loads(read_small_text(cfg_path, CFG_FILE, error=PackError, where=f"{where(ref)}: "))
-    except FileNotFoundError:
-        raise PackError(f"{where(ref)}: missing {CFG_FILE}") from None
-    except (OSError, ValueError, RecursionError) as exc:
+        cfg = json.loads(text)
+    except (ValueError, RecursionError) as exc:
         raise PackError(f"{where(ref)}: unreadable {CFG_FILE} ({type(exc).__name__}: {exc})") from None
     cfg = _cfg_fields(cfg, ref)
     metadata = cfg.get("metadata") or {}

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flowdb.errors import PackError
-from flowdb.files import read_small_text
+from flowdb.files import read_config_text
 
 CONFIG_FILE = "config.yaml"
 MODEL_KIND = "transcoder_set"
@@ -68,22 +68,17 @@ class TranscoderSet:
 def read_set(directory: str | Path, where: str) -> TranscoderSet:
     """The set's config.yaml, checked; PackError in one line naming the file and the field.
     where: what the message starts with (the layer, module and source)."""
-    directory = Path(directory)
-    config = directory / CONFIG_FILE
-    if not directory.is_dir():
-        raise PackError(f"{where}: no such directory")
     import yaml
 
+    directory = Path(directory)
+    config = directory / CONFIG_FILE
+    text = read_config_text(directory, CONFIG_FILE, error=PackError, where=where)
     try:
-        raw = yaml.safe_load(read_small_text(config, CONFIG_FILE, error=PackError, where=f"{where}: "))
-    except FileNotFoundError:
-        raise PackError(f"{where}: missing {CONFIG_FILE}") from None
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise PackError(f"{where}: unreadable {config} (YAML: {getattr(exc, 'problem', None) or exc}{at})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PackError(f"{where}: unreadable {config} ({type(exc).__name__}: {exc})") from None
     if not isinstance(raw, dict):
         raise PackError(f"{where}: {config} holds no mapping of model_kind, feature_output_hook, ...")
 
