@@ -9,8 +9,8 @@ where every server sharing those jars finds them. The key covers the launcher's 
 the fetched jars and the `java` binary, so anything that changed gets its own.
 
 Anything missing (no javac, a failed training run) falls back to the source program or
-to no archive: slower, never wrong. The JVM checks an archive itself and runs without one that does not
-match.
+to no archive: slower, never wrong. The JVM checks an archive itself and runs without
+one that does not match.
 """
 
 from __future__ import annotations

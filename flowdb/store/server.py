@@ -1,10 +1,11 @@
 """flowdb's managed local Neo4j 5.26: fetched through Maven Central, run embedded.
 
-Layout under FLOWDB_HOME/neo4j: lib/ (jars; lib/.flowdb-launcher/, see flowdb.store.launcher),
-dbms/ (databases, transaction logs and Neo4j's own logs), import/ (empty: the only directory LOAD CSV could name,
-and file URLs are refused anyway), logs/server.log, server.pid, start.lock and password; for
-bulk loads (flowdb.store.bulk) also admin-conf/ (neo4j-admin's view of dbms/), bulk/
-(import files while they are written and imported), logs/bulk-import.log and,
+Layout under FLOWDB_HOME/neo4j: lib/ (jars; lib/.flowdb-launcher/, see
+flowdb.store.launcher), dbms/ (databases, transaction logs and Neo4j's own logs),
+import/ (empty: the only directory LOAD CSV could name, and file URLs are refused
+anyway), logs/server.log, server.pid, start.lock and password; for bulk loads
+(flowdb.store.bulk) also admin-conf/ (neo4j-admin's view of dbms/), bulk/ (import files
+while they are written and imported), logs/bulk-import.log and,
 while an import runs, bulk-import.pid.
 No Docker and no download site are needed: only Java 17+ and Maven, which
 resolve org.neo4j:neo4j and org.neo4j:neo4j-bolt.
@@ -198,8 +199,7 @@ class ManagedServer:
                     "(install Java 17+ and Maven, or set NEO4J_URI to a running Neo4j)"
                 )
         work = private_dir(self.root / "maven")
-        for name in ("pom.xml", "FlowdbNeo4j.java"):
-            _write_private(work / name, _resource(name).read_bytes())
+        _write_private(work / "pom.xml", _resource("pom.xml").read_bytes())
         staging = self.root / "lib.partial"
         shutil.rmtree(staging, ignore_errors=True)
         print(f"Fetching Neo4j {NEO4J_VERSION} through Maven Central "
@@ -315,8 +315,9 @@ class ManagedServer:
         source = _resource("FlowdbNeo4j.java").read_bytes()
         launcher = launcher_args(self.lib, source, self._fetched_marker)
         if launcher is None:  # no javac: the source program, compiled by each start
-            _write_private(private_dir(self.root / "maven") / "FlowdbNeo4j.java", source)
-            launcher = ["-cp", str(self.lib / "*"), str(self.root / "maven" / "FlowdbNeo4j.java")]
+            program = private_dir(self.root / "maven") / "FlowdbNeo4j.java"
+            _write_private(program, source)
+            launcher = ["-cp", str(self.lib / "*"), str(program)]
         extra = os.environ.get("FLOWDB_NEO4J_JAVA_OPTS", DEFAULT_JAVA_OPTS).split()
         # The password travels as its file's path: a command line is visible to all users.
         cmd = ["java", f"-Xmx{heap}", *extra, *launcher,
