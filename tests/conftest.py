@@ -112,9 +112,7 @@ def db(neo4j_settings):
     from flowdb.store.connection import connect
 
     with connect(neo4j_settings) as database:
-        database.write_in_batches(
-            "MATCH (n) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS")
-        ensure_schema(database)
+        wipe(database)
         yield database
 
 
@@ -130,19 +128,9 @@ def planted_pack(tmp_path_factory, flowdb_home):
 
 @pytest.fixture
 def labelled_pack(db, planted_pack, tmp_path):
-    """The planted pack with Neuronpedia sources on its residual and MLP SAEs."""
-    from flowdb.packs.manifest import load_manifest
-    from flowdb.store.ingest import ingest
-
-    text = (planted_pack[0] / "manifest.toml").read_text()
-    text = text.replace('path = "saes/res/layer_{layer}"',
-                        f'path = "{planted_pack[0]}/saes/res/layer_{{layer}}"\nneuronpedia = "{{layer}}-planted-res"')
-    text = text.replace('path = "saes/mlp/layer_{layer}"',
-                        f'path = "{planted_pack[0]}/saes/mlp/layer_{{layer}}"\nneuronpedia = "{{layer}}-planted-mlp"')
-    text = text.replace('"saes/att', f'"{planted_pack[0]}/saes/att')
-    manifest = tmp_path / "labelled.toml"
-    manifest.write_text(text)
-    ingest(load_manifest(manifest), db)
+    """The planted pack with Neuronpedia sources on its residual and MLP SAEs (build_labelled),
+    in the test's own database."""
+    build_labelled(db, tmp_path, planted_pack[0])
     return db
 
 
@@ -257,8 +245,7 @@ def explorer_db(neo4j_settings, planted_pack, tmp_path_factory):
                              "typeName": "oai_token-act-pair", "explanationModelName": "gpt-4o-mini"})
     (folder / "labels.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     with connect(neo4j_settings) as database:
-        database.write_in_batches("MATCH (n) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS")
-        ensure_schema(database)
+        wipe(database)
         ingest(load_manifest(folder / "manifest.toml"), database)
         import_labels(database, folder / "labels.jsonl", pack="planted")
         yield database, labels

@@ -10,9 +10,9 @@ import pytest
 from circuit_graphs import POOL, cantor, write_graphs
 from click.testing import CliRunner
 
+from conftest import wipe
 from flowdb.circuits.store import import_graphs
 from flowdb.cli import cli
-from flowdb.store.graph import ensure_schema
 from flowdb.store.templates import run_template
 
 KINDS = {"cross layer transcoder": "feature", "mlp reconstruction error": "error",
@@ -26,8 +26,7 @@ def store(neo4j_settings, tmp_path_factory):
     folder = tmp_path_factory.mktemp("query-graphs")
     graphs = write_graphs(folder, 12, seed=2)
     with connect(neo4j_settings) as db:
-        db.write_in_batches("MATCH (n) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS")
-        ensure_schema(db)
+        wipe(db)
         import_graphs(db, [folder])
         yield db, graphs
 

@@ -13,11 +13,11 @@ from click.testing import CliRunner
 from planted_supernodes import PACK, pairs, plant, samey_graph
 from pydantic import ValidationError
 
+from conftest import wipe
 from flowdb.circuits.schema import check_graph
 from flowdb.circuits.store import delete_graph, export_graph, import_graphs
 from flowdb.circuits.supernodes import SupernodeSpec, suggest_supernodes
 from flowdb.cli import cli
-from flowdb.store.graph import ensure_schema
 from helpers import ROOT
 
 SCHEMA = json.loads((ROOT / "tests" / "data" / "neuronpedia-graph-schema.json").read_text())
@@ -44,8 +44,7 @@ def world(neo4j_settings, tmp_path_factory):
             (folder / "graphs" / f"{slug}.json").write_text(json.dumps(document))
     (folder / "samey" / "samey.json").write_text(json.dumps(samey_graph()))
     with connect(neo4j_settings) as db:
-        db.write_in_batches("MATCH (n) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS")
-        ensure_schema(db)
+        wipe(db)
         ingest(load_manifest(folder / "pack" / "manifest.toml"), db)
         import_graphs(db, [folder / "graphs"], pack=PACK, module="res")
         import_graphs(db, [folder / "samey"])

@@ -14,7 +14,7 @@ from starlette.testclient import TestClient
 from test_browser import TOKEN, WAIT_MS, LiveServer, ready
 
 from circuits.circuit_graphs import cantor, make_graph, write_graphs  # tests/circuits, as a namespace package
-from conftest import XSS_LABEL
+from conftest import XSS_LABEL, wipe
 from flowdb.explorer.app import create_app
 
 PACK, LAYERS, WIDTH = "tc", 4, 64
@@ -48,7 +48,6 @@ def circuit_db(neo4j_settings, tmp_path_factory):
     from flowdb.packs.manifest import load_manifest
     from flowdb.packs.synth import SynthSpec, synthesize
     from flowdb.store.connection import connect
-    from flowdb.store.graph import ensure_schema
     from flowdb.store.ingest import ingest
 
     folder = tmp_path_factory.mktemp("circuit-pages")
@@ -57,8 +56,7 @@ def circuit_db(neo4j_settings, tmp_path_factory):
     documents["markup"] = markup_graph()
     (folder / "graphs" / "markup.json").write_text(json.dumps(documents["markup"]))
     with connect(neo4j_settings) as db:
-        db.write_in_batches("MATCH (n) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS")
-        ensure_schema(db)
+        wipe(db)
         ingest(load_manifest(folder / "pack" / "manifest.toml"), db, show_progress=False)
         import_graphs(db, [folder / "graphs"], pack=PACK, module="res")
         yield db, documents

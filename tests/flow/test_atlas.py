@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+from conftest import wipe
 from flowdb.cli import cli
 from flowdb.errors import BusyError, FlowdbError
 from flowdb.flow.atlas import Atlas, match
@@ -18,8 +19,6 @@ from flowdb.packs.plan import make_plan
 from flowdb.store import graph
 from flowdb.store.ingest import ingest, load
 from helpers import brute_force_edges, graph_dump
-
-WIPE = "MATCH (n) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS"
 
 
 def mtimes(root):
@@ -48,7 +47,7 @@ def test_atlas_edges_equal_brute_force(planted_pack, planted_plan, tmp_path):
 def test_match_then_load_equals_ingest(db, planted_pack, planted_plan, tmp_path):
     ingest(load_manifest(planted_pack[0] / "manifest.toml", k=3), db)
     reference = graph_dump(db, "planted")
-    db.write_in_batches(WIPE)
+    wipe(db)
     atlas = match(planted_plan, tmp_path / "atlas")
     report = load(Atlas.open(atlas.root), db)
     assert report.status == "built" and report.match_edges == atlas.n_edges()

@@ -14,14 +14,13 @@ import pandas as pd
 import pytest
 from starlette.testclient import TestClient
 
-from conftest import XSS_LABEL
+from conftest import XSS_LABEL, wipe
 from flowdb.errors import FlowdbError, NotFound
 from flowdb.explorer.app import create_app
 from flowdb.flow.link_spec import LinkSpec
 from flowdb.lm.hooks import hook_point
 from flowdb.packs.manifest import load_manifest
 from flowdb.packs.synth import write_sae
-from flowdb.store.graph import ensure_schema
 from flowdb.store.ingest import ingest
 from flowdb.store.links import link_packs
 from flowdb.store.templates import run_template
@@ -91,8 +90,7 @@ def linked(neo4j_settings, planted_pack, tmp_path_factory):
     write_pack(folder / "fam", "fam", b_rows.get)
     write_pack(folder / "cee", "cee", c_rows.get)
     with connect(neo4j_settings) as db:
-        db.write_in_batches("MATCH (n) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS")
-        ensure_schema(db)
+        wipe(db)
         for manifest in (pack_dir / "manifest.toml", folder / "fam" / "manifest.toml",
                          folder / "cee" / "manifest.toml"):
             ingest(load_manifest(manifest), db, show_progress=False)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from conftest import wipe
 from flowdb.errors import BuildConflict, PackError
 from flowdb.flow.atlas import Atlas, default_dir
 from flowdb.packs.manifest import load_manifest
@@ -136,7 +137,7 @@ def resumable_reference(neo4j_settings, resumable_pack):
     from flowdb.store.connection import connect
 
     with connect(neo4j_settings) as database:
-        database.write_in_batches("MATCH (n) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS")
+        wipe(database)
         ingest(load_manifest(resumable_pack), database)
         edges = sort_edges(run_template(database, "edges", {"pack": "resumable"}))
         assert assert_edges_equal_brute_force(database, "resumable", resumable_pack.parent, layers=8, k=1) \

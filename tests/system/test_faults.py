@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import wipe
 from flowdb.packs.synth import SynthSpec, synthesize
 from flowdb.store import graph
 from helpers import assert_edges_equal_brute_force, kill_when, settled
@@ -48,10 +49,6 @@ def run(*args, timeout=600) -> float:
 
 def start(*args) -> subprocess.Popen:
     return subprocess.Popen(flowdb(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wipe(db):
-    db.write_in_batches("MATCH (n) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS")
 
 
 def layer_counts(db, pack):
